@@ -1,0 +1,300 @@
+//! `prefork`: a preforking server with selectable accept strategies.
+//!
+//! Usage errors print one line `error: ...` and exit 2; runtime failures
+//! (a port in use, an unwritable pid file) print `error: ...` and exit 1.
+
+#![forbid(unsafe_code)]
+
+mod apps;
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use prefork_core::{
+    App, BindOptions, BindSpec, BoxError, Connection, Master, MasterConfig, ReadyInfo, WorkerInfo,
+};
+
+/// The accept strategies compiled into this binary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum StrategyName {
+    /// Every worker blocks in accept(2) on the shared socket.
+    Blocking,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum AppName {
+    /// One line naming the worker, then close.
+    Hello,
+    /// Echo what the client sends.
+    Echo,
+    /// HTTP/1.1: fixed body, X-Worker header, /sleep/MS.
+    Http,
+}
+
+/// Faults the test suite injects into workers (hidden flag).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Fault {
+    /// Abort in after_fork: a crash while booting (crash-loop back-off).
+    BootCrash,
+    /// after_fork returns an error: "boot failed", the slot is not respawned.
+    BootFail,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// A preforking server: a master binds the sockets, forks workers, and is
+/// administered with signals (QUIT graceful stop, TERM/INT fast stop, HUP
+/// reload workers, TTIN/TTOU one worker more/less, WINCH stop all workers).
+#[derive(Debug, Parser)]
+#[command(
+    name = "prefork",
+    version,
+    about,
+    max_term_width = 100,
+    allow_negative_numbers = true
+)]
+struct Cli {
+    /// Address to listen on: HOST:PORT, [IPV6]:PORT, PORT, unix:/path or fd:N.
+    /// Repeat for several. Default 127.0.0.1:8080 (none when systemd passes sockets).
+    #[arg(short, long = "bind", value_name = "ADDR", value_parser = parse_bind)]
+    bind: Vec<BindSpec>,
+
+    /// Number of worker processes (default: number of CPUs).
+    #[arg(short, long, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    workers: Option<u32>,
+
+    /// How workers get connections.
+    #[arg(short, long, value_enum, default_value_t = StrategyName::Blocking)]
+    strategy: StrategyName,
+
+    /// The built-in application to serve.
+    #[arg(short, long, value_enum, default_value_t = AppName::Http)]
+    app: AppName,
+
+    /// Write the master's pid here (refused if it names a running process).
+    #[arg(long, value_name = "PATH")]
+    pid_file: Option<PathBuf>,
+
+    /// Seconds a worker may take to finish its connection after QUIT or a
+    /// reload before it is terminated.
+    #[arg(long, value_name = "SECS", default_value = "30", value_parser = parse_secs)]
+    graceful_timeout: Duration,
+
+    /// listen(2) backlog (capped by the kernel at net.core.somaxconn).
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(i32).range(1..=65535))]
+    backlog: i32,
+
+    /// File mode of Unix socket files, in octal (e.g. 660).
+    #[arg(long, value_name = "OCTAL", value_parser = parse_mode)]
+    unix_mode: Option<u32>,
+
+    /// http app: seconds a client has to send a whole request head.
+    #[arg(long, value_name = "SECS", default_value = "10", value_parser = parse_secs)]
+    header_timeout: Duration,
+
+    /// http app: seconds an idle kept-alive connection is kept.
+    #[arg(long, value_name = "SECS", default_value = "5", value_parser = parse_secs)]
+    keepalive_timeout: Duration,
+
+    /// http app: requests served on one kept-alive connection at most.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+    keepalive_requests: u32,
+
+    /// Inject a fault into every worker (for the test suite).
+    #[arg(long, value_enum, hide = true)]
+    fault: Option<Fault>,
+
+    /// Log format on stderr.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+
+    /// Log level (error, warn, info, debug, trace) or a tracing filter;
+    /// RUST_LOG is used when this is not given.
+    #[arg(long, value_name = "LEVEL")]
+    log_level: Option<String>,
+}
+
+fn parse_bind(s: &str) -> Result<BindSpec, String> {
+    BindSpec::parse(s).map_err(|e| e.to_string())
+}
+
+fn parse_secs(s: &str) -> Result<Duration, String> {
+    let v: f64 = s
+        .trim_end_matches('s')
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    if !(v.is_finite() && v > 0.0 && v <= 86_400.0) {
+        return Err(format!(
+            "{s:?} must be more than 0 and at most 86400 seconds"
+        ));
+    }
+    Ok(Duration::from_secs_f64(v))
+}
+
+fn parse_mode(s: &str) -> Result<u32, String> {
+    u32::from_str_radix(s.trim_start_matches("0o"), 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| format!("{s:?} is not an octal file mode such as 660"))
+}
+
+/// The built-in apps behind one type, so the master is generic over one App.
+enum Builtin {
+    Hello(apps::Hello),
+    Echo(apps::Echo),
+    Http(apps::Http),
+}
+
+/// A built-in app, with an optional injected fault.
+struct Served {
+    app: Builtin,
+    fault: Option<Fault>,
+}
+
+impl App for Served {
+    fn after_fork(&mut self, w: &WorkerInfo) -> Result<(), BoxError> {
+        match self.fault {
+            Some(Fault::BootCrash) => std::process::abort(),
+            Some(Fault::BootFail) => return Err("injected boot failure (--fault boot-fail)".into()),
+            None => {}
+        }
+        match &mut self.app {
+            Builtin::Hello(a) => a.after_fork(w),
+            Builtin::Echo(a) => a.after_fork(w),
+            Builtin::Http(a) => a.after_fork(w),
+        }
+    }
+
+    fn handle(&mut self, c: &mut Connection) -> std::io::Result<()> {
+        match &mut self.app {
+            Builtin::Hello(a) => a.handle(c),
+            Builtin::Echo(a) => a.handle(c),
+            Builtin::Http(a) => a.handle(c),
+        }
+    }
+}
+
+/// Prints one line `error: ...` (the whole chain) and returns exit code `code`.
+fn fail(msg: impl std::fmt::Display, code: u8) -> ExitCode {
+    eprintln!("error: {msg}");
+    ExitCode::from(code)
+}
+
+fn init_logging(cli: &Cli) -> Result<(), String> {
+    use tracing_subscriber::EnvFilter;
+    let filter = match &cli.log_level {
+        Some(l) => EnvFilter::try_new(l)
+            .map_err(|e| format!("invalid value {l:?} for --log-level: {e}"))?,
+        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(false);
+    let result = match cli.log_format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+    result.map_err(|e| e.to_string())
+}
+
+fn print_ready(r: &ReadyInfo) {
+    // The one line on stdout, for scripts: every listen= is a bound address
+    // with its real port, in --bind order.
+    let mut line = format!(
+        "prefork ready pid={} strategy={} workers={}",
+        r.pid, r.strategy, r.workers
+    );
+    for a in &r.addrs {
+        line.push_str(&format!(" listen={a}"));
+    }
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            let _ = e.print(); // --help, --version
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            // clap's message folded to one line: what is wrong and what is valid.
+            let text = e.to_string();
+            let one_line = text
+                .lines()
+                .map(str::trim)
+                .filter(|l| {
+                    !l.is_empty()
+                        && !l.starts_with("For more information")
+                        && !l.starts_with("Usage:")
+                })
+                .collect::<Vec<_>>()
+                .join(" ");
+            eprintln!("error: {}", one_line.trim_start_matches("error: "));
+            return ExitCode::from(2);
+        }
+    };
+    if let Err(e) = init_logging(&cli) {
+        return fail(e, 2);
+    }
+    let mut binds = cli.bind.clone();
+    if binds.is_empty() && std::env::var_os("LISTEN_FDS").is_none() {
+        binds.push(BindSpec::Tcp {
+            host: "127.0.0.1".into(),
+            port: 8080,
+        });
+    }
+    let workers = cli.workers.map(|w| w as usize).unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    });
+    let cfg = MasterConfig {
+        binds,
+        bind_options: BindOptions {
+            backlog: cli.backlog,
+            unix_mode: cli.unix_mode,
+            ..BindOptions::default()
+        },
+        socket_activation: true,
+        workers,
+        graceful_timeout: cli.graceful_timeout,
+        pid_file: cli.pid_file.clone(),
+    };
+    let app = match cli.app {
+        AppName::Hello => Builtin::Hello(apps::Hello::default()),
+        AppName::Echo => Builtin::Echo(apps::Echo {
+            idle_timeout: Duration::from_secs(60),
+        }),
+        AppName::Http => Builtin::Http(apps::Http::new(apps::HttpLimits {
+            header_timeout: cli.header_timeout,
+            keepalive_timeout: cli.keepalive_timeout,
+            keepalive_requests: cli.keepalive_requests,
+            max_sleep: Duration::from_secs(3600),
+        })),
+    };
+    let app = Served {
+        app,
+        fault: cli.fault,
+    };
+    let result = match cli.strategy {
+        StrategyName::Blocking => Master::start(cfg, prefork_blocking::Blocking::new(), app)
+            .and_then(|m| m.run(print_ready)),
+    };
+    match result {
+        Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+        Err(e @ prefork_core::Error::BadAddress { .. }) => fail(e, 2),
+        Err(e) => fail(e, 1),
+    }
+}

@@ -1,0 +1,104 @@
+//! Bad input: one clear line on stderr, exit 2 for usage errors, 1 for
+//! runtime failures, and nothing started.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+use rstest::rstest;
+
+fn run(args: &[&str]) -> (Option<i32>, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_prefork"))
+        .args(args)
+        .output()
+        .expect("run prefork");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[rstest]
+#[case::unknown_strategy(&["--strategy", "nope"], "[possible values: blocking]")]
+#[case::bad_port(&["--bind", "127.0.0.1:99999"], "the port must be a number from 0 to 65535")]
+#[case::unbracketed_v6(&["--bind", "::1:80"], "must be written in brackets")]
+#[case::no_host(&["--bind", ":80"], "the host is empty")]
+#[case::zero_workers(&["--workers", "0"], "'--workers <WORKERS>'")]
+#[case::word_workers(&["--workers", "many"], "'--workers <WORKERS>'")]
+#[case::negative_timeout(&["--graceful-timeout", "-1"], "must be more than 0")]
+#[case::bad_mode(&["--unix-mode", "999"], "not an octal file mode")]
+#[case::unknown_flag(&["--frobnicate"], "unexpected argument '--frobnicate'")]
+#[case::bad_app(&["--app", "wsgi"], "[possible values: hello, echo, http]")]
+#[case::bad_log_level(&["--log-level", "loud=["], "--log-level")]
+fn usage_errors_exit_2_with_one_line(#[case] args: &[&str], #[case] needle: &str) {
+    let (code, err) = run(args);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.starts_with("error: "), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+    assert!(err.contains(needle), "{err}");
+}
+
+#[test]
+fn port_in_use_exits_1_naming_the_address() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr").to_string();
+    let (code, err) = run(&["--bind", &addr, "--workers", "1"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains(&format!("cannot listen on {addr}: Address already in use")),
+        "{err}"
+    );
+}
+
+#[test]
+fn unwritable_pid_file_exits_1_naming_the_path() {
+    let (code, err) = run(&[
+        "--bind",
+        "127.0.0.1:0",
+        "--pid-file",
+        "/proc/no/such/dir/p.pid",
+    ]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("pid file /proc/no/such/dir/p.pid"), "{err}");
+}
+
+#[test]
+fn unix_path_that_is_not_a_socket_is_left_alone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let f = dir.path().join("data");
+    std::fs::write(&f, "precious").expect("write");
+    let (code, err) = run(&["--bind", &format!("unix:{}", f.display())]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("the path exists and is not a socket"), "{err}");
+    assert_eq!(std::fs::read_to_string(&f).expect("kept"), "precious");
+}
+
+#[test]
+fn live_unix_socket_is_refused_and_stale_one_replaced() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("s.sock");
+    let spec = format!("unix:{}", path.display());
+    let first = start("blocking", &["--workers", "1", "--bind", &spec]);
+    let (code, err) = run(&["--bind", &spec, "--workers", "1"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("another server is accepting on it"), "{err}");
+    // The first server was not disturbed.
+    assert_eq!(http_get(&spec, "/", T).expect("still served").status, 200);
+    // SIGKILL leaves a stale socket file behind; the next start replaces it.
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(first.pid()), Signal::SIGKILL).expect("kill");
+    let mut first = first;
+    first.wait_exit(T);
+    assert!(path.exists(), "stale socket file left by SIGKILL");
+    let again = start("blocking", &["--workers", "1", "--bind", &spec]);
+    assert_eq!(http_get(&spec, "/", T).expect("served again").status, 200);
+    drop(again);
+}
+
+#[test]
+fn help_and_version_exit_0() {
+    let (code, _) = run(&["--help"]);
+    assert_eq!(code, Some(0));
+    let (code, _) = run(&["--version"]);
+    assert_eq!(code, Some(0));
+}

@@ -1,0 +1,39 @@
+//! Shared helpers for the black-box tests of the `prefork` binary.
+#![allow(dead_code, unused_imports)]
+
+use std::time::Duration;
+
+pub use nix::sys::signal::Signal;
+#[allow(unused_imports)]
+pub use prefork_testkit::{http_get, read_line_from, wait_until, Server, ServerBuilder};
+
+/// Every strategy the binary offers; shared scenarios run for each.
+pub const T: Duration = Duration::from_secs(10);
+
+/// A builder for the binary under test.
+pub fn prefork() -> ServerBuilder {
+    ServerBuilder::new(env!("CARGO_BIN_EXE_prefork"))
+}
+
+/// Starts `prefork --strategy S --bind 127.0.0.1:0 ...extra` and waits for ready.
+pub fn start(strategy: &str, extra: &[&str]) -> Server {
+    prefork()
+        .args([
+            "--strategy",
+            strategy,
+            "--bind",
+            "127.0.0.1:0",
+            "--log-level",
+            "info",
+        ])
+        .args(extra.iter().copied())
+        .start()
+        .expect("prefork starts")
+}
+
+/// GET / and return (slot, pid) of the worker that answered.
+pub fn who(addr: &str) -> (usize, i32) {
+    let r = http_get(addr, "/", T).expect("GET /");
+    assert_eq!(r.status, 200);
+    (r.worker_slot().expect("slot"), r.worker_pid().expect("pid"))
+}

@@ -1,0 +1,201 @@
+//! Serving scenarios, run for every strategy.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use common::*;
+use rstest::rstest;
+
+#[rstest]
+#[case::blocking("blocking")]
+fn http_app_answers_with_worker_header_sleep_and_errors(#[case] strategy: &str) {
+    let s = start(
+        strategy,
+        &["--workers", "2", "--app", "http", "--header-timeout", "1"],
+    );
+    let r = http_get(s.addr(), "/", T).expect("GET");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body, b"Hello from prefork\n");
+    assert_eq!(r.header("connection"), Some("close"));
+    assert!(s.workers().contains(&r.worker_pid().expect("pid")));
+
+    let t0 = Instant::now();
+    let r = http_get(s.addr(), "/sleep/200", T).expect("sleep");
+    assert_eq!((r.status, r.body.as_slice()), (200, &b"slept 200ms\n"[..]));
+    assert!(t0.elapsed() >= Duration::from_millis(200));
+
+    let raw = |req: &[u8]| {
+        let out = prefork_testkit::client::exchange(s.addr(), req, T).expect("exchange");
+        prefork_testkit::client::parse_reply(&out)
+            .expect("reply")
+            .status
+    };
+    assert_eq!(raw(b"NOT HTTP AT ALL\r\n\r\n"), 400);
+    assert_eq!(raw(b"GET /sleep/xyz HTTP/1.1\r\n\r\n"), 400);
+    let mut big = b"GET / HTTP/1.1\r\n".to_vec();
+    big.extend(
+        std::iter::repeat_n(
+            b"X-Pad: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n",
+            200,
+        )
+        .flatten(),
+    );
+    assert_eq!(raw(&big), 431);
+    let mut many = b"GET / HTTP/1.1\r\n".to_vec();
+    for i in 0..40 {
+        many.extend(format!("X-{i}: 1\r\n").bytes());
+    }
+    many.extend(b"\r\n");
+    assert_eq!(raw(&many), 431);
+    // A silent client is cut at the header deadline with 408.
+    let t0 = Instant::now();
+    assert_eq!(raw(b"GET / HTTP/1.1\r\n"), 408);
+    assert!(t0.elapsed() < Duration::from_secs(3));
+}
+
+#[rstest]
+#[case::blocking("blocking")]
+fn keep_alive_when_asked_and_bounded(#[case] strategy: &str) {
+    let s = start(strategy, &["--workers", "1", "--keepalive-requests", "3"]);
+    let mut c = TcpStream::connect(s.addr()).expect("connect");
+    c.set_read_timeout(Some(T)).expect("timeout");
+    // Three pipelined requests on one connection: the third is answered
+    // with Connection: close and the server closes.
+    let req = b"GET / HTTP/1.1\r\nConnection: keep-alive\r\n\r\n";
+    for _ in 0..3 {
+        c.write_all(req).expect("write");
+    }
+    let mut all = Vec::new();
+    c.read_to_end(&mut all).expect("read until close");
+    let text = String::from_utf8_lossy(&all);
+    assert_eq!(text.matches("HTTP/1.1 200 OK").count(), 3, "{text}");
+    assert_eq!(text.matches("Connection: keep-alive").count(), 2, "{text}");
+    assert_eq!(text.matches("Connection: close").count(), 1, "{text}");
+}
+
+#[rstest]
+#[case::blocking("blocking")]
+fn hello_and_echo_apps(#[case] strategy: &str) {
+    let s = start(strategy, &["--workers", "1", "--app", "hello"]);
+    let line = read_line_from(s.addr(), T).expect("hello");
+    let pid = s.workers()[0];
+    assert_eq!(line, format!("hello from worker=0 pid={pid}\n"));
+    drop(s);
+
+    let s = start(strategy, &["--workers", "1", "--app", "echo"]);
+    let mut c = TcpStream::connect(s.addr()).expect("connect");
+    c.set_read_timeout(Some(T)).expect("timeout");
+    c.write_all(b"ping 1\n").expect("write");
+    let mut buf = [0u8; 7];
+    c.read_exact(&mut buf).expect("echo");
+    assert_eq!(&buf, b"ping 1\n");
+    c.shutdown(std::net::Shutdown::Write).expect("shutdown");
+    let mut rest = Vec::new();
+    c.read_to_end(&mut rest).expect("eof");
+    assert!(rest.is_empty());
+}
+
+#[rstest]
+#[case::blocking("blocking")]
+fn several_listeners_tcp_and_unix_are_all_served(#[case] strategy: &str) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock = dir.path().join("p.sock");
+    let unix = format!("unix:{}", sock.display());
+    let s = start(
+        strategy,
+        &[
+            "--workers",
+            "2",
+            "--bind",
+            "127.0.0.1:0",
+            "--bind",
+            &unix,
+            "--unix-mode",
+            "600",
+        ],
+    );
+    assert_eq!(s.addrs().len(), 3, "{}", s.ready_line());
+    assert_eq!(s.addrs()[2], unix);
+    for a in s.addrs() {
+        for _ in 0..20 {
+            assert_eq!(http_get(a, "/", T).expect("GET").status, 200, "on {a}");
+        }
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&sock)
+        .expect("socket file")
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600);
+    let mut s = s;
+    assert_eq!(s.stop(T).and_then(|st| st.code()), Some(0));
+    assert!(!sock.exists(), "the socket file is removed on exit");
+}
+
+#[rstest]
+#[case::blocking("blocking")]
+fn two_thousand_connections_to_four_workers_all_answered_by_every_worker(#[case] strategy: &str) {
+    let s = start(strategy, &["--workers", "4"]);
+    let addr = s.addr().to_string();
+    let threads: Vec<_> = (0..8)
+        .map(|_| {
+            let addr = addr.clone();
+            std::thread::spawn(move || {
+                let mut seen = BTreeMap::new();
+                let mut errors = 0;
+                for _ in 0..250 {
+                    match http_get(&addr, "/", T) {
+                        Ok(r) if r.status == 200 => {
+                            *seen.entry(r.worker_slot().expect("slot")).or_insert(0) += 1
+                        }
+                        _ => errors += 1,
+                    }
+                }
+                (seen, errors)
+            })
+        })
+        .collect();
+    let mut per_slot: BTreeMap<usize, u32> = BTreeMap::new();
+    let mut errors = 0;
+    for t in threads {
+        let (seen, e) = t.join().expect("client thread");
+        errors += e;
+        for (k, v) in seen {
+            *per_slot.entry(k).or_insert(0) += v;
+        }
+    }
+    assert_eq!(errors, 0);
+    assert_eq!(per_slot.values().sum::<u32>(), 2000);
+    assert_eq!(
+        per_slot.keys().copied().collect::<Vec<_>>(),
+        vec![0, 1, 2, 3],
+        "{per_slot:?}"
+    );
+}
+
+#[rstest]
+#[case::blocking("blocking")]
+fn ipv6_loopback_is_served_when_available(#[case] strategy: &str) {
+    if std::net::TcpListener::bind("[::1]:0").is_err() {
+        eprintln!("skipping: no IPv6 loopback on this machine");
+        return;
+    }
+    let s = prefork()
+        .args([
+            "--strategy",
+            strategy,
+            "--bind",
+            "[::1]:0",
+            "--workers",
+            "1",
+        ])
+        .start()
+        .expect("start");
+    assert!(s.addr().starts_with("[::1]:"), "{}", s.ready_line());
+    assert_eq!(http_get(s.addr(), "/", T).expect("GET").status, 200);
+}

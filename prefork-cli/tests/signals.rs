@@ -1,0 +1,324 @@
+//! The master's signals and worker supervision, on the real binary.
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use nix::sys::signal::kill;
+use nix::unistd::Pid;
+use prefork_testkit::{process_alive, zombie_children};
+use rstest::rstest;
+
+/// Runs GET / in a loop on another thread until stopped; counts failures.
+struct Load {
+    stop: Arc<AtomicBool>,
+    handle: std::thread::JoinHandle<(u32, u32)>,
+}
+
+impl Load {
+    fn start(addr: &str) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let addr = addr.to_string();
+        let handle = std::thread::spawn(move || {
+            let (mut ok, mut failed) = (0, 0);
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !flag.load(Ordering::Relaxed) && Instant::now() < deadline {
+                match http_get(&addr, "/", T) {
+                    Ok(r) if r.status == 200 => ok += 1,
+                    other => {
+                        eprintln!("load: request failed: {other:?}");
+                        failed += 1
+                    }
+                }
+            }
+            (ok, failed)
+        });
+        Load { stop, handle }
+    }
+
+    fn finish(self) -> (u32, u32) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle.join().expect("load thread")
+    }
+}
+
+#[rstest]
+#[case::blocking("blocking")]
+fn sigkilled_worker_comes_back_in_the_same_slot_with_a_new_pid_within_1s(#[case] strategy: &str) {
+    let s = start(strategy, &["--workers", "2"]);
+    let (slot, pid) = who(s.addr());
+    let t0 = Instant::now();
+    kill(Pid::from_raw(pid), Signal::SIGKILL).expect("kill");
+    let ready_line = format!("worker={slot} pid=");
+    assert!(
+        wait_until(Duration::from_secs(1), || {
+            s.log_count(&ready_line) >= 3 // ready, died, ready
+                && s.workers().len() == 2
+                && !s.workers().contains(&pid)
+        }),
+        "worker not replaced within 1s: {}",
+        s.log()
+    );
+    assert!(t0.elapsed() < Duration::from_secs(1));
+    assert!(s
+        .log()
+        .contains(&format!("worker={slot} pid={pid} died (killed by SIGKILL)")));
+    assert!(zombie_children(s.pid()).is_empty());
+    // The new worker serves from the same slot.
+    assert!(wait_until(T, || {
+        let (sl, p) = who(s.addr());
+        sl == slot && p != pid
+    }));
+}
+
+#[rstest]
+#[case::blocking("blocking")]
+fn ttin_adds_and_ttou_removes_one_worker(#[case] strategy: &str) {
+    let s = start(strategy, &["--workers", "4"]);
+    assert!(s.wait_workers(4, T));
+    s.signal(Signal::SIGTTIN);
+    assert!(s.wait_workers(5, T), "TTIN makes 5: {}", s.log());
+    // Signals of one kind coalesce while pending: wait for each to act.
+    s.signal(Signal::SIGTTOU);
+    assert!(s.wait_workers(4, T), "TTOU makes 4: {}", s.log());
+    s.signal(Signal::SIGTTOU);
+    assert!(s.wait_workers(3, T), "a second TTOU makes 3: {}", s.log());
+    assert!(s.log().contains("worker=4 pid=") && s.log().contains("retiring"));
+    assert!(zombie_children(s.pid()).is_empty());
+}
+
+#[rstest]
+#[case::blocking("blocking")]
+fn quit_lets_the_request_in_hand_finish_then_exits_0_with_no_child_left(#[case] strategy: &str) {
+    let mut s = start(strategy, &["--workers", "2"]);
+    let addr = s.addr().to_string();
+    let slow = std::thread::spawn(move || http_get(&addr, "/sleep/1000", T));
+    assert!(
+        s.wait_worker_sleeping(T),
+        "the slow request reaches a worker"
+    );
+    let workers = s.workers();
+    s.signal(Signal::SIGQUIT);
+    let st = s.wait_exit(T).expect("master exits");
+    assert_eq!(st.code(), Some(0), "{}", s.log());
+    let r = slow
+        .join()
+        .expect("thread")
+        .expect("slow request completed");
+    assert_eq!((r.status, r.body.as_slice()), (200, &b"slept 1000ms\n"[..]));
+    assert!(workers.iter().all(|&w| !process_alive(w)));
+}
+
+#[rstest]
+#[case::blocking("blocking")]
+fn term_stops_at_once_and_int_too(#[case] strategy: &str) {
+    for sig in [Signal::SIGTERM, Signal::SIGINT] {
+        let mut s = start(strategy, &["--workers", "2"]);
+        let addr = s.addr().to_string();
+        let slow = std::thread::spawn(move || http_get(&addr, "/sleep/20000", T));
+        assert!(s.wait_worker_sleeping(T));
+        let workers = s.workers();
+        let t0 = Instant::now();
+        s.signal(sig);
+        let st = s.wait_exit(T).expect("master exits");
+        assert_eq!(st.code(), Some(0));
+        assert!(
+            t0.elapsed() < Duration::from_secs(3),
+            "{sig} took {:?}",
+            t0.elapsed()
+        );
+        assert!(
+            slow.join().expect("thread").is_err(),
+            "the slow request is cut"
+        );
+        assert!(workers.iter().all(|&w| !process_alive(w)));
+    }
+}
+
+#[rstest]
+#[case::blocking("blocking")]
+fn graceful_stop_escalates_after_graceful_timeout(#[case] strategy: &str) {
+    let mut s = start(strategy, &["--workers", "1", "--graceful-timeout", "1"]);
+    let addr = s.addr().to_string();
+    let _slow = std::thread::spawn(move || http_get(&addr, "/sleep/30000", T));
+    assert!(
+        s.wait_worker_sleeping(T),
+        "the slow request reaches the worker"
+    );
+    let t0 = Instant::now();
+    s.signal(Signal::SIGQUIT);
+    let st = s
+        .wait_exit(Duration::from_secs(8))
+        .expect("exits after escalation");
+    assert_eq!(st.code(), Some(0));
+    assert!(
+        t0.elapsed() < Duration::from_secs(4),
+        "escalated after {:?}",
+        t0.elapsed()
+    );
+    assert!(
+        s.log().contains("did not stop in time; sending SIGTERM"),
+        "{}",
+        s.log()
+    );
+}
+
+#[rstest]
+#[case::blocking("blocking")]
+fn hup_replaces_every_worker_without_losing_a_connection(#[case] strategy: &str) {
+    let s = start(strategy, &["--workers", "3"]);
+    let old: HashSet<i32> = s.workers().into_iter().collect();
+    let addr = s.addr().to_string();
+    let slow = std::thread::spawn(move || http_get(&addr, "/sleep/1500", T));
+    assert!(s.wait_worker_sleeping(T));
+    let load = Load::start(s.addr());
+    s.signal(Signal::SIGHUP);
+    assert!(
+        wait_until(T, || {
+            let now: HashSet<i32> = s.workers().into_iter().collect();
+            now.len() == 3 && now.is_disjoint(&old)
+        }),
+        "every worker replaced: {}",
+        s.log()
+    );
+    let (ok, failed) = load.finish();
+    assert_eq!(failed, 0, "connections lost during reload");
+    assert!(ok > 0);
+    let r = slow
+        .join()
+        .expect("thread")
+        .expect("slow request survives reload");
+    assert_eq!(r.status, 200);
+    assert!(s.log().contains("replaced by a new generation"));
+}
+
+#[rstest]
+#[case::blocking("blocking")]
+fn winch_stops_all_workers_keeps_master_and_ttin_brings_them_back(#[case] strategy: &str) {
+    let s = start(strategy, &["--workers", "3"]);
+    s.signal(Signal::SIGWINCH);
+    assert!(s.wait_workers(0, T), "{}", s.log());
+    assert!(process_alive(s.pid()), "the master stays");
+    s.signal(Signal::SIGTTIN);
+    assert!(s.wait_workers(3, T), "TTIN restores the pool: {}", s.log());
+    assert!(wait_until(T, || http_get(s.addr(), "/", T)
+        .is_ok_and(|r| r.status == 200)));
+}
+
+#[rstest]
+#[case::blocking("blocking")]
+fn sigkill_of_the_master_leaves_no_worker_after_1s(#[case] strategy: &str) {
+    let s = start(strategy, &["--workers", "3"]);
+    let workers = s.workers();
+    assert_eq!(workers.len(), 3);
+    kill(Pid::from_raw(s.pid()), Signal::SIGKILL).expect("kill master");
+    assert!(
+        wait_until(Duration::from_secs(1), || workers
+            .iter()
+            .all(|&w| !process_alive(w))),
+        "workers outlived the master by more than 1s"
+    );
+}
+
+#[rstest]
+#[case::blocking("blocking")]
+fn usr1_and_usr2_are_logged_and_change_nothing(#[case] strategy: &str) {
+    let s = start(strategy, &["--workers", "1"]);
+    let before = s.workers();
+    s.signal(Signal::SIGUSR1);
+    s.signal(Signal::SIGUSR2);
+    assert!(s.wait_log("USR2: binary upgrade is not yet supported", T));
+    assert!(s.wait_log("USR1:", T));
+    assert_eq!(s.workers(), before);
+    assert_eq!(http_get(s.addr(), "/", T).expect("GET").status, 200);
+}
+
+#[test]
+fn crash_loop_at_boot_backs_off_exponentially() {
+    let mut s = prefork()
+        .args([
+            "--bind",
+            "127.0.0.1:0",
+            "--workers",
+            "1",
+            "--fault",
+            "boot-crash",
+        ])
+        .spawn()
+        .expect("spawn");
+    // Delays 0, 0.1, 0.2, 0.4, 0.8, 1.6 s: about 6 forks in 3 s (thousands without back-off).
+    assert!(
+        s.wait_log(
+            "respawning in 1.6s (crash loop back-off)",
+            Duration::from_secs(8)
+        ),
+        "{}",
+        s.log()
+    );
+    let deaths = s.log_count("before it was ready");
+    assert!((5..=8).contains(&deaths), "{deaths} forks: {}", s.log());
+    assert!(s.log().contains("killed by SIGABRT"));
+    s.signal(Signal::SIGTERM);
+    assert_eq!(s.wait_exit(T).and_then(|st| st.code()), Some(0));
+}
+
+#[test]
+fn boot_failure_stops_respawning_and_all_failed_exits_1() {
+    let mut s = prefork()
+        .args([
+            "--bind",
+            "127.0.0.1:0",
+            "--workers",
+            "2",
+            "--fault",
+            "boot-fail",
+        ])
+        .spawn()
+        .expect("spawn");
+    let st = s.wait_exit(T).expect("master gives up");
+    assert_eq!(st.code(), Some(1));
+    let log = s.log();
+    assert_eq!(
+        log.matches("failed to boot: app after_fork: injected boot failure")
+            .count(),
+        2,
+        "{log}"
+    );
+    assert!(
+        log.contains("will not be respawned until reload (HUP)"),
+        "{log}"
+    );
+    assert!(log.contains("every worker failed to boot"), "{log}");
+}
+
+#[test]
+fn pid_file_is_written_and_removed_and_a_live_one_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pf = dir.path().join("prefork.pid");
+    let pfs = pf.to_str().expect("utf8");
+    let mut s = start("blocking", &["--workers", "1", "--pid-file", pfs]);
+    assert_eq!(
+        std::fs::read_to_string(&pf).expect("pid file"),
+        format!("{}\n", s.pid())
+    );
+    // A second server refuses the live pid file and binds nothing.
+    let mut second = prefork()
+        .args(["--bind", "127.0.0.1:0", "--workers", "1", "--pid-file", pfs])
+        .spawn()
+        .expect("spawn");
+    assert_eq!(second.wait_exit(T).and_then(|st| st.code()), Some(1));
+    assert!(
+        second
+            .log()
+            .contains(&format!("names running process {}", s.pid())),
+        "{}",
+        second.log()
+    );
+    assert_eq!(s.stop(T).and_then(|st| st.code()), Some(0));
+    assert!(!pf.exists(), "removed on exit");
+}

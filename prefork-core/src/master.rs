@@ -1,0 +1,483 @@
+//! The master: binds, preloads, forks workers and supervises them.
+//!
+//! One thread, one poll(2). Each turn, read aloud:
+//! 1. wait until a signal, a worker report or the supervisor's next deadline;
+//! 2. drain the self-pipe, then turn signals into commands;
+//! 3. reap every exited child (waitpid(-1, WNOHANG) until none is left);
+//! 4. read worker reports;
+//! 5. ask the supervisor what to do now, and do it.
+
+use std::collections::HashMap;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use nix::errno::Errno;
+use nix::fcntl::OFlag;
+use nix::poll::{PollFd, PollFlags};
+use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+
+use crate::app::App;
+use crate::clock::{poll_timeout, MonoTime};
+use crate::error::{Error, Result};
+use crate::listener::{self, ActivationEnv, BindOptions, BindSpec, ListenAddr, Listener};
+use crate::pidfile::PidFile;
+use crate::signals::SelfPipe;
+use crate::status::{self, StatusKind, StatusWriter};
+use crate::strategy::AcceptStrategy;
+use crate::supervisor::{Action, Command, ExitStatus, StopReason, Supervisor, SupervisorConfig};
+use crate::sys::{self, Forked};
+use crate::worker::{self, WorkerSetup, EXIT_PANIC};
+
+/// Everything the master needs to start.
+#[derive(Debug, Clone)]
+pub struct MasterConfig {
+    /// Addresses to bind (in addition to sockets from socket activation).
+    pub binds: Vec<BindSpec>,
+    /// How to bind them.
+    pub bind_options: BindOptions,
+    /// Adopt systemd's LISTEN_FDS sockets when they are meant for us.
+    pub socket_activation: bool,
+    /// Workers to keep.
+    pub workers: usize,
+    /// After QUIT, how long a worker may finish before it is terminated.
+    pub graceful_timeout: Duration,
+    /// Where to write the master's pid.
+    pub pid_file: Option<PathBuf>,
+}
+
+impl Default for MasterConfig {
+    fn default() -> Self {
+        MasterConfig {
+            binds: Vec::new(),
+            bind_options: BindOptions::default(),
+            socket_activation: true,
+            workers: 1,
+            graceful_timeout: Duration::from_secs(30),
+            pid_file: None,
+        }
+    }
+}
+
+/// Passed to the ready callback once every initial worker is up.
+#[derive(Debug, Clone)]
+pub struct ReadyInfo {
+    /// The master's pid.
+    pub pid: u32,
+    /// Strategy name.
+    pub strategy: &'static str,
+    /// Workers running.
+    pub workers: usize,
+    /// Every listening address, with real ports.
+    pub addrs: Vec<ListenAddr>,
+}
+
+#[derive(Debug)]
+struct WorkerProc {
+    slot: usize,
+    /// The worker's status channel; `None` after EOF.
+    status: Option<OwnedFd>,
+}
+
+/// The master process.
+#[derive(Debug)]
+pub struct Master<S: AcceptStrategy, A: App> {
+    strategy: S,
+    app: A,
+    listeners: Vec<Listener>,
+    pid_file: Option<PidFile>,
+    sup: Supervisor,
+    self_pipe: SelfPipe,
+    /// The master keeps the only write end; children inherit the read end.
+    alive_rd: OwnedFd,
+    alive_wr: OwnedFd,
+    workers: HashMap<Pid, WorkerProc>,
+    tick: Duration,
+    pid: Pid,
+}
+
+/// Where a spawn left us.
+enum Spawned {
+    Parent(Pid),
+    Child(WorkerSetup),
+}
+
+impl<S: AcceptStrategy, A: App> Master<S, A> {
+    /// Binds every listener, writes the pid file and runs the app's preload,
+    /// in that order; nothing is forked yet. Errors here lose nothing.
+    pub fn start(cfg: MasterConfig, mut strategy: S, mut app: A) -> Result<Self> {
+        let threads = sys::thread_count().map_err(|e| Error::sys("reading /proc/self/task", e))?;
+        if threads != 1 {
+            return Err(Error::NotSingleThreaded(threads));
+        }
+        let pid = nix::unistd::getpid();
+        let mut opts = cfg.bind_options.clone();
+        strategy.bind_options(&mut opts);
+        let mut listeners = Vec::new();
+        if cfg.socket_activation {
+            let env = ActivationEnv::take_from_process();
+            listeners = listener::adopt_activated(&env, pid.as_raw() as u32, 3, &opts)?;
+        }
+        listeners.extend(listener::bind_all(&cfg.binds, &opts)?);
+        if listeners.is_empty() {
+            return Err(Error::BadAddress {
+                spec: String::new(),
+                reason: "nothing to listen on: give at least one --bind".into(),
+            });
+        }
+        strategy.prepare(&listeners)?;
+        let self_pipe =
+            SelfPipe::install().map_err(|e| Error::sys("installing signal handlers", e))?;
+        let (alive_rd, alive_wr) = nix::unistd::pipe2(OFlag::O_CLOEXEC)
+            .map_err(|e| Error::sys("pipe2() for the master-alive pipe", e))?;
+        let pid_file = match &cfg.pid_file {
+            Some(p) => Some(PidFile::create(p, pid.as_raw() as u32)?),
+            None => None,
+        };
+        if let Err(e) = app.preload() {
+            if let Some(pf) = pid_file {
+                pf.remove();
+            }
+            return Err(Error::Preload(e.to_string()));
+        }
+        let sup = Supervisor::new(SupervisorConfig {
+            workers: cfg.workers,
+            graceful_timeout: cfg.graceful_timeout,
+            ..SupervisorConfig::default()
+        });
+        Ok(Master {
+            strategy,
+            app,
+            listeners,
+            pid_file,
+            sup,
+            self_pipe,
+            alive_rd,
+            alive_wr,
+            workers: HashMap::new(),
+            tick: opts.accept_tick,
+            pid,
+        })
+    }
+
+    /// The bound addresses, with real ports.
+    pub fn addrs(&self) -> Vec<ListenAddr> {
+        self.listeners.iter().map(|l| l.addr().clone()).collect()
+    }
+
+    /// Runs until the master is told to stop; returns its exit code.
+    /// `on_ready` is called once, when every initial worker is up.
+    ///
+    /// In a forked worker this never returns: the worker exits from here.
+    pub fn run(mut self, mut on_ready: impl FnMut(&ReadyInfo)) -> Result<i32> {
+        let mut announced = false;
+        let mut signals = Vec::new();
+        loop {
+            self.wait(&mut signals);
+            for sig in signals.drain(..) {
+                self.handle_signal(sig);
+            }
+            self.reap_children();
+            for action in self.sup.actions(MonoTime::now()) {
+                match self.perform(action) {
+                    Ok(None) => {}
+                    Ok(Some(Flow::Exit(code))) => return Ok(self.finish(code)),
+                    Ok(Some(Flow::Child(setup))) => self.become_worker(setup),
+                    Err(e) => return Err(e),
+                }
+            }
+            if !announced && self.sup.all_ready() && self.sup.live() > 0 {
+                announced = true;
+                on_ready(&ReadyInfo {
+                    pid: self.pid.as_raw() as u32,
+                    strategy: self.strategy.name(),
+                    workers: self.sup.target(),
+                    addrs: self.addrs(),
+                });
+            }
+        }
+    }
+
+    /// Sleeps in poll(2) until a signal, a worker report, a strategy fd or
+    /// the next deadline; reads what arrived.
+    fn wait(&mut self, signals: &mut Vec<Signal>) {
+        let timeout = self
+            .sup
+            .next_deadline()
+            .map(|t| t.saturating_since(MonoTime::now()));
+        let mut owners: Vec<Option<Pid>> = Vec::with_capacity(self.workers.len() + 1);
+        let mut ready: Vec<(Option<Pid>, RawFd)> = Vec::new();
+        {
+            let mut fds = vec![PollFd::new(self.self_pipe.read_fd(), PollFlags::POLLIN)];
+            owners.push(None);
+            for (pid, w) in &self.workers {
+                if let Some(fd) = &w.status {
+                    fds.push(PollFd::new(fd.as_fd(), PollFlags::POLLIN));
+                    owners.push(Some(*pid));
+                }
+            }
+            for fd in self.strategy.master_fds() {
+                fds.push(PollFd::new(fd, PollFlags::POLLIN));
+            }
+            match nix::poll::poll(&mut fds, poll_timeout(timeout)) {
+                Ok(0) | Err(_) => {}
+                Ok(_) => {
+                    for (i, p) in fds.iter().enumerate() {
+                        if p.revents().is_some_and(|r| !r.is_empty()) {
+                            let raw = p.as_fd().as_raw_fd();
+                            ready.push((owners.get(i).copied().flatten(), raw));
+                        }
+                    }
+                }
+            }
+        }
+        self.self_pipe.drain(signals);
+        let mut msgs = Vec::new();
+        for (owner, raw) in ready {
+            match owner {
+                Some(pid) => self.read_status(pid, &mut msgs),
+                None if raw != self.self_pipe.read_fd().as_raw_fd() => {
+                    self.strategy.master_ready(raw)
+                }
+                None => {}
+            }
+        }
+    }
+
+    fn read_status(&mut self, pid: Pid, msgs: &mut Vec<Option<status::StatusMessage>>) {
+        let Some(w) = self.workers.get_mut(&pid) else {
+            return;
+        };
+        let Some(fd) = &w.status else { return };
+        msgs.clear();
+        let eof = status::read_messages(fd.as_fd(), msgs) == status::ChannelState::Closed;
+        let slot = w.slot;
+        if eof {
+            w.status = None; // stop polling it; the exit is seen through SIGCHLD
+        }
+        for m in msgs.iter() {
+            match m {
+                Some(m) if m.kind == StatusKind::Ready => {
+                    if self.sup.ready(pid, m.at) {
+                        tracing::info!("worker={slot} pid={pid} ready");
+                    }
+                }
+                Some(_) => {}
+                None => tracing::warn!(
+                    "worker={slot} pid={pid} sent a malformed status message; ignored"
+                ),
+            }
+        }
+    }
+
+    fn handle_signal(&mut self, sig: Signal) {
+        let cmd = match sig {
+            Signal::SIGQUIT => Command::GracefulStop,
+            Signal::SIGTERM | Signal::SIGINT => Command::FastStop,
+            Signal::SIGHUP => Command::Reload,
+            Signal::SIGTTIN => Command::AddWorker,
+            Signal::SIGTTOU => Command::RemoveWorker,
+            Signal::SIGWINCH => Command::StopWorkers,
+            Signal::SIGUSR1 => {
+                tracing::info!(
+                    "USR1: nothing to reopen (logs go to stderr; reopen is not yet supported)"
+                );
+                return;
+            }
+            Signal::SIGUSR2 => {
+                tracing::warn!("USR2: binary upgrade is not yet supported; ignored");
+                return;
+            }
+            _ => return, // SIGCHLD: reaping follows
+        };
+        let what = self.sup.command(cmd, MonoTime::now());
+        tracing::info!("{sig}: {what}");
+    }
+
+    /// waitpid(-1, WNOHANG) until nothing is left: SIGCHLDs coalesce.
+    fn reap_children(&mut self) {
+        loop {
+            let (pid, status) = match waitpid(None::<Pid>, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(pid, code)) => (pid, ExitStatus::Code(code)),
+                Ok(WaitStatus::Signaled(pid, sig, _)) => (pid, ExitStatus::Signaled(sig as i32)),
+                Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => return,
+                Err(Errno::EINTR) => continue,
+                Ok(_) => continue, // stopped/continued: not an exit
+                Err(e) => {
+                    tracing::error!("waitpid() failed: {e}");
+                    return;
+                }
+            };
+            self.workers.remove(&pid);
+            let Some(r) = self.sup.exited(pid, status, MonoTime::now()) else {
+                continue; // a child that was not a worker (an app's subprocess)
+            };
+            self.strategy.worker_exited(r.slot);
+            let how = match status {
+                ExitStatus::Code(c) => format!("exit code {c}"),
+                ExitStatus::Signaled(s) => Signal::try_from(s)
+                    .map(|s| format!("killed by {s}"))
+                    .unwrap_or_else(|_| format!("killed by signal {s}")),
+            };
+            let slot = r.slot;
+            let up = r.uptime.as_secs_f64();
+            if r.boot_failed {
+                tracing::error!("worker={slot} pid={pid} failed to boot ({how}); slot {slot} will not be respawned until reload (HUP)");
+            } else if r.expected {
+                tracing::info!("worker={slot} pid={pid} exited ({how}) after {up:.1}s");
+            } else if let Some(d) = r.respawn_delay {
+                let when = if d.is_zero() {
+                    "respawning now".to_string()
+                } else {
+                    format!(
+                        "respawning in {:.1}s (crash loop back-off)",
+                        d.as_secs_f64()
+                    )
+                };
+                tracing::warn!(
+                    "worker={slot} pid={pid} died ({how}) after {up:.1}s{}; {when}",
+                    if r.before_ready {
+                        " before it was ready"
+                    } else {
+                        ""
+                    }
+                );
+            } else {
+                tracing::info!("worker={slot} pid={pid} exited ({how})");
+            }
+        }
+    }
+
+    fn perform(&mut self, action: Action) -> Result<Option<Flow>> {
+        let now = MonoTime::now();
+        match action {
+            Action::Spawn { slot, generation } => match self.spawn_worker(slot, generation) {
+                Ok(Spawned::Parent(pid)) => {
+                    self.sup.spawned(slot, generation, pid, now);
+                    tracing::debug!("worker={slot} pid={pid} spawned");
+                }
+                Ok(Spawned::Child(setup)) => return Ok(Some(Flow::Child(setup))),
+                Err(e) => {
+                    let delay = self.sup.spawn_failed(slot, now);
+                    tracing::error!(
+                        "spawning worker {slot} failed: {e}; retrying in {:.1}s",
+                        delay.as_secs_f64()
+                    );
+                }
+            },
+            Action::Signal {
+                pid,
+                slot,
+                signal,
+                reason,
+            } => {
+                match reason {
+                    StopReason::Escalated => tracing::warn!("worker={slot} pid={pid} did not stop in time; sending {signal}"),
+                    StopReason::Retired => tracing::info!("worker={slot} pid={pid} retiring"),
+                    StopReason::Replaced => tracing::info!("worker={slot} pid={pid} replaced by a new generation; stopping it gracefully"),
+                    StopReason::Shutdown => tracing::debug!("worker={slot} pid={pid} sent {signal}"),
+                }
+                if reason == StopReason::Retired {
+                    self.strategy.slot_retired(slot);
+                }
+                match kill(pid, signal) {
+                    Ok(()) | Err(Errno::ESRCH) => {} // ESRCH: already gone, reaped next turn
+                    Err(e) => tracing::error!("kill({pid}, {signal}) failed: {e}"),
+                }
+            }
+            Action::Exit { code } => return Ok(Some(Flow::Exit(code))),
+        }
+        Ok(None)
+    }
+
+    fn spawn_worker(&mut self, slot: usize, generation: u64) -> Result<Spawned> {
+        self.strategy.prepare_slot(slot, &self.listeners)?;
+        let (status_rd, status_wr) =
+            status::channel().map_err(|e| Error::sys(format!("pipe2() for worker {slot}"), e))?;
+        match sys::fork().map_err(|e| match e {
+            Error::Sys { source, .. } => Error::sys(
+                format!("fork() failed while spawning worker {slot}"),
+                source,
+            ),
+            other => other,
+        })? {
+            Forked::Parent(pid) => {
+                drop(status_wr);
+                self.workers.insert(
+                    pid,
+                    WorkerProc {
+                        slot,
+                        status: Some(status_rd),
+                    },
+                );
+                Ok(Spawned::Parent(pid))
+            }
+            Forked::Child => {
+                drop(status_rd);
+                let master_alive = nix::unistd::dup(&self.alive_rd)
+                    .map_err(|e| Error::sys("dup() of the master-alive pipe", e))?;
+                Ok(Spawned::Child(WorkerSetup {
+                    slot,
+                    generation,
+                    master_alive,
+                    status: StatusWriter::new(status_wr, slot),
+                    master_pid: self.pid,
+                    tick: self.tick,
+                }))
+            }
+        }
+    }
+
+    /// In the child: drop every master resource, serve, and exit. Never returns.
+    fn become_worker(self, setup: WorkerSetup) -> ! {
+        if !worker::enter_child(setup.master_pid) {
+            sys::exit_now(0);
+        }
+        let Master {
+            strategy,
+            mut app,
+            listeners,
+            pid_file,
+            self_pipe,
+            alive_rd,
+            alive_wr,
+            workers,
+            ..
+        } = self;
+        // Close in the child what belongs to the master: other workers'
+        // channels, the self-pipe, the master-alive write end. The pid file
+        // and Unix socket files are the master's to remove, not ours.
+        drop((workers, self_pipe, alive_wr, alive_rd));
+        std::mem::forget(pid_file);
+        let slot = setup.slot;
+        let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            worker::run(&mut app, || strategy.into_acceptor(slot, listeners), setup)
+        }))
+        .unwrap_or(EXIT_PANIC);
+        sys::exit_now(code)
+    }
+
+    /// Releases everything that outlives the process, then returns `code`.
+    fn finish(mut self, code: i32) -> i32 {
+        self.strategy.shutdown();
+        for l in &mut self.listeners {
+            l.remove_socket_file();
+        }
+        if let Some(pf) = self.pid_file.take() {
+            pf.remove();
+        }
+        if code == 0 {
+            tracing::info!("master pid={} exiting", self.pid);
+        } else {
+            tracing::error!("{}", Error::AllWorkersFailedToBoot(crate::EXIT_BOOT_FAILED));
+        }
+        code
+    }
+}
+
+enum Flow {
+    Exit(i32),
+    Child(WorkerSetup),
+}

@@ -1,0 +1,549 @@
+//! The supervisor: every decision the master makes, as a pure state machine.
+//!
+//! It is fed events (an operator command, a worker spawned, ready or exited)
+//! with the time passed in, and [`Supervisor::actions`] returns what to do now:
+//! spawn a slot, signal a pid, exit. It never makes a syscall and never reads
+//! a clock, so its invariants are tested with proptest on a simulated clock.
+//!
+//! The model is reconciliation: each slot `0..target` should hold one worker
+//! of the current generation that has not been asked to stop. Everything else
+//! (a worker in a slot beyond the target, an older generation whose
+//! replacement is ready) is asked to stop, and stops escalate QUIT → TERM →
+//! KILL on deadlines.
+
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
+
+use crate::clock::MonoTime;
+
+/// Exit code a worker uses to say "I cannot boot; do not respawn me"
+/// (gunicorn's WORKER_BOOT_ERROR).
+pub const EXIT_BOOT_FAILED: i32 = 3;
+
+/// Hard ceiling on the pool, whatever TTIN asks for.
+pub const MAX_WORKERS: usize = 1024;
+
+/// Timing and size settings.
+#[derive(Debug, Clone)]
+pub struct SupervisorConfig {
+    /// Workers to keep.
+    pub workers: usize,
+    /// After QUIT, how long a worker may take to finish before TERM.
+    pub graceful_timeout: Duration,
+    /// After TERM, how long before KILL.
+    pub kill_timeout: Duration,
+    /// First back-off delay of a crash loop (the first failure respawns at once).
+    pub backoff_base: Duration,
+    /// Longest back-off delay.
+    pub backoff_cap: Duration,
+}
+
+impl Default for SupervisorConfig {
+    fn default() -> Self {
+        SupervisorConfig {
+            workers: 1,
+            graceful_timeout: Duration::from_secs(30),
+            kill_timeout: Duration::from_secs(2),
+            backoff_base: Duration::from_millis(100),
+            backoff_cap: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What an operator asked for (the master maps signals to these).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    /// QUIT: workers finish the connection in hand, then the master exits.
+    GracefulStop,
+    /// TERM, INT: workers stop at once.
+    FastStop,
+    /// HUP: replace every worker, each new one up before the old one leaves.
+    Reload,
+    /// TTIN: one worker more.
+    AddWorker,
+    /// TTOU: one worker less.
+    RemoveWorker,
+    /// WINCH: stop every worker, keep the master.
+    StopWorkers,
+}
+
+/// How a worker process ended (from waitpid).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitStatus {
+    /// exit(code).
+    Code(i32),
+    /// Killed by a signal.
+    Signaled(i32),
+}
+
+/// Why a worker is being signalled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    /// The master is stopping.
+    Shutdown,
+    /// The pool shrank (TTOU, WINCH).
+    Retired,
+    /// Its replacement of a newer generation is ready (HUP).
+    Replaced,
+    /// It did not stop within the deadline of the previous signal.
+    Escalated,
+}
+
+/// Something for the master to do now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Fork a worker for this slot; report the pid with [`Supervisor::spawned`].
+    Spawn {
+        /// The slot.
+        slot: usize,
+        /// Its generation (bumped by each reload).
+        generation: u64,
+    },
+    /// Send `signal` to a live worker.
+    Signal {
+        /// The worker.
+        pid: Pid,
+        /// Its slot.
+        slot: usize,
+        /// QUIT, TERM or KILL.
+        signal: Signal,
+        /// Why.
+        reason: StopReason,
+    },
+    /// Nothing is left to supervise: the master exits with this code.
+    Exit {
+        /// 0 after a stop; 1 when every worker failed to boot.
+        code: i32,
+    },
+}
+
+/// What [`Supervisor::exited`] concluded about a worker's exit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExitReport {
+    /// The slot it held.
+    pub slot: usize,
+    /// How long it lived.
+    pub uptime: Duration,
+    /// True if the master had asked it to stop.
+    pub expected: bool,
+    /// True if it died before saying it was ready.
+    pub before_ready: bool,
+    /// Set when the slot will not be respawned (exit code [`EXIT_BOOT_FAILED`]).
+    pub boot_failed: bool,
+    /// Delay before the slot is respawned (crash-loop back-off).
+    pub respawn_delay: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Running,
+    Stopping { fast: bool },
+}
+
+#[derive(Debug, Clone)]
+struct Worker {
+    pid: Pid,
+    slot: usize,
+    generation: u64,
+    spawned_at: MonoTime,
+    ready_at: Option<MonoTime>,
+    /// Last stop signal sent and when.
+    stop: Option<(Signal, MonoTime)>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Slot {
+    failures: u32,
+    next_spawn_at: MonoTime,
+    boot_failed: bool,
+    spawning: bool,
+}
+
+/// The pure supervisor. See the module docs.
+#[derive(Debug, Clone)]
+pub struct Supervisor {
+    cfg: SupervisorConfig,
+    phase: Phase,
+    target: usize,
+    /// Pool size to restore when TTIN or HUP follows WINCH.
+    before_winch: Option<usize>,
+    generation: u64,
+    workers: Vec<Worker>,
+    slots: Vec<Slot>,
+    exit_code: i32,
+}
+
+impl Supervisor {
+    /// A supervisor that wants `cfg.workers` workers.
+    pub fn new(cfg: SupervisorConfig) -> Supervisor {
+        let target = cfg.workers.min(MAX_WORKERS);
+        Supervisor {
+            cfg,
+            phase: Phase::Running,
+            target,
+            before_winch: None,
+            generation: 1,
+            workers: Vec::new(),
+            slots: Vec::new(),
+            exit_code: 0,
+        }
+    }
+
+    /// Workers wanted now.
+    pub fn target(&self) -> usize {
+        self.target
+    }
+
+    /// Live worker processes (all generations, including those stopping).
+    pub fn live(&self) -> usize {
+        self.workers.len()
+    }
+
+    /// The current generation (starts at 1, +1 per reload).
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// True once a stop was requested.
+    pub fn is_stopping(&self) -> bool {
+        matches!(self.phase, Phase::Stopping { .. })
+    }
+
+    /// Pids of live workers with their slots.
+    pub fn pids(&self) -> impl Iterator<Item = (Pid, usize)> + '_ {
+        self.workers.iter().map(|w| (w.pid, w.slot))
+    }
+
+    /// The slot of a live worker.
+    pub fn slot_of(&self, pid: Pid) -> Option<usize> {
+        self.worker(pid).map(|w| w.slot)
+    }
+
+    /// True when every wanted slot has a ready worker of the current
+    /// generation, or has given up booting.
+    pub fn all_ready(&self) -> bool {
+        self.phase == Phase::Running
+            && (0..self.target).all(|s| {
+                self.slot(s).boot_failed
+                    || self.workers.iter().any(|w| {
+                        w.slot == s
+                            && w.generation == self.generation
+                            && w.ready_at.is_some()
+                            && w.stop.is_none()
+                    })
+            })
+    }
+
+    /// An operator command. Returns a short description for the log.
+    pub fn command(&mut self, cmd: Command, _now: MonoTime) -> String {
+        match (cmd, self.phase) {
+            (Command::GracefulStop, Phase::Running) => {
+                self.phase = Phase::Stopping { fast: false };
+                "graceful stop: workers finish the connection in hand".into()
+            }
+            (Command::FastStop, Phase::Running | Phase::Stopping { fast: false }) => {
+                self.phase = Phase::Stopping { fast: true };
+                "fast stop: workers stop at once".into()
+            }
+            (_, Phase::Stopping { .. }) => "already stopping; ignored".into(),
+            (Command::Reload, Phase::Running) => {
+                self.generation += 1;
+                for s in &mut self.slots {
+                    s.failures = 0;
+                    s.boot_failed = false;
+                    s.next_spawn_at = MonoTime::default();
+                }
+                if let Some(n) = self.before_winch.take() {
+                    self.target = n;
+                }
+                format!(
+                    "reload: replacing {} workers with generation {}",
+                    self.target, self.generation
+                )
+            }
+            (Command::AddWorker, Phase::Running) => {
+                if let (0, Some(n)) = (self.target, self.before_winch) {
+                    self.before_winch = None;
+                    self.target = n;
+                } else if self.target < MAX_WORKERS {
+                    self.target += 1;
+                }
+                format!("workers: {}", self.target)
+            }
+            (Command::RemoveWorker, Phase::Running) => {
+                if self.target > 1 {
+                    self.target -= 1;
+                    format!("workers: {}", self.target)
+                } else {
+                    format!(
+                        "workers: {} (TTOU keeps at least one; WINCH stops all)",
+                        self.target
+                    )
+                }
+            }
+            (Command::StopWorkers, Phase::Running) => {
+                if self.target > 0 {
+                    self.before_winch = Some(self.target);
+                }
+                self.target = 0;
+                "stopping every worker; the master stays (TTIN or HUP brings them back)".into()
+            }
+        }
+    }
+
+    /// The master forked `pid` for `slot`.
+    pub fn spawned(&mut self, slot: usize, generation: u64, pid: Pid, now: MonoTime) {
+        self.slot_mut(slot).spawning = false;
+        self.workers.push(Worker {
+            pid,
+            slot,
+            generation,
+            spawned_at: now,
+            ready_at: None,
+            stop: None,
+        });
+    }
+
+    /// fork() failed for `slot`: back off as for a crash.
+    pub fn spawn_failed(&mut self, slot: usize, now: MonoTime) -> Duration {
+        let delay = self.backoff(slot, now);
+        self.slot_mut(slot).spawning = false;
+        delay
+    }
+
+    /// `pid` finished booting and accepts connections.
+    pub fn ready(&mut self, pid: Pid, now: MonoTime) -> bool {
+        let Some(w) = self.workers.iter_mut().find(|w| w.pid == pid) else {
+            return false;
+        };
+        if w.ready_at.is_none() {
+            w.ready_at = Some(now);
+        }
+        let slot = w.slot;
+        self.slot_mut(slot).failures = 0;
+        true
+    }
+
+    /// `pid` was reaped. Forgets it at once: it is never signalled again.
+    pub fn exited(&mut self, pid: Pid, status: ExitStatus, now: MonoTime) -> Option<ExitReport> {
+        let i = self.workers.iter().position(|w| w.pid == pid)?;
+        let w = self.workers.swap_remove(i);
+        let expected = w.stop.is_some();
+        let before_ready = w.ready_at.is_none();
+        let mut report = ExitReport {
+            slot: w.slot,
+            uptime: now.saturating_since(w.spawned_at),
+            expected,
+            before_ready,
+            boot_failed: false,
+            respawn_delay: None,
+        };
+        let current = w.generation == self.generation;
+        if expected || !current || self.is_stopping() {
+            return Some(report);
+        }
+        if status == ExitStatus::Code(EXIT_BOOT_FAILED) {
+            self.slot_mut(w.slot).boot_failed = true;
+            report.boot_failed = true;
+        } else if before_ready {
+            report.respawn_delay = Some(self.backoff(w.slot, now));
+        } else {
+            // It had served: respawn at once and forget earlier failures.
+            let s = self.slot_mut(w.slot);
+            s.failures = 0;
+            s.next_spawn_at = now;
+            report.respawn_delay = Some(Duration::ZERO);
+        }
+        Some(report)
+    }
+
+    /// What to do at `now`. Each returned action is already accounted for:
+    /// a signalled worker is marked, a spawning slot is not spawned twice.
+    pub fn actions(&mut self, now: MonoTime) -> Vec<Action> {
+        let mut out = Vec::new();
+        match self.phase {
+            Phase::Running => {
+                self.spawn_missing(now, &mut out);
+                self.retire_surplus(now, &mut out);
+                if self.workers.is_empty()
+                    && self.target > 0
+                    && (0..self.target).all(|s| self.slot(s).boot_failed)
+                {
+                    self.exit_code = 1;
+                    out.push(Action::Exit { code: 1 });
+                    return out;
+                }
+            }
+            Phase::Stopping { fast } => {
+                let first = if fast {
+                    Signal::SIGTERM
+                } else {
+                    Signal::SIGQUIT
+                };
+                for w in &mut self.workers {
+                    let upgrade = fast && matches!(w.stop, Some((Signal::SIGQUIT, _)));
+                    if w.stop.is_none() || upgrade {
+                        w.stop = Some((first, now));
+                        out.push(Action::Signal {
+                            pid: w.pid,
+                            slot: w.slot,
+                            signal: first,
+                            reason: StopReason::Shutdown,
+                        });
+                    }
+                }
+                if self.workers.is_empty() {
+                    out.push(Action::Exit {
+                        code: self.exit_code,
+                    });
+                    return out;
+                }
+            }
+        }
+        self.escalate(now, &mut out);
+        out
+    }
+
+    /// The next time [`Supervisor::actions`] would do something without a new
+    /// event: a back-off expiring, a stop to escalate.
+    pub fn next_deadline(&self) -> Option<MonoTime> {
+        let mut next: Option<MonoTime> = None;
+        let mut consider = |t: MonoTime| next = Some(next.map_or(t, |n| n.min(t)));
+        for w in &self.workers {
+            if let Some((sig, at)) = w.stop {
+                match sig {
+                    Signal::SIGQUIT => consider(at + self.cfg.graceful_timeout),
+                    Signal::SIGTERM => consider(at + self.cfg.kill_timeout),
+                    _ => {}
+                }
+            }
+        }
+        if self.phase == Phase::Running {
+            for s in 0..self.target {
+                let slot = self.slot(s);
+                if !slot.boot_failed && !self.has_current(s) {
+                    consider(slot.next_spawn_at);
+                }
+            }
+        }
+        next
+    }
+
+    fn spawn_missing(&mut self, now: MonoTime, out: &mut Vec<Action>) {
+        for s in 0..self.target {
+            if self.has_current(s) {
+                // Once the current worker is ready, older ones in the slot leave.
+                let ready = self.workers.iter().any(|w| {
+                    w.slot == s
+                        && w.generation == self.generation
+                        && w.stop.is_none()
+                        && w.ready_at.is_some()
+                });
+                if ready {
+                    let gen = self.generation;
+                    for w in self
+                        .workers
+                        .iter_mut()
+                        .filter(|w| w.slot == s && w.generation != gen && w.stop.is_none())
+                    {
+                        w.stop = Some((Signal::SIGQUIT, now));
+                        out.push(Action::Signal {
+                            pid: w.pid,
+                            slot: s,
+                            signal: Signal::SIGQUIT,
+                            reason: StopReason::Replaced,
+                        });
+                    }
+                }
+                continue;
+            }
+            let generation = self.generation;
+            let slot = self.slot_mut(s);
+            if slot.boot_failed || slot.spawning || now < slot.next_spawn_at {
+                continue;
+            }
+            slot.spawning = true;
+            out.push(Action::Spawn {
+                slot: s,
+                generation,
+            });
+        }
+    }
+
+    fn retire_surplus(&mut self, now: MonoTime, out: &mut Vec<Action>) {
+        let target = self.target;
+        for w in self
+            .workers
+            .iter_mut()
+            .filter(|w| w.slot >= target && w.stop.is_none())
+        {
+            w.stop = Some((Signal::SIGQUIT, now));
+            out.push(Action::Signal {
+                pid: w.pid,
+                slot: w.slot,
+                signal: Signal::SIGQUIT,
+                reason: StopReason::Retired,
+            });
+        }
+    }
+
+    fn escalate(&mut self, now: MonoTime, out: &mut Vec<Action>) {
+        let (grace, kill) = (self.cfg.graceful_timeout, self.cfg.kill_timeout);
+        for w in &mut self.workers {
+            let next = match w.stop {
+                Some((Signal::SIGQUIT, at)) if now >= at + grace => Signal::SIGTERM,
+                Some((Signal::SIGTERM, at)) if now >= at + kill => Signal::SIGKILL,
+                _ => continue,
+            };
+            w.stop = Some((next, now));
+            out.push(Action::Signal {
+                pid: w.pid,
+                slot: w.slot,
+                signal: next,
+                reason: StopReason::Escalated,
+            });
+        }
+    }
+
+    /// Records a failure of `slot` and returns the delay before its respawn:
+    /// none for the first, then base, 2·base, 4·base … up to the cap.
+    fn backoff(&mut self, slot: usize, now: MonoTime) -> Duration {
+        let (base, cap) = (self.cfg.backoff_base, self.cfg.backoff_cap);
+        let s = self.slot_mut(slot);
+        s.failures = s.failures.saturating_add(1);
+        let delay = if s.failures <= 1 {
+            Duration::ZERO
+        } else {
+            let shift = (s.failures - 2).min(30);
+            base.saturating_mul(1u32 << shift).min(cap)
+        };
+        s.next_spawn_at = now + delay;
+        delay
+    }
+
+    fn has_current(&self, slot: usize) -> bool {
+        self.workers
+            .iter()
+            .any(|w| w.slot == slot && w.generation == self.generation && w.stop.is_none())
+    }
+
+    fn worker(&self, pid: Pid) -> Option<&Worker> {
+        self.workers.iter().find(|w| w.pid == pid)
+    }
+
+    fn slot(&self, s: usize) -> Slot {
+        self.slots.get(s).cloned().unwrap_or_default()
+    }
+
+    fn slot_mut(&mut self, s: usize) -> &mut Slot {
+        if self.slots.len() <= s {
+            self.slots.resize_with(s + 1, Slot::default);
+        }
+        &mut self.slots[s]
+    }
+}
+
+#[cfg(test)]
+mod tests;

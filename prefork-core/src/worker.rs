@@ -1,0 +1,124 @@
+//! The worker process: boot, then accept and serve one connection at a time
+//! until asked to stop or the master is gone.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::time::Duration;
+
+use nix::poll::{PollFd, PollFlags};
+use nix::unistd::Pid;
+
+use crate::app::{App, WorkerInfo};
+use crate::clock::poll_timeout;
+use crate::status::{StatusKind, StatusWriter};
+use crate::strategy::{AcceptContext, Accepted, WorkerAcceptor};
+use crate::supervisor::EXIT_BOOT_FAILED;
+use crate::sys;
+
+/// Exit code of a worker whose code panicked.
+pub const EXIT_PANIC: i32 = 70;
+
+/// What the master hands a new worker.
+#[derive(Debug)]
+pub(crate) struct WorkerSetup {
+    pub slot: usize,
+    pub generation: u64,
+    /// Read end of a pipe whose only writer is the master: EOF = master gone.
+    pub master_alive: OwnedFd,
+    pub status: StatusWriter,
+    pub master_pid: Pid,
+    pub tick: Duration,
+}
+
+/// First thing in the child: worker signal dispositions, and death with the
+/// master. Returns false if the master already died.
+pub(crate) fn enter_child(master_pid: Pid) -> bool {
+    if let Err(e) = sys::reset_signals_for_worker() {
+        tracing::error!("worker: resetting signals failed: {e}");
+        return false;
+    }
+    // PR_SET_PDEATHSIG is racy at fork (the master may be gone already), so
+    // check the parent right after setting it.
+    let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM);
+    nix::unistd::getppid() == master_pid
+}
+
+/// Boots the worker and serves until stopped. Returns the exit code.
+pub(crate) fn run<A, W, F>(app: &mut A, make_acceptor: F, setup: WorkerSetup) -> i32
+where
+    A: App,
+    W: WorkerAcceptor,
+    F: FnOnce() -> std::io::Result<W>,
+{
+    let info = WorkerInfo {
+        slot: setup.slot,
+        pid: std::process::id(),
+        generation: setup.generation,
+    };
+    let slot = setup.slot;
+    // Name the process for ps/top: "prefork-w3" (comm holds 15 bytes).
+    if let Ok(name) = std::ffi::CString::new(format!("prefork-w{slot}")) {
+        let _ = nix::sys::prctl::set_name(&name);
+    }
+    if let Err(e) = app.after_fork(&info) {
+        tracing::error!(
+            "worker={slot} pid={} failed to boot: app after_fork: {e}",
+            info.pid
+        );
+        return EXIT_BOOT_FAILED;
+    }
+    let mut acceptor = match make_acceptor().and_then(|mut a| a.init().map(|()| a)) {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::error!(
+                "worker={slot} pid={} failed to boot: accept strategy: {e}",
+                info.pid
+            );
+            return EXIT_BOOT_FAILED;
+        }
+    };
+    setup.status.send(StatusKind::Ready);
+    let ctx = AcceptContext {
+        master_alive: setup.master_alive.as_fd(),
+        tick: setup.tick,
+    };
+    let mut backoff = Duration::ZERO;
+    while !sys::worker_quit_requested() {
+        match acceptor.accept(&ctx) {
+            Ok(Accepted::Connection(mut conn)) => {
+                backoff = Duration::ZERO;
+                if let Err(e) = app.handle(&mut conn) {
+                    tracing::debug!("connection ended with an error: {e}");
+                }
+                drop(conn);
+                acceptor.done();
+            }
+            Ok(Accepted::Idle) => {
+                if master_gone(&setup) {
+                    tracing::info!("worker={slot} master is gone; exiting");
+                    return 0;
+                }
+            }
+            Err(e) => {
+                // EMFILE and friends: the connection stays queued; wait for
+                // relief instead of spinning on a readable listener (L14).
+                backoff = (backoff * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
+                if backoff == Duration::from_millis(10) {
+                    tracing::warn!("worker={slot} accept failed: {e}; backing off");
+                }
+                let mut fds = [PollFd::new(setup.master_alive.as_fd(), PollFlags::POLLIN)];
+                let _ = nix::poll::poll(&mut fds, poll_timeout(Some(backoff)));
+                if master_gone(&setup) {
+                    return 0;
+                }
+            }
+        }
+    }
+    0
+}
+
+/// The master-alive pipe is readable (EOF) or our parent changed.
+fn master_gone(setup: &WorkerSetup) -> bool {
+    let mut fds = [PollFd::new(setup.master_alive.as_fd(), PollFlags::POLLIN)];
+    let eof = matches!(nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO), Ok(n) if n > 0);
+    eof || nix::unistd::getppid() != setup.master_pid
+}

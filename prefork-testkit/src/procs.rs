@@ -1,0 +1,92 @@
+//! Reading processes from /proc.
+
+use std::fs;
+
+/// Fields of /proc/PID/stat we use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcStat {
+    /// The pid.
+    pub pid: i32,
+    /// Process state letter (R, S, Z, ...).
+    pub state: char,
+    /// Parent pid.
+    pub ppid: i32,
+    /// User CPU time, in clock ticks.
+    pub utime: u64,
+    /// System CPU time, in clock ticks.
+    pub stime: u64,
+}
+
+/// Parses /proc/PID/stat (the command name may contain spaces and parens).
+pub fn stat(pid: i32) -> Option<ProcStat> {
+    let text = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &text[text.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    Some(ProcStat {
+        pid,
+        state: f.first()?.chars().next()?,
+        ppid: f.get(1)?.parse().ok()?,
+        utime: f.get(11)?.parse().ok()?,
+        stime: f.get(12)?.parse().ok()?,
+    })
+}
+
+/// Live (non-zombie) children of `ppid`, sorted.
+pub fn children_of(ppid: i32) -> Vec<i32> {
+    all_stats()
+        .filter(|s| s.ppid == ppid && s.state != 'Z')
+        .map(|s| s.pid)
+        .collect()
+}
+
+/// Zombie children of `ppid` (exited, not reaped).
+pub fn zombie_children(ppid: i32) -> Vec<i32> {
+    all_stats()
+        .filter(|s| s.ppid == ppid && s.state == 'Z')
+        .map(|s| s.pid)
+        .collect()
+}
+
+/// True while `pid` exists and is not a zombie.
+pub fn process_alive(pid: i32) -> bool {
+    stat(pid).is_some_and(|s| s.state != 'Z' && s.state != 'X')
+}
+
+/// True while `pid` sleeps in nanosleep/clock_nanosleep (/proc/PID/wchan):
+/// how a test knows a `/sleep/MS` request has reached a worker.
+pub fn is_sleeping_in_nanosleep(pid: i32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/wchan")).is_ok_and(|w| w.contains("nanosleep"))
+}
+
+fn all_stats() -> impl Iterator<Item = ProcStat> {
+    let mut pids: Vec<i32> = fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect();
+    pids.sort_unstable();
+    pids.into_iter().filter_map(stat)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_this_process_and_finds_a_child() {
+        let me = std::process::id() as i32;
+        let s = stat(me).expect("own stat");
+        assert_eq!(s.pid, me);
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .expect("sleep");
+        let cpid = child.id() as i32;
+        assert!(children_of(me).contains(&cpid));
+        assert!(process_alive(cpid));
+        child.kill().expect("kill");
+        child.wait().expect("wait");
+        assert!(!process_alive(cpid));
+    }
+}
