@@ -111,6 +111,10 @@ struct Cli {
     #[arg(long, value_enum, hide = true)]
     fault: Option<Fault>,
 
+    /// Print the accept strategies this binary offers, one per line, and exit.
+    #[arg(long)]
+    list_strategies: bool,
+
     /// Log format on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -245,6 +249,14 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if cli.list_strategies {
+        for s in StrategyName::value_variants() {
+            if let Some(v) = s.to_possible_value() {
+                println!("{}", v.get_name());
+            }
+        }
+        return ExitCode::SUCCESS;
+    }
     if let Err(e) = init_logging(&cli) {
         return fail(e, 2);
     }

@@ -7,7 +7,10 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod bench;
 pub mod client;
+pub mod faults;
+pub mod load;
 pub mod procs;
 pub mod server;
 

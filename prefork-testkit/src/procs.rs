@@ -15,6 +15,10 @@ pub struct ProcStat {
     pub utime: u64,
     /// System CPU time, in clock ticks.
     pub stime: u64,
+    /// User CPU time of reaped children, in clock ticks.
+    pub cutime: u64,
+    /// System CPU time of reaped children, in clock ticks.
+    pub cstime: u64,
 }
 
 /// Parses /proc/PID/stat (the command name may contain spaces and parens).
@@ -28,6 +32,8 @@ pub fn stat(pid: i32) -> Option<ProcStat> {
         ppid: f.get(1)?.parse().ok()?,
         utime: f.get(11)?.parse().ok()?,
         stime: f.get(12)?.parse().ok()?,
+        cutime: f.get(13)?.parse().ok()?,
+        cstime: f.get(14)?.parse().ok()?,
     })
 }
 
@@ -56,6 +62,33 @@ pub fn process_alive(pid: i32) -> bool {
 /// how a test knows a `/sleep/MS` request has reached a worker.
 pub fn is_sleeping_in_nanosleep(pid: i32) -> bool {
     fs::read_to_string(format!("/proc/{pid}/wchan")).is_ok_and(|w| w.contains("nanosleep"))
+}
+
+/// The syscall `pid` is blocked in (first field of /proc/PID/syscall), if any.
+pub fn current_syscall(pid: i32) -> Option<i64> {
+    fs::read_to_string(format!("/proc/{pid}/syscall"))
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Socket inodes open in `pid` (from the /proc/PID/fd links `socket:[N]`).
+pub fn socket_inodes(pid: i32) -> Vec<u64> {
+    fs::read_dir(format!("/proc/{pid}/fd"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| fs::read_link(e.path()).ok())
+        .filter_map(|t| {
+            t.to_str()?
+                .strip_prefix("socket:[")?
+                .strip_suffix(']')?
+                .parse()
+                .ok()
+        })
+        .collect()
 }
 
 fn all_stats() -> impl Iterator<Item = ProcStat> {

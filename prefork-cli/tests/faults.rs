@@ -1,0 +1,67 @@
+//! The short fault scenarios of the fault matrix, for every strategy:
+//! a prober at a fixed rate while an injector hurts the server.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use prefork_testkit::faults::{run_fault, Fault, FaultResult};
+use rstest::rstest;
+
+const WORKERS: usize = 4;
+const RATE: f64 = 400.0;
+const SECS: Duration = Duration::from_secs(3);
+
+fn run(strategy: &str, fault: Fault) -> FaultResult {
+    let s = start(strategy, &["--workers", "4"]);
+    let r = run_fault(&s, strategy, fault, WORKERS, RATE, SECS).expect("fault run");
+    eprintln!("{r:?}");
+    assert!(r.probes >= 1000, "the prober ran: {r:?}");
+    assert!(r.injections > 0, "the injector ran: {r:?}");
+    assert_eq!(r.zombies, 0, "no zombies: {r:?}");
+    r
+}
+
+/// L1: SIGKILL a random idle worker every 100 ms: nothing lost, the pool
+/// is whole again quickly.
+#[rstest]
+#[case::blocking("blocking")]
+fn l1_killing_idle_workers_loses_nothing(#[case] strategy: &str) {
+    let r = run(strategy, Fault::KillIdle);
+    assert_eq!(r.lost, 0, "{r:?}");
+    assert!(r.max_recovery_ms.is_some_and(|ms| ms < 1000.0), "{r:?}");
+}
+
+/// L2: SIGKILL any worker: at most the connection each killed worker held.
+#[rstest]
+#[case::blocking("blocking")]
+fn l2_killing_any_worker_loses_at_most_one_connection_per_kill(#[case] strategy: &str) {
+    let r = run(strategy, Fault::KillAny);
+    assert!(r.lost <= r.injections, "{r:?}");
+}
+
+/// L3: kill every worker at once: all reaped and back.
+#[rstest]
+#[case::blocking("blocking")]
+fn l3_killing_all_workers_at_once_brings_all_back(#[case] strategy: &str) {
+    let r = run(strategy, Fault::KillAll);
+    assert!(r.max_recovery_ms.is_some_and(|ms| ms < 1000.0), "{r:?}");
+    assert!(r.lost <= WORKERS as u64 * r.injections, "{r:?}");
+}
+
+/// L4: HUP every second under load: nothing lost.
+#[rstest]
+#[case::blocking("blocking")]
+fn l4_reload_every_second_loses_nothing(#[case] strategy: &str) {
+    let r = run(strategy, Fault::Hup);
+    assert_eq!(r.lost, 0, "{r:?}");
+}
+
+/// L7: TTIN/TTOU every 200 ms between 1 and 4 workers: nothing lost.
+#[rstest]
+#[case::blocking("blocking")]
+fn l7_resizing_every_200ms_loses_nothing(#[case] strategy: &str) {
+    let r = run(strategy, Fault::TtinTtou);
+    assert_eq!(r.lost, 0, "{r:?}");
+}

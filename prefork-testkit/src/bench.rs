@@ -1,0 +1,584 @@
+//! The comparison harness behind `prefork-bench`: start each server, put
+//! the same load on it, read what it cost from /proc, stop it by pid.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::load::{self, LoadConfig, Progress, Protocol, Summary, Target};
+use crate::procs;
+use crate::server::{Server, ServerBuilder};
+
+/// A server to measure.
+#[derive(Debug, Clone)]
+pub enum ServerSpec {
+    /// The `prefork` binary with a strategy and extra flags (a variant).
+    Prefork {
+        /// Label in tables.
+        label: String,
+        /// The binary.
+        bin: PathBuf,
+        /// `--strategy`.
+        strategy: String,
+        /// More flags (e.g. `--lock flock`).
+        extra: Vec<String>,
+    },
+    /// nginx with the same fixed response (anchors/nginx.sh).
+    Nginx {
+        /// The script.
+        script: PathBuf,
+    },
+    /// The minimal C preforking server (anchors/blocking_accept.c), compiled.
+    CBlocking {
+        /// The compiled binary.
+        bin: PathBuf,
+    },
+}
+
+impl ServerSpec {
+    /// Label in tables.
+    pub fn label(&self) -> String {
+        match self {
+            ServerSpec::Prefork { label, .. } => label.clone(),
+            ServerSpec::Nginx { .. } => "nginx".into(),
+            ServerSpec::CBlocking { .. } => "c-blocking".into(),
+        }
+    }
+
+    /// True for servers that implement the `http` app's `/sleep/MS`.
+    pub fn has_sleep(&self) -> bool {
+        matches!(self, ServerSpec::Prefork { .. })
+    }
+
+    /// Starts it with `workers` workers on `listeners` fresh loopback ports.
+    pub fn start(&self, workers: usize, listeners: usize, dir: &Path) -> std::io::Result<Server> {
+        let w = workers.to_string();
+        match self {
+            ServerSpec::Prefork {
+                bin,
+                strategy,
+                extra,
+                ..
+            } => {
+                let mut b = ServerBuilder::new(bin).args([
+                    "--strategy",
+                    strategy,
+                    "--workers",
+                    &w,
+                    "--app",
+                    "http",
+                    "--log-level",
+                    "warn",
+                ]);
+                for _ in 0..listeners {
+                    b = b.args(["--bind", "127.0.0.1:0"]);
+                }
+                b.args(extra.iter().cloned()).start()
+            }
+            ServerSpec::Nginx { script } => {
+                if listeners != 1 {
+                    return Err(std::io::Error::other(
+                        "the nginx anchor listens on one port",
+                    ));
+                }
+                let port = free_port()?;
+                ServerBuilder::new("bash")
+                    .args([
+                        script.to_string_lossy().into_owned(),
+                        "run".into(),
+                        dir.join("nginx").to_string_lossy().into_owned(),
+                        port.to_string(),
+                        w,
+                    ])
+                    .start()
+            }
+            ServerSpec::CBlocking { bin } => {
+                if listeners != 1 {
+                    return Err(std::io::Error::other("the C anchor listens on one port"));
+                }
+                ServerBuilder::new(bin).args(["0", &w]).start()
+            }
+        }
+    }
+}
+
+/// A free loopback port (for servers that cannot bind port 0 and report it).
+pub fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// Compiles the C anchor into `dir`.
+pub fn build_c_anchor(dir: &Path) -> std::io::Result<PathBuf> {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("anchors/blocking_accept.c");
+    let out = dir.join("blocking_accept");
+    let st = std::process::Command::new("cc")
+        .args(["-O2", "-o"])
+        .arg(&out)
+        .arg(&src)
+        .status()?;
+    if !st.success() {
+        return Err(std::io::Error::other(format!(
+            "cc failed on {}",
+            src.display()
+        )));
+    }
+    Ok(out)
+}
+
+/// A load scenario.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Scenario {
+    /// Connection per request, as fast as possible.
+    Hello,
+    /// 1% of requests are `/sleep/50`: tail latency behind a busy worker.
+    Mixed,
+    /// Two listening ports at once, open loop at a fixed rate so that
+    /// workers sit idle between connections: the thundering herd shows as
+    /// wakeups per connection.
+    MultiListener,
+}
+
+impl Scenario {
+    /// All of them.
+    pub const ALL: [Scenario; 3] = [Scenario::Hello, Scenario::Mixed, Scenario::MultiListener];
+
+    /// Name in tables and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::Hello => "hello",
+            Scenario::Mixed => "mixed",
+            Scenario::MultiListener => "multi-listener",
+        }
+    }
+
+    /// Parses a name.
+    pub fn parse(s: &str) -> Option<Scenario> {
+        Scenario::ALL.into_iter().find(|x| x.name() == s)
+    }
+
+    fn listeners(self) -> usize {
+        if self == Scenario::MultiListener {
+            2
+        } else {
+            1
+        }
+    }
+}
+
+/// Load settings shared by every run of a comparison.
+#[derive(Debug, Clone)]
+pub struct BenchLoad {
+    /// Worker processes of every server.
+    pub workers: usize,
+    /// Concurrent client connections.
+    pub connections: usize,
+    /// Generator threads.
+    pub threads: usize,
+    /// Seconds of load per run.
+    pub duration: Duration,
+    /// Connections per second in the multi-listener scenario.
+    pub herd_rate: f64,
+}
+
+/// What one run measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunResult {
+    /// Scenario name.
+    pub scenario: &'static str,
+    /// Server label.
+    pub server: String,
+    /// The load generator's figures.
+    pub load: Summary,
+    /// Server CPU (utime+stime, master and workers) per successful request, µs.
+    pub cpu_us_per_req: f64,
+    /// Workers' voluntary context switches (sleeps, each ended by a wakeup)
+    /// per accepted connection.
+    pub wakeups_per_conn: f64,
+    /// Total PSS of master and workers at the end of the run, KiB.
+    pub pss_kib: u64,
+}
+
+/// CPU ticks (utime+stime+cutime+cstime) of a process.
+fn cpu_ticks(pid: i32) -> u64 {
+    procs::stat(pid).map_or(0, |s| s.utime + s.stime + s.cutime + s.cstime)
+}
+
+/// Voluntary context switches of a process.
+fn voluntary_switches(pid: i32) -> u64 {
+    status_field(pid, "voluntary_ctxt_switches:")
+}
+
+fn status_field(pid: i32, key: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with(key))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// PSS of a process from /proc/PID/smaps_rollup, KiB.
+pub fn pss_kib(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("Pss:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// The master and its workers.
+fn tree(master: i32) -> Vec<i32> {
+    let mut v = vec![master];
+    v.extend(procs::children_of(master));
+    v
+}
+
+fn clock_ticks_per_sec() -> f64 {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .map_or(100.0, |t| t as f64)
+}
+
+/// Runs one scenario against one server and measures it.
+pub fn run_one(
+    spec: &ServerSpec,
+    scenario: Scenario,
+    load_cfg: &BenchLoad,
+    dir: &Path,
+) -> std::io::Result<RunResult> {
+    if scenario == Scenario::Mixed && !spec.has_sleep() {
+        return Err(std::io::Error::other("it does not implement /sleep/MS"));
+    }
+    let mut server = spec.start(load_cfg.workers, scenario.listeners(), dir)?;
+    let targets: Vec<Target> = server
+        .addrs()
+        .iter()
+        .map(|a| Target::parse(a).map_err(std::io::Error::other))
+        .collect::<Result<_, _>>()?;
+    let mut cfg = LoadConfig {
+        targets,
+        protocol: Protocol::Http,
+        concurrency: load_cfg.connections,
+        threads: load_cfg.threads,
+        duration: None,
+        requests: Some(500),
+        ..LoadConfig::default()
+    };
+    // Warm up (page faults, first allocations), then measure.
+    load::run(&cfg, &Arc::new(Progress::default()))?;
+    match scenario {
+        Scenario::Hello => {}
+        Scenario::Mixed => cfg.slow = Some(("/sleep/50".into(), 0.01)),
+        Scenario::MultiListener => {
+            cfg.rate = Some(load_cfg.herd_rate);
+            cfg.concurrency = cfg.concurrency.max(64);
+        }
+    }
+    cfg.requests = None;
+    cfg.duration = Some(load_cfg.duration);
+    let pid = server.pid();
+    let workers_before = procs::children_of(pid);
+    let cpu0: u64 = tree(pid).iter().map(|&p| cpu_ticks(p)).sum();
+    let sw0: u64 = workers_before.iter().map(|&p| voluntary_switches(p)).sum();
+    let report = load::run(&cfg, &Arc::new(Progress::default()))?;
+    let cpu1: u64 = tree(pid).iter().map(|&p| cpu_ticks(p)).sum();
+    let workers_after = procs::children_of(pid);
+    let sw1: u64 = workers_after.iter().map(|&p| voluntary_switches(p)).sum();
+    let pss: u64 = tree(pid).iter().map(|&p| pss_kib(p)).sum();
+    server.stop(Duration::from_secs(10));
+    let ok = report.ok.max(1) as f64;
+    let summary = report.summary(Some(load_cfg.workers));
+    Ok(RunResult {
+        scenario: scenario.name(),
+        server: spec.label(),
+        cpu_us_per_req: (cpu1.saturating_sub(cpu0)) as f64 / clock_ticks_per_sec() * 1e6 / ok,
+        wakeups_per_conn: sw1.saturating_sub(sw0) as f64 / report.connections.max(1) as f64,
+        pss_kib: pss,
+        load: summary,
+    })
+}
+
+/// The median run of several (by requests/s), with the spread of req/s and
+/// CPU across them.
+#[derive(Debug, Clone, Serialize)]
+pub struct Aggregate {
+    /// The median run.
+    pub median: RunResult,
+    /// Runs.
+    pub runs: usize,
+    /// Lowest and highest req/s.
+    pub rps_range: (f64, f64),
+    /// Lowest and highest CPU µs per request.
+    pub cpu_range: (f64, f64),
+}
+
+/// Picks the median run of each (scenario, server).
+pub fn aggregate(results: &[RunResult]) -> Vec<Aggregate> {
+    let mut groups: BTreeMap<(usize, String), Vec<RunResult>> = BTreeMap::new();
+    let order = |s: &str| {
+        Scenario::ALL
+            .iter()
+            .position(|x| x.name() == s)
+            .unwrap_or(9)
+    };
+    let mut first_seen: Vec<String> = Vec::new();
+    for r in results {
+        if !first_seen.contains(&r.server) {
+            first_seen.push(r.server.clone());
+        }
+        groups
+            .entry((order(r.scenario), r.server.clone()))
+            .or_default()
+            .push(r.clone());
+    }
+    let mut out: Vec<Aggregate> = groups
+        .into_values()
+        .map(|mut runs| {
+            runs.sort_by(|a, b| a.load.rps.total_cmp(&b.load.rps));
+            let rps = (runs[0].load.rps, runs[runs.len() - 1].load.rps);
+            let cpus: Vec<f64> = runs.iter().map(|r| r.cpu_us_per_req).collect();
+            let cpu = (
+                cpus.iter().copied().fold(f64::INFINITY, f64::min),
+                cpus.iter().copied().fold(0.0, f64::max),
+            );
+            Aggregate {
+                median: runs[runs.len() / 2].clone(),
+                runs: runs.len(),
+                rps_range: rps,
+                cpu_range: cpu,
+            }
+        })
+        .collect();
+    out.sort_by_key(|a| {
+        (
+            order(a.median.scenario),
+            first_seen.iter().position(|s| *s == a.median.server),
+        )
+    });
+    out
+}
+
+/// The comparison as a markdown table.
+pub fn markdown(aggs: &[Aggregate]) -> String {
+    let mut s = String::from(
+        "| scenario | server | req/s | p50 µs | p99 µs | p99.9 µs | fairness | busiest | errors | CPU µs/req | wakeups/conn | PSS MiB |\n\
+         |---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n",
+    );
+    for a in aggs {
+        let r = &a.median;
+        let l = &r.load;
+        let spread = if a.runs > 1 {
+            format!(" ({:.0}–{:.0})", a.rps_range.0, a.rps_range.1)
+        } else {
+            String::new()
+        };
+        let fair = if r.server == "nginx" || r.server == "c-blocking" {
+            ("n/a".to_string(), "n/a".to_string())
+        } else {
+            (
+                format!("{:.3}", l.fairness),
+                format!("{:.1}%", 100.0 * l.max_share),
+            )
+        };
+        s.push_str(&format!(
+            "| {} | {} | {:.0}{} | {} | {} | {} | {} | {} | {} | {:.1} | {:.2} | {:.1} |\n",
+            r.scenario,
+            r.server,
+            l.rps,
+            spread,
+            l.latency_us.p50,
+            l.latency_us.p99,
+            l.latency_us.p999,
+            fair.0,
+            fair.1,
+            l.errors.total(),
+            r.cpu_us_per_req,
+            r.wakeups_per_conn,
+            r.pss_kib as f64 / 1024.0
+        ));
+    }
+    s
+}
+
+/// A chart a person can look at: requests/s and p99 per server, one group
+/// of bars per scenario. Plain SVG (rectangles and text).
+pub fn svg(aggs: &[Aggregate]) -> String {
+    let scenarios: Vec<&str> = {
+        let mut v: Vec<&str> = aggs.iter().map(|a| a.median.scenario).collect();
+        v.dedup();
+        v
+    };
+    let servers: Vec<String> = {
+        let mut v: Vec<String> = Vec::new();
+        for a in aggs {
+            if !v.contains(&a.median.server) {
+                v.push(a.median.server.clone());
+            }
+        }
+        v
+    };
+    const COLORS: [&str; 8] = [
+        "#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#9c755f",
+    ];
+    let (w, panel_h, top, left) = (900.0, 260.0, 40.0, 70.0);
+    let group_w = (w - left - 20.0) / scenarios.len().max(1) as f64;
+    let bar_w = (group_w - 30.0) / servers.len().max(1) as f64;
+    let mut out = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n",
+        2.0 * panel_h + 2.0 * top + 60.0
+    );
+    fn rps(r: &RunResult) -> f64 {
+        r.load.rps
+    }
+    fn p99_ms(r: &RunResult) -> f64 {
+        r.load.latency_us.p99 as f64 / 1000.0
+    }
+    type Panel = (&'static str, fn(&RunResult) -> f64);
+    let panels: [Panel; 2] = [
+        ("requests/s (higher is better)", rps),
+        ("p99 latency, ms (lower is better)", p99_ms),
+    ];
+    for (pi, (title, value)) in panels.iter().enumerate() {
+        let y0 = top + pi as f64 * (panel_h + top);
+        out.push_str(&format!(
+            "<text x=\"{left}\" y=\"{}\" font-weight=\"bold\">{title}; each scenario scaled to its own maximum</text>\n",
+            y0 - 10.0
+        ));
+        out.push_str(&format!(
+            "<line x1=\"{left}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"#333\"/>\n",
+            y0 + panel_h,
+            w - 20.0,
+            y0 + panel_h
+        ));
+        for (si, sc) in scenarios.iter().enumerate() {
+            let gx = left + si as f64 * group_w + 15.0;
+            let max = aggs
+                .iter()
+                .filter(|a| a.median.scenario == *sc)
+                .map(|a| value(&a.median))
+                .fold(0.0, f64::max)
+                .max(1e-9);
+            out.push_str(&format!(
+                "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{sc}</text>\n",
+                gx + (group_w - 30.0) / 2.0,
+                y0 + panel_h + 16.0
+            ));
+            for (ki, sv) in servers.iter().enumerate() {
+                let Some(a) = aggs
+                    .iter()
+                    .find(|a| a.median.scenario == *sc && a.median.server == *sv)
+                else {
+                    continue;
+                };
+                let v = value(&a.median);
+                let h = v / max * (panel_h - 20.0);
+                let x = gx + ki as f64 * bar_w;
+                out.push_str(&format!(
+                    "<rect x=\"{x:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{h:.1}\" fill=\"{}\"/>\n",
+                    y0 + panel_h - h,
+                    bar_w - 4.0,
+                    COLORS[ki % COLORS.len()]
+                ));
+                out.push_str(&format!(
+                    "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\" font-size=\"10\">{}</text>\n",
+                    x + (bar_w - 4.0) / 2.0,
+                    y0 + panel_h - h - 3.0,
+                    if v >= 100.0 { format!("{v:.0}") } else { format!("{v:.2}") }
+                ));
+            }
+        }
+    }
+    let ly = 2.0 * panel_h + 2.0 * top + 40.0;
+    for (ki, sv) in servers.iter().enumerate() {
+        let x = left + ki as f64 * 130.0;
+        out.push_str(&format!(
+            "<rect x=\"{x}\" y=\"{}\" width=\"12\" height=\"12\" fill=\"{}\"/><text x=\"{}\" y=\"{ly}\">{sv}</text>\n",
+            ly - 10.0,
+            COLORS[ki % COLORS.len()],
+            x + 16.0
+        ));
+    }
+    out.push_str("</svg>\n");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::load::{ErrorCounts, Percentiles};
+
+    fn result(scenario: &'static str, server: &str, rps: f64) -> RunResult {
+        RunResult {
+            scenario,
+            server: server.into(),
+            load: Summary {
+                elapsed_s: 1.0,
+                requests: rps as u64,
+                rps,
+                errors: ErrorCounts::default(),
+                connections: rps as u64,
+                latency_us: Percentiles {
+                    p50: 100,
+                    p90: 200,
+                    p99: 300,
+                    p999: 400,
+                    max: 500,
+                },
+                per_worker: [(0, 5), (1, 5)].into(),
+                fairness: 1.0,
+                max_share: 0.5,
+                min_share: 0.5,
+            },
+            cpu_us_per_req: 20.0,
+            wakeups_per_conn: 1.0,
+            pss_kib: 2048,
+        }
+    }
+
+    #[test]
+    fn aggregate_takes_the_median_run_and_keeps_order() {
+        let rs = vec![
+            result("hello", "blocking", 100.0),
+            result("hello", "nginx", 300.0),
+            result("hello", "blocking", 120.0),
+            result("hello", "blocking", 110.0),
+            result("mixed", "blocking", 50.0),
+        ];
+        let a = aggregate(&rs);
+        assert_eq!(a.len(), 3);
+        assert_eq!(
+            (a[0].median.server.as_str(), a[0].median.load.rps),
+            ("blocking", 110.0)
+        );
+        assert_eq!(a[0].rps_range, (100.0, 120.0));
+        assert_eq!(a[1].median.server, "nginx");
+        assert_eq!(a[2].median.scenario, "mixed");
+        let md = markdown(&a);
+        assert!(md.contains("| hello | blocking | 110 (100–120) |"), "{md}");
+        let chart = svg(&a);
+        // Background, one bar per result in each of 2 panels, one legend box per server.
+        assert!(chart.starts_with("<svg"));
+        assert_eq!(chart.matches("<rect").count(), 1 + 3 * 2 + 2);
+    }
+
+    #[test]
+    fn reads_pss_and_switches_of_this_process() {
+        let me = std::process::id() as i32;
+        assert!(pss_kib(me) > 0);
+        assert!(voluntary_switches(me) > 0 || status_field(me, "Threads:") > 0);
+    }
+}

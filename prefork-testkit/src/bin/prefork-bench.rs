@@ -1,0 +1,343 @@
+//! `prefork-bench`: runs every strategy (and anchors) under the same load
+//! and faults, and compares them.
+//!
+//!     prefork-bench                                  # every strategy, every scenario
+//!     prefork-bench --anchor nginx --anchor c --repeat 3 --svg docs/bench.svg
+//!     prefork-bench --faults kill-idle,hup --short   # fault scenarios
+
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use prefork_testkit::bench::{self, BenchLoad, Scenario, ServerSpec};
+use prefork_testkit::faults::{self, Fault};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Anchor {
+    /// nginx with the same fixed response (installed by anchors/nginx.sh if missing).
+    Nginx,
+    /// The minimal C preforking server in blocking accept(2).
+    C,
+}
+
+/// Compare prefork's accept strategies under the same load and faults.
+#[derive(Debug, Parser)]
+#[command(name = "prefork-bench", version, about)]
+struct Cli {
+    /// The prefork binary (default: next to this one).
+    #[arg(long)]
+    prefork: Option<PathBuf>,
+    /// Strategies to run, comma-separated (default: every one the binary offers).
+    #[arg(long, value_delimiter = ',')]
+    strategies: Vec<String>,
+    /// Variants: a label and prefork flags, e.g. `mutex-flock=--strategy mutex --lock flock`.
+    #[arg(long, value_name = "LABEL=FLAGS")]
+    variant: Vec<String>,
+    /// Load scenarios, comma-separated: hello, mixed, multi-listener.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "hello,mixed,multi-listener"
+    )]
+    scenarios: Vec<String>,
+    /// Reference servers to put in the same table.
+    #[arg(long, value_enum)]
+    anchor: Vec<Anchor>,
+    /// Worker processes of every server.
+    #[arg(short, long, default_value_t = 2)]
+    workers: usize,
+    /// Concurrent client connections.
+    #[arg(short = 'c', long, default_value_t = 8)]
+    connections: usize,
+    /// Load generator threads.
+    #[arg(short, long, default_value_t = 1)]
+    threads: usize,
+    /// Seconds of load per run.
+    #[arg(short, long, default_value_t = 5.0)]
+    duration: f64,
+    /// Connections per second in the multi-listener scenario (open loop).
+    #[arg(long, default_value_t = 2000.0)]
+    herd_rate: f64,
+    /// Runs of each (scenario, server), interleaved; the median is reported.
+    #[arg(long, default_value_t = 1)]
+    repeat: usize,
+    /// Fault scenarios instead of load scenarios: kill-idle, kill-any, hup, ttin-ttou, kill-all.
+    #[arg(long, value_delimiter = ',')]
+    faults: Vec<String>,
+    /// Probe rate of fault scenarios, connections per second.
+    #[arg(long, default_value_t = 500.0)]
+    fault_rate: f64,
+    /// Seconds each fault scenario lasts.
+    #[arg(long, default_value_t = 20.0)]
+    fault_duration: f64,
+    /// Short runs: 3 s per fault scenario, 2 s per load run.
+    #[arg(long)]
+    short: bool,
+    /// Write the results as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Write the chart (SVG) here.
+    #[arg(long)]
+    svg: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn prefork_bin(cli: &Cli) -> Result<PathBuf, String> {
+    let bin = match &cli.prefork {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()
+            .map_err(|e| e.to_string())?
+            .with_file_name("prefork"),
+    };
+    if !bin.exists() {
+        return Err(format!(
+            "prefork binary not found at {} (build it with `cargo build --release`, or pass --prefork)",
+            bin.display()
+        ));
+    }
+    Ok(bin)
+}
+
+fn servers(cli: &Cli, dir: &std::path::Path) -> Result<Vec<ServerSpec>, String> {
+    let bin = prefork_bin(cli)?;
+    let offered: Vec<String> = std::process::Command::new(&bin)
+        .arg("--list-strategies")
+        .output()
+        .map_err(|e| format!("{}: {e}", bin.display()))
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .map(str::to_string)
+                .collect()
+        })?;
+    let wanted = if cli.strategies.is_empty() {
+        offered.clone()
+    } else {
+        cli.strategies.clone()
+    };
+    let mut out = Vec::new();
+    for s in wanted {
+        if !offered.contains(&s) {
+            return Err(format!(
+                "unknown strategy {s:?}; {} offers: {}",
+                bin.display(),
+                offered.join(", ")
+            ));
+        }
+        out.push(ServerSpec::Prefork {
+            label: s.clone(),
+            bin: bin.clone(),
+            strategy: s,
+            extra: Vec::new(),
+        });
+    }
+    for v in &cli.variant {
+        let (label, flags) = v
+            .split_once('=')
+            .ok_or_else(|| format!("--variant {v:?}: expected LABEL=FLAGS"))?;
+        let mut words: Vec<String> = flags.split_whitespace().map(str::to_string).collect();
+        let strategy = match words.iter().position(|w| w == "--strategy") {
+            Some(i) if i + 1 < words.len() => {
+                let s = words.remove(i + 1);
+                words.remove(i);
+                s
+            }
+            _ => {
+                return Err(format!(
+                    "--variant {v:?}: the flags must include --strategy NAME"
+                ))
+            }
+        };
+        out.push(ServerSpec::Prefork {
+            label: label.to_string(),
+            bin: bin.clone(),
+            strategy,
+            extra: words,
+        });
+    }
+    for a in &cli.anchor {
+        match a {
+            Anchor::Nginx => {
+                let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("anchors/nginx.sh");
+                let st = std::process::Command::new("bash")
+                    .arg(&script)
+                    .arg("install")
+                    .status();
+                if !st.is_ok_and(|s| s.success()) {
+                    return Err("installing nginx failed (anchors/nginx.sh install)".into());
+                }
+                out.push(ServerSpec::Nginx { script });
+            }
+            Anchor::C => out.push(ServerSpec::CBlocking {
+                bin: bench::build_c_anchor(dir).map_err(|e| e.to_string())?,
+            }),
+        }
+    }
+    Ok(out)
+}
+
+fn run(cli: Cli) -> Result<(), String> {
+    let dir = std::env::temp_dir().join(format!("prefork-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let result = if cli.faults.is_empty() {
+        compare(&cli, &dir)
+    } else {
+        fault_runs(&cli, &dir)
+    };
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+fn compare(cli: &Cli, dir: &std::path::Path) -> Result<(), String> {
+    let servers = servers(cli, dir)?;
+    let scenarios: Vec<Scenario> = cli
+        .scenarios
+        .iter()
+        .map(|s| {
+            Scenario::parse(s)
+                .ok_or_else(|| format!("unknown scenario {s:?} (hello, mixed, multi-listener)"))
+        })
+        .collect::<Result<_, _>>()?;
+    let load = BenchLoad {
+        workers: cli.workers,
+        connections: cli.connections,
+        threads: cli.threads,
+        duration: Duration::from_secs_f64(if cli.short { 2.0 } else { cli.duration }),
+        herd_rate: cli.herd_rate,
+    };
+    let total = cli.repeat * scenarios.len() * servers.len();
+    let mut results = Vec::new();
+    let mut k = 0;
+    for _ in 0..cli.repeat {
+        for &sc in &scenarios {
+            for spec in &servers {
+                k += 1;
+                match bench::run_one(spec, sc, &load, dir) {
+                    Ok(r) => {
+                        eprintln!(
+                            "[{k}/{total}] {:<15} {:<12} {:>8.0} req/s  p99 {:>6} µs  {:>5.1} µs CPU/req  {:.2} wakeups/conn",
+                            sc.name(), spec.label(), r.load.rps, r.load.latency_us.p99, r.cpu_us_per_req, r.wakeups_per_conn
+                        );
+                        results.push(r);
+                    }
+                    Err(e) => eprintln!(
+                        "[{k}/{total}] {:<15} {:<12} skipped: {e}",
+                        sc.name(),
+                        spec.label()
+                    ),
+                }
+            }
+        }
+    }
+    let aggs = bench::aggregate(&results);
+    println!(
+        "{} workers, {} connections, {} generator thread(s), {:.0} s per run, median of {} run(s); connection per request\n",
+        load.workers, load.connections, load.threads, load.duration.as_secs_f64(), cli.repeat
+    );
+    print!("{}", bench::markdown(&aggs));
+    if let Some(p) = &cli.json {
+        let j = serde_json::json!({ "load": {
+            "workers": load.workers, "connections": load.connections, "threads": load.threads,
+            "duration_s": load.duration.as_secs_f64(), "repeat": cli.repeat }, "results": aggs, "runs": results });
+        std::fs::write(
+            p,
+            serde_json::to_string_pretty(&j).map_err(|e| e.to_string())?,
+        )
+        .map_err(|e| format!("{}: {e}", p.display()))?;
+    }
+    if let Some(p) = &cli.svg {
+        std::fs::write(p, bench::svg(&aggs)).map_err(|e| format!("{}: {e}", p.display()))?;
+    }
+    Ok(())
+}
+
+fn fault_runs(cli: &Cli, dir: &std::path::Path) -> Result<(), String> {
+    let servers: Vec<ServerSpec> = servers(cli, dir)?
+        .into_iter()
+        .filter(|s| matches!(s, ServerSpec::Prefork { .. }))
+        .collect();
+    let faults: Vec<Fault> = cli
+        .faults
+        .iter()
+        .map(|f| {
+            Fault::parse(f).ok_or_else(|| {
+                format!("unknown fault {f:?} (kill-idle, kill-any, hup, ttin-ttou, kill-all)")
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    let duration = Duration::from_secs_f64(if cli.short { 3.0 } else { cli.fault_duration });
+    let mut rows = Vec::new();
+    for &f in &faults {
+        for spec in &servers {
+            let server = spec.start(cli.workers, 1, dir).map_err(|e| e.to_string())?;
+            let r = faults::run_fault(
+                &server,
+                &spec.label(),
+                f,
+                cli.workers,
+                cli.fault_rate,
+                duration,
+            )
+            .map_err(|e| e.to_string())?;
+            eprintln!(
+                "{} {} {}: {} probes, {} lost",
+                r.row, r.fault, r.server, r.probes, r.lost
+            );
+            rows.push(r);
+            drop(server);
+        }
+    }
+    println!(
+        "{} workers, probes at {:.0}/s for {:.0} s, connection per request\n",
+        cli.workers,
+        cli.fault_rate,
+        duration.as_secs_f64()
+    );
+    println!("| row | fault | server | probes | lost | lost by kind | injections | max recovery ms | p99 µs | zombies |");
+    println!("|---|---|---|--:|--:|---|--:|--:|--:|--:|");
+    for r in &rows {
+        let kinds: Vec<String> = r
+            .lost_by_kind
+            .iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect();
+        println!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            r.row,
+            r.fault,
+            r.server,
+            r.probes,
+            r.lost,
+            if kinds.is_empty() {
+                "-".into()
+            } else {
+                kinds.join(", ")
+            },
+            r.injections,
+            r.max_recovery_ms.map_or("-".into(), |m| format!("{m:.0}")),
+            r.p99_us,
+            r.zombies
+        );
+    }
+    if let Some(p) = &cli.json {
+        std::fs::write(
+            p,
+            serde_json::to_string_pretty(&rows).map_err(|e| e.to_string())?,
+        )
+        .map_err(|e| format!("{}: {e}", p.display()))?;
+    }
+    Ok(())
+}

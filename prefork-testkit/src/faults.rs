@@ -1,0 +1,309 @@
+//! Fault scenarios of the shared fault matrix, run against a live server:
+//! a prober opens connections at a fixed rate and records every outcome with
+//! its time, while an injector hurts the server on a schedule.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde::Serialize;
+
+use crate::load::{self, LoadConfig, Outcome, Progress, Protocol, Target};
+use crate::procs;
+use crate::server::Server;
+
+/// An injector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Fault {
+    /// L1: SIGKILL a random *idle* worker every 100 ms.
+    KillIdle,
+    /// L2: SIGKILL a random worker, idle or busy, every 100 ms.
+    KillAny,
+    /// L4: HUP the master every second.
+    Hup,
+    /// L7: TTIN/TTOU every 200 ms, between 1 and 4 workers.
+    TtinTtou,
+    /// L3: SIGKILL every worker at once, every second.
+    KillAll,
+}
+
+impl Fault {
+    /// All of them.
+    pub const ALL: [Fault; 5] = [
+        Fault::KillIdle,
+        Fault::KillAny,
+        Fault::Hup,
+        Fault::TtinTtou,
+        Fault::KillAll,
+    ];
+
+    /// Name on the command line and in tables.
+    pub fn name(self) -> &'static str {
+        match self {
+            Fault::KillIdle => "kill-idle",
+            Fault::KillAny => "kill-any",
+            Fault::Hup => "hup",
+            Fault::TtinTtou => "ttin-ttou",
+            Fault::KillAll => "kill-all",
+        }
+    }
+
+    /// Its row in the fault matrix.
+    pub fn matrix_row(self) -> &'static str {
+        match self {
+            Fault::KillIdle => "L1",
+            Fault::KillAny => "L2",
+            Fault::Hup => "L4",
+            Fault::TtinTtou => "L7",
+            Fault::KillAll => "L3",
+        }
+    }
+
+    /// Parses a name.
+    pub fn parse(s: &str) -> Option<Fault> {
+        Fault::ALL.into_iter().find(|f| f.name() == s)
+    }
+
+    fn interval(self) -> Duration {
+        match self {
+            Fault::KillIdle | Fault::KillAny => Duration::from_millis(100),
+            Fault::TtinTtou => Duration::from_millis(200),
+            Fault::Hup | Fault::KillAll => Duration::from_secs(1),
+        }
+    }
+}
+
+/// What a fault run measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct FaultResult {
+    /// The fault.
+    pub fault: &'static str,
+    /// Its fault-matrix row.
+    pub row: &'static str,
+    /// Server label.
+    pub server: String,
+    /// Probe requests sent.
+    pub probes: u64,
+    /// Probes that got a refusal, a reset or no answer.
+    pub lost: u64,
+    /// Lost probes by kind.
+    pub lost_by_kind: std::collections::BTreeMap<String, u64>,
+    /// Injections made (kills, signals).
+    pub injections: u64,
+    /// Longest time from a kill until the pool was full again, ms.
+    pub max_recovery_ms: Option<f64>,
+    /// p99 latency of the probes, µs.
+    pub p99_us: u64,
+    /// Zombie children of the master at the end.
+    pub zombies: usize,
+}
+
+/// The syscalls a worker waits in when it holds no connection.
+fn idle_syscalls() -> Vec<i64> {
+    let mut v = vec![libc::SYS_accept4, libc::SYS_accept, libc::SYS_ppoll];
+    #[cfg(target_arch = "x86_64")]
+    v.push(libc::SYS_poll);
+    v
+}
+
+/// SIGKILLs a worker only if it is idle: stopped first, then checked to be
+/// waiting in accept/poll *and* to hold no socket the master does not hold
+/// (listeners are inherited from the master; a connection is the worker's
+/// alone). The second check matters: a stop can land just as accept(2)
+/// returns a connection, while /proc/PID/syscall still names accept4.
+fn kill_if_idle(master: i32, pid: i32) -> bool {
+    let p = Pid::from_raw(pid);
+    if kill(p, Signal::SIGSTOP).is_err() {
+        return false;
+    }
+    let stopped = crate::server::wait_until(Duration::from_millis(200), || {
+        procs::stat(pid).is_some_and(|s| s.state == 'T')
+    });
+    let idle =
+        stopped && procs::current_syscall(pid).is_some_and(|n| idle_syscalls().contains(&n)) && {
+            let masters = procs::socket_inodes(master);
+            procs::socket_inodes(pid)
+                .iter()
+                .all(|s| masters.contains(s))
+        };
+    if idle {
+        let _ = kill(p, Signal::SIGKILL);
+    }
+    let _ = kill(p, Signal::SIGCONT);
+    idle
+}
+
+/// A small xorshift generator: the faults need no cryptography, only
+/// variety, and a seed makes a run repeatable.
+struct Rng(u64);
+
+impl Rng {
+    fn pick(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 % n.max(1) as u64) as usize
+    }
+}
+
+/// Runs `fault` against `server` (already started with `workers` workers)
+/// for `duration`, probing at `rate` connections per second.
+pub fn run_fault(
+    server: &Server,
+    label: &str,
+    fault: Fault,
+    workers: usize,
+    rate: f64,
+    duration: Duration,
+) -> std::io::Result<FaultResult> {
+    let targets: Vec<Target> = server
+        .addrs()
+        .iter()
+        .map(|a| Target::parse(a).map_err(std::io::Error::other))
+        .collect::<Result<_, _>>()?;
+    let cfg = LoadConfig {
+        targets,
+        protocol: Protocol::Http,
+        concurrency: 64,
+        rate: Some(rate),
+        duration: Some(duration),
+        threads: 1,
+        timeout: Duration::from_secs(3),
+        record_outcomes: true,
+        ..LoadConfig::default()
+    };
+    let master = server.pid();
+    let done = Arc::new(AtomicBool::new(false));
+    let injector = {
+        let done = Arc::clone(&done);
+        std::thread::spawn(move || inject(master, fault, workers, &done))
+    };
+    let report = load::run(&cfg, &Arc::new(Progress::default()));
+    done.store(true, Ordering::Relaxed);
+    let (injections, max_recovery) = injector
+        .join()
+        .map_err(|_| std::io::Error::other("injector panicked"))?;
+    let report = report?;
+    // Let the pool settle before counting zombies.
+    crate::server::wait_until(Duration::from_secs(2), || {
+        procs::zombie_children(master).is_empty()
+    });
+    let mut by_kind = std::collections::BTreeMap::new();
+    for o in report.outcomes.iter().filter(|o| o.outcome != Outcome::Ok) {
+        *by_kind
+            .entry(format!("{:?}", o.outcome).to_lowercase())
+            .or_insert(0) += 1;
+    }
+    Ok(FaultResult {
+        fault: fault.name(),
+        row: fault.matrix_row(),
+        server: label.to_string(),
+        probes: report.outcomes.len() as u64,
+        lost: report.errors.total(),
+        lost_by_kind: by_kind,
+        injections,
+        max_recovery_ms: max_recovery.map(|d| d.as_secs_f64() * 1e3),
+        p99_us: report.latency.value_at_quantile(0.99),
+        zombies: procs::zombie_children(master).len(),
+    })
+}
+
+/// The injector loop; returns the injections made and the longest recovery.
+fn inject(master: i32, fault: Fault, workers: usize, done: &AtomicBool) -> (u64, Option<Duration>) {
+    let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ u64::from(master.unsigned_abs()));
+    let mut count = 0u64;
+    let mut max_recovery: Option<Duration> = None;
+    let mut size = workers;
+    let mut growing = true;
+    let mut next = Instant::now() + fault.interval();
+    while !done.load(Ordering::Relaxed) {
+        let now = Instant::now();
+        if now < next {
+            std::thread::sleep((next - now).min(Duration::from_millis(10)));
+            continue;
+        }
+        next += fault.interval();
+        let pool = procs::children_of(master);
+        match fault {
+            Fault::KillIdle => {
+                // Try workers in random order until one is idle.
+                let start = rng.pick(pool.len());
+                let victim = (0..pool.len())
+                    .map(|k| pool[(start + k) % pool.len()])
+                    .find(|&w| kill_if_idle(master, w));
+                if let Some(w) = victim {
+                    count += 1;
+                    note_recovery(master, &[w], pool.len(), &mut max_recovery);
+                }
+            }
+            Fault::KillAny => {
+                if !pool.is_empty() {
+                    let w = pool[rng.pick(pool.len())];
+                    let _ = kill(Pid::from_raw(w), Signal::SIGKILL);
+                    count += 1;
+                    note_recovery(master, &[w], pool.len(), &mut max_recovery);
+                }
+            }
+            Fault::KillAll => {
+                for &w in &pool {
+                    let _ = kill(Pid::from_raw(w), Signal::SIGKILL);
+                }
+                count += 1;
+                note_recovery(master, &pool, pool.len(), &mut max_recovery);
+            }
+            Fault::Hup => {
+                let _ = kill(Pid::from_raw(master), Signal::SIGHUP);
+                count += 1;
+            }
+            Fault::TtinTtou => {
+                if growing && size >= 4 {
+                    growing = false;
+                } else if !growing && size <= 1 {
+                    growing = true;
+                }
+                let sig = if growing {
+                    Signal::SIGTTIN
+                } else {
+                    Signal::SIGTTOU
+                };
+                size = if growing { size + 1 } else { size - 1 };
+                let _ = kill(Pid::from_raw(master), sig);
+                count += 1;
+            }
+        }
+    }
+    // Put the pool back to its size for whoever measures next.
+    while fault == Fault::TtinTtou && size != workers {
+        let sig = if size < workers {
+            Signal::SIGTTIN
+        } else {
+            Signal::SIGTTOU
+        };
+        let target = if size < workers { size + 1 } else { size - 1 };
+        let _ = kill(Pid::from_raw(master), sig);
+        crate::server::wait_until(Duration::from_secs(2), || {
+            procs::children_of(master).len() == target
+        });
+        size = target;
+    }
+    (count, max_recovery)
+}
+
+/// Waits (≤ 1 s) until the `killed` workers are gone and the pool is back
+/// at `n` live workers, and records how long that took from the kill.
+fn note_recovery(master: i32, killed: &[i32], n: usize, max: &mut Option<Duration>) {
+    let t0 = Instant::now();
+    let back = crate::server::wait_until(Duration::from_secs(1), || {
+        let pool = procs::children_of(master);
+        pool.len() >= n && killed.iter().all(|k| !pool.contains(k))
+    });
+    let took = if back {
+        t0.elapsed()
+    } else {
+        Duration::from_secs(1)
+    };
+    *max = Some(max.map_or(took, |m| m.max(took)));
+}
