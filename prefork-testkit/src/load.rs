@@ -242,6 +242,31 @@ pub struct Percentiles {
 }
 
 impl LoadReport {
+    fn empty() -> LoadReport {
+        LoadReport {
+            elapsed: Duration::ZERO,
+            ok: 0,
+            errors: ErrorCounts::default(),
+            connections: 0,
+            latency: new_histogram(),
+            per_worker: BTreeMap::new(),
+            outcomes: Vec::new(),
+        }
+    }
+
+    /// Adds a generator thread's part (threads run over the same period).
+    fn merge(&mut self, part: LoadReport) {
+        self.ok += part.ok;
+        self.errors.merge(&part.errors);
+        self.connections += part.connections;
+        let _ = self.latency.add(&part.latency);
+        for (k, v) in part.per_worker {
+            *self.per_worker.entry(k).or_insert(0) += v;
+        }
+        self.outcomes.extend(part.outcomes);
+        self.elapsed = self.elapsed.max(part.elapsed);
+    }
+
     /// Successful requests per second.
     pub fn rps(&self) -> f64 {
         self.ok as f64 / self.elapsed.as_secs_f64().max(1e-9)
@@ -329,29 +354,11 @@ pub fn run(cfg: &LoadConfig, progress: &Arc<Progress>) -> io::Result<LoadReport>
             })
         })
         .collect();
-    let mut report = LoadReport {
-        elapsed: Duration::ZERO,
-        ok: 0,
-        errors: ErrorCounts::default(),
-        connections: 0,
-        latency: new_histogram(),
-        per_worker: BTreeMap::new(),
-        outcomes: Vec::new(),
-    };
+    let mut report = LoadReport::empty();
     let mut first_err = None;
     for h in handles {
         match h.join() {
-            Ok(Ok(part)) => {
-                report.ok += part.ok;
-                report.errors.merge(&part.errors);
-                report.connections += part.connections;
-                let _ = report.latency.add(&part.latency);
-                for (k, v) in part.per_worker {
-                    *report.per_worker.entry(k).or_insert(0) += v;
-                }
-                report.outcomes.extend(part.outcomes);
-                report.elapsed = report.elapsed.max(part.elapsed);
-            }
+            Ok(Ok(part)) => report.merge(part),
             Ok(Err(e)) => first_err = Some(e),
             Err(_) => first_err = Some(io::Error::other("a generator thread panicked")),
         }
@@ -422,16 +429,6 @@ struct Conn {
     slow: bool,
 }
 
-struct ThreadReport {
-    elapsed: Duration,
-    ok: u64,
-    errors: ErrorCounts,
-    connections: u64,
-    latency: Histogram<u64>,
-    per_worker: BTreeMap<u32, u64>,
-    outcomes: Vec<OutcomeRecord>,
-}
-
 struct Worker<'a> {
     cfg: &'a LoadConfig,
     poll: Poll,
@@ -448,7 +445,7 @@ struct Worker<'a> {
     next_target: usize,
     slow_every: u64,
     count: u64,
-    report: ThreadReport,
+    report: LoadReport,
     last_done: Instant,
 }
 
@@ -508,15 +505,7 @@ impl<'a> Worker<'a> {
             next_target: index,
             slow_every,
             count: index as u64,
-            report: ThreadReport {
-                elapsed: Duration::ZERO,
-                ok: 0,
-                errors: ErrorCounts::default(),
-                connections: 0,
-                latency: new_histogram(),
-                per_worker: BTreeMap::new(),
-                outcomes: Vec::new(),
-            },
+            report: LoadReport::empty(),
             last_done: start,
         })
     }
@@ -534,7 +523,7 @@ impl<'a> Worker<'a> {
         }
     }
 
-    fn run(mut self) -> io::Result<ThreadReport> {
+    fn run(mut self) -> io::Result<LoadReport> {
         let mut events = Events::with_capacity(1024);
         let mut last_sweep = Instant::now();
         loop {
@@ -896,32 +885,33 @@ mod tests {
         (addr, h)
     }
 
+    /// Closed loop, `n` requests over `c` connections, to one address.
+    fn requests_to(addr: SocketAddr, c: usize, n: u64) -> LoadConfig {
+        LoadConfig {
+            targets: vec![Target::Tcp(addr)],
+            concurrency: c,
+            requests: Some(n),
+            duration: None,
+            ..LoadConfig::default()
+        }
+    }
+
+    fn go(cfg: &LoadConfig) -> LoadReport {
+        run(cfg, &Arc::new(Progress::default())).expect("run")
+    }
+
     #[test]
     fn counts_requests_workers_and_bad_responses() {
         let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Worker: 3/99\r\n\r\nok";
         let (addr, h) = serve(ok, 20);
-        let cfg = LoadConfig {
-            targets: vec![Target::Tcp(addr)],
-            concurrency: 2,
-            requests: Some(20),
-            duration: None,
-            ..LoadConfig::default()
-        };
-        let r = run(&cfg, &Arc::new(Progress::default())).expect("run");
+        let r = go(&requests_to(addr, 2, 20));
         h.join().expect("server");
         assert_eq!((r.ok, r.errors.total(), r.connections), (20, 0, 20));
         assert_eq!(r.per_worker, [(3, 20)].into());
         assert_eq!(r.latency.len(), 20);
 
         let (addr, h) = serve(b"HTTP/1.1 500 Oops\r\nContent-Length: 0\r\n\r\n", 5);
-        let cfg = LoadConfig {
-            targets: vec![Target::Tcp(addr)],
-            concurrency: 1,
-            requests: Some(5),
-            duration: None,
-            ..LoadConfig::default()
-        };
-        let r = run(&cfg, &Arc::new(Progress::default())).expect("run");
+        let r = go(&requests_to(addr, 1, 5));
         h.join().expect("server");
         assert_eq!((r.ok, r.errors.bad_response), (0, 5));
     }
@@ -933,14 +923,7 @@ mod tests {
             .expect("bind")
             .local_addr()
             .expect("addr");
-        let cfg = LoadConfig {
-            targets: vec![Target::Tcp(free)],
-            concurrency: 1,
-            requests: Some(3),
-            duration: None,
-            ..LoadConfig::default()
-        };
-        let r = run(&cfg, &Arc::new(Progress::default())).expect("run");
+        let r = go(&requests_to(free, 1, 3));
         assert_eq!(r.errors.refused, 3);
         // A listener that never answers: timeout.
         let silent = TcpListener::bind("127.0.0.1:0").expect("bind");
