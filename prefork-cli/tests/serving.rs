@@ -199,3 +199,74 @@ fn ipv6_loopback_is_served_when_available(#[case] strategy: &str) {
     assert!(s.addr().starts_with("[::1]:"), "{}", s.ready_line());
     assert_eq!(http_get(s.addr(), "/", T).expect("GET").status, 200);
 }
+
+/// Runs prefork through a python shim that binds a socket, puts it on
+/// descriptor `fd`, sets `env` (LISTEN_PID becomes the exec'd pid) and execs.
+fn exec_with_socket(fd: i32, activation: bool, args: &[&str]) -> Server {
+    let shim = format!(
+        r#"
+import os, socket, sys
+s = socket.socket()
+s.bind(("127.0.0.1", 0))
+s.listen(64)
+os.dup2(s.fileno(), {fd})
+os.set_inheritable({fd}, True)
+if {activation}:
+    os.environ.update(LISTEN_FDS="1", LISTEN_PID=str(os.getpid()), LISTEN_FDNAMES="web")
+os.execv(sys.argv[1], sys.argv[1:])
+"#,
+        activation = if activation { "True" } else { "False" }
+    );
+    ServerBuilder::new("python3")
+        .args(["-c", &shim, env!("CARGO_BIN_EXE_prefork")])
+        .args(args.iter().copied())
+        .start()
+        .expect("prefork starts with an inherited socket")
+}
+
+#[rstest]
+#[case::blocking("blocking")]
+fn systemd_socket_activation_is_adopted_and_no_default_bind_added(#[case] strategy: &str) {
+    let s = exec_with_socket(3, true, &["--strategy", strategy, "--workers", "2"]);
+    assert_eq!(s.addrs().len(), 1, "{}", s.ready_line());
+    assert!(s.addr().starts_with("127.0.0.1:") && !s.addr().ends_with(":8080"));
+    assert_eq!(http_get(s.addr(), "/", T).expect("GET").status, 200);
+}
+
+#[rstest]
+#[case::blocking("blocking")]
+fn an_inherited_fd_is_served_with_fd_bind(#[case] strategy: &str) {
+    let s = exec_with_socket(
+        5,
+        false,
+        &["--strategy", strategy, "--workers", "1", "--bind", "fd:5"],
+    );
+    assert!(s.addr().starts_with("127.0.0.1:"), "{}", s.ready_line());
+    assert_eq!(http_get(s.addr(), "/", T).expect("GET").status, 200);
+}
+
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let s = prefork()
+        .args([
+            "--bind",
+            "127.0.0.1:0",
+            "--workers",
+            "1",
+            "--log-format",
+            "json",
+        ])
+        .start()
+        .expect("start");
+    assert!(s.wait_log("ready", T));
+    let log = s.log();
+    for line in log.lines() {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(
+            v["level"].is_string() && v["fields"]["message"].is_string(),
+            "{line}"
+        );
+    }
+    assert!(log.contains(r#""message":"worker=0 pid="#), "{log}");
+}

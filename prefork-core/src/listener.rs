@@ -599,6 +599,23 @@ mod tests {
     }
 
     #[test]
+    fn activation_variables_are_taken_out_of_the_environment() {
+        // The only test that touches these variables.
+        std::env::set_var("LISTEN_PID", "1");
+        std::env::set_var("LISTEN_FDS", "2");
+        std::env::set_var("LISTEN_FDNAMES", "a:b");
+        let env = ActivationEnv::take_from_process();
+        assert_eq!(env.listen_fds.as_deref(), Some("2"));
+        assert_eq!(env.listen_fdnames.as_deref(), Some("a:b"));
+        for k in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
+            assert!(
+                std::env::var(k).is_err(),
+                "{k} left for children to adopt again"
+            );
+        }
+    }
+
+    #[test]
     fn socket_activation_adopts_contiguous_fds_with_names() {
         let a = std::net::TcpListener::bind("127.0.0.1:0").expect("a");
         let b = std::net::TcpListener::bind("127.0.0.1:0").expect("b");
