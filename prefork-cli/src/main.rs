@@ -6,15 +6,17 @@
 #![forbid(unsafe_code)]
 
 mod apps;
+mod status;
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use clap::{Parser, Subcommand, ValueEnum};
 use prefork_core::{
-    App, BindOptions, BindSpec, BoxError, Connection, Master, MasterConfig, ReadyInfo, WorkerInfo,
+    App, BindOptions, BindSpec, BoxError, Connection, Master, MasterConfig, ReadyInfo, ReportMode,
+    WorkerInfo,
 };
 
 /// The accept strategies compiled into this binary.
@@ -43,6 +45,30 @@ enum Fault {
     BootFail,
 }
 
+/// How workers report busy/idle (hidden: for measuring the cost only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Report {
+    /// Shared-memory scoreboard (the default).
+    Scoreboard,
+    /// A message per transition on the worker's status pipe.
+    Pipe,
+    /// No reporting (timeouts and recycling then see nothing).
+    Off,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Print a running server's workers: `prefork status unix:/path/to/status.sock`.
+    Status {
+        /// The --status socket of the server.
+        #[arg(value_name = "unix:/PATH")]
+        socket: String,
+        /// Print the JSON document instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum LogFormat {
     Text,
@@ -58,9 +84,13 @@ enum LogFormat {
     version,
     about,
     max_term_width = 100,
-    allow_negative_numbers = true
+    allow_negative_numbers = true,
+    args_conflicts_with_subcommands = true
 )]
 struct Cli {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+
     /// Address to listen on: HOST:PORT, [IPV6]:PORT, PORT, unix:/path or fd:N.
     /// Repeat for several. Default 127.0.0.1:8080 (none when systemd passes sockets).
     #[arg(short, long = "bind", value_name = "ADDR", value_parser = parse_bind)]
@@ -86,6 +116,30 @@ struct Cli {
     /// reload before it is terminated.
     #[arg(long, value_name = "SECS", default_value = "30", value_parser = parse_secs)]
     graceful_timeout: Duration,
+
+    /// Kill a worker busy on one connection longer than SECS (a soft
+    /// SIGABRT for its last words, SIGKILL a second later) and replace it.
+    #[arg(long, value_name = "SECS", value_parser = parse_secs)]
+    timeout: Option<Duration>,
+
+    /// Recycle a worker after it served N connections (its replacement is
+    /// up before it leaves; one slot at a time).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    max_requests: Option<u64>,
+
+    /// Add a random 0..=J to each worker's --max-requests, so that workers
+    /// do not all recycle together.
+    #[arg(long, value_name = "J", default_value_t = 0, requires = "max_requests")]
+    max_requests_jitter: u64,
+
+    /// Serve the workers' status as JSON on this Unix socket (mode 0600,
+    /// same uid or root only); read it with `prefork status unix:PATH`.
+    #[arg(long, value_name = "unix:/PATH", value_parser = parse_status_socket)]
+    status: Option<PathBuf>,
+
+    /// How workers report busy/idle (for measuring its cost).
+    #[arg(long, value_enum, default_value_t = Report::Scoreboard, hide = true)]
+    status_report: Report,
 
     /// listen(2) backlog (capped by the kernel at net.core.somaxconn).
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(i32).range(1..=65535))]
@@ -127,6 +181,13 @@ struct Cli {
 
 fn parse_bind(s: &str) -> Result<BindSpec, String> {
     BindSpec::parse(s).map_err(|e| e.to_string())
+}
+
+fn parse_status_socket(s: &str) -> Result<PathBuf, String> {
+    match s.strip_prefix("unix:") {
+        Some(p) if !p.is_empty() && p.len() < 108 => Ok(PathBuf::from(p)),
+        _ => Err(format!("{s:?}: expected unix:/path/to/status.sock")),
+    }
 }
 
 fn parse_secs(s: &str) -> Result<Duration, String> {
@@ -249,6 +310,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Some(Cmd::Status { socket, json }) = &cli.cmd {
+        return status::run(socket, *json);
+    }
     if cli.list_strategies {
         for s in StrategyName::value_variants() {
             if let Some(v) = s.to_possible_value() {
@@ -283,6 +347,15 @@ fn main() -> ExitCode {
         workers,
         graceful_timeout: cli.graceful_timeout,
         pid_file: cli.pid_file.clone(),
+        timeout: cli.timeout,
+        max_requests: cli.max_requests,
+        max_requests_jitter: cli.max_requests_jitter,
+        report: match cli.status_report {
+            Report::Scoreboard => ReportMode::Scoreboard,
+            Report::Pipe => ReportMode::Pipe,
+            Report::Off => ReportMode::Off,
+        },
+        status_socket: cli.status.clone(),
     };
     let app = match cli.app {
         AppName::Hello => Builtin::Hello(apps::Hello::default()),

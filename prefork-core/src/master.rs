@@ -24,6 +24,7 @@ use crate::clock::{poll_timeout, MonoTime};
 use crate::error::{Error, Result};
 use crate::listener::{self, ActivationEnv, BindOptions, BindSpec, ListenAddr, Listener};
 use crate::pidfile::PidFile;
+use crate::scoreboard::{Scoreboard, WorkerState};
 use crate::signals::SelfPipe;
 use crate::status::{self, StatusKind, StatusWriter};
 use crate::strategy::AcceptStrategy;
@@ -46,6 +47,28 @@ pub struct MasterConfig {
     pub graceful_timeout: Duration,
     /// Where to write the master's pid.
     pub pid_file: Option<PathBuf>,
+    /// Kill a worker busy on one connection longer than this.
+    pub timeout: Option<Duration>,
+    /// Recycle a worker after this many connections.
+    pub max_requests: Option<u64>,
+    /// Add 0..=this to each worker's limit, so workers do not recycle together.
+    pub max_requests_jitter: u64,
+    /// How workers report busy/idle.
+    pub report: ReportMode,
+    /// Serve the scoreboard as JSON on this Unix socket (mode 0600).
+    pub status_socket: Option<PathBuf>,
+}
+
+/// How workers report busy and idle to the master.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReportMode {
+    /// Atomic stores into a shared-memory scoreboard (no syscall).
+    Scoreboard,
+    /// A message per transition on the worker's status pipe.
+    Pipe,
+    /// Not at all (measurement only: timeouts, recycling and the status
+    /// interface then see no busy/idle).
+    Off,
 }
 
 impl Default for MasterConfig {
@@ -57,6 +80,11 @@ impl Default for MasterConfig {
             workers: 1,
             graceful_timeout: Duration::from_secs(30),
             pid_file: None,
+            timeout: None,
+            max_requests: None,
+            max_requests_jitter: 0,
+            report: ReportMode::Scoreboard,
+            status_socket: None,
         }
     }
 }
@@ -79,7 +107,17 @@ struct WorkerProc {
     slot: usize,
     /// The worker's status channel; `None` after EOF.
     status: Option<OwnedFd>,
+    /// Its scoreboard cell.
+    cell: usize,
+    /// Last observed state and connections served.
+    state: WorkerState,
+    requests: u64,
 }
+
+/// How often the master looks at the scoreboard when timeouts or recycling
+/// need it, and the gap beyond which it decides it was stopped or starved.
+const OBSERVE_TICK: Duration = Duration::from_millis(100);
+const STALL_GAP: Duration = Duration::from_secs(1);
 
 /// The master process.
 #[derive(Debug)]
@@ -96,6 +134,16 @@ pub struct Master<S: AcceptStrategy, A: App> {
     workers: HashMap<Pid, WorkerProc>,
     tick: Duration,
     pid: Pid,
+    scoreboard: Scoreboard,
+    report: ReportMode,
+    max_requests: Option<(u64, u64)>,
+    /// Observe the scoreboard at least every OBSERVE_TICK.
+    watch: bool,
+    status: Option<crate::status_server::StatusServer>,
+    started: MonoTime,
+    /// Connections served by workers already reaped.
+    retired_requests: u64,
+    rng: u64,
 }
 
 /// Where a spawn left us.
@@ -142,11 +190,20 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
             }
             return Err(Error::Preload(e.to_string()));
         }
+        let status = match &cfg.status_socket {
+            Some(path) => Some(crate::status_server::StatusServer::bind(path)?),
+            None => None,
+        };
         let sup = Supervisor::new(SupervisorConfig {
             workers: cfg.workers,
             graceful_timeout: cfg.graceful_timeout,
+            timeout: cfg.timeout,
             ..SupervisorConfig::default()
         });
+        // Room for every worker alive at once: a full pool, its replacements
+        // during a reload, and those still stopping.
+        let scoreboard = Scoreboard::new(4 * crate::supervisor::MAX_WORKERS)
+            .map_err(|e| Error::sys("mmap() for the scoreboard", e))?;
         Ok(Master {
             strategy,
             app,
@@ -159,6 +216,14 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
             workers: HashMap::new(),
             tick: opts.accept_tick,
             pid,
+            scoreboard,
+            report: cfg.report,
+            max_requests: cfg.max_requests.map(|n| (n, cfg.max_requests_jitter)),
+            watch: cfg.timeout.is_some() || cfg.max_requests.is_some(),
+            status,
+            started: MonoTime::now(),
+            retired_requests: 0,
+            rng: u64::from(pid.as_raw().unsigned_abs()) ^ MonoTime::now().as_nanos() | 1,
         })
     }
 
@@ -175,11 +240,12 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
         let mut announced = false;
         let mut signals = Vec::new();
         loop {
-            self.wait(&mut signals);
+            let slept = self.wait(&mut signals);
             for sig in signals.drain(..) {
                 self.handle_signal(sig);
             }
             self.reap_children();
+            self.observe_workers(slept);
             for action in self.sup.actions(MonoTime::now()) {
                 match self.perform(action) {
                     Ok(None) => {}
@@ -201,12 +267,14 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
     }
 
     /// Sleeps in poll(2) until a signal, a worker report, a strategy fd or
-    /// the next deadline; reads what arrived.
-    fn wait(&mut self, signals: &mut Vec<Signal>) {
-        let timeout = self
-            .sup
-            .next_deadline()
-            .map(|t| t.saturating_since(MonoTime::now()));
+    /// the next deadline; reads what arrived. Returns how much longer than
+    /// planned the sleep took (a stopped or starved master).
+    fn wait(&mut self, signals: &mut Vec<Signal>) -> Duration {
+        let start = MonoTime::now();
+        let mut timeout = self.sup.next_deadline().map(|t| t.saturating_since(start));
+        if self.watch {
+            timeout = Some(timeout.map_or(OBSERVE_TICK, |t| t.min(OBSERVE_TICK)));
+        }
         let mut owners: Vec<Option<Pid>> = Vec::with_capacity(self.workers.len() + 1);
         let mut ready: Vec<(Option<Pid>, RawFd)> = Vec::new();
         {
@@ -220,6 +288,11 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
             }
             for fd in self.strategy.master_fds() {
                 fds.push(PollFd::new(fd, PollFlags::POLLIN));
+                owners.push(None);
+            }
+            if let Some(st) = &self.status {
+                fds.push(PollFd::new(st.as_fd(), PollFlags::POLLIN));
+                owners.push(None);
             }
             match nix::poll::poll(&mut fds, poll_timeout(timeout)) {
                 Ok(0) | Err(_) => {}
@@ -233,17 +306,88 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
                 }
             }
         }
+        let overslept = timeout.map_or(Duration::ZERO, |t| {
+            MonoTime::now().saturating_since(start).saturating_sub(t)
+        });
         self.self_pipe.drain(signals);
         let mut msgs = Vec::new();
+        let status_fd = self.status.as_ref().map(|s| s.as_fd().as_raw_fd());
         for (owner, raw) in ready {
             match owner {
                 Some(pid) => self.read_status(pid, &mut msgs),
+                None if Some(raw) == status_fd => self.serve_status(),
                 None if raw != self.self_pipe.read_fd().as_raw_fd() => {
                     self.strategy.master_ready(raw)
                 }
                 None => {}
             }
         }
+        overslept
+    }
+
+    /// Feeds every worker's busy/idle state to the supervisor; tells it when
+    /// the master itself was stopped or starved.
+    fn observe_workers(&mut self, overslept: Duration) {
+        let now = MonoTime::now();
+        if overslept > STALL_GAP {
+            tracing::warn!(
+                "master was stopped or starved for {:.1}s; busy workers get a fresh timeout",
+                overslept.as_secs_f64()
+            );
+            self.sup.stalled(now);
+        }
+        for (pid, w) in self.workers.iter_mut() {
+            if self.report == ReportMode::Scoreboard {
+                if let Some(cell) = self.scoreboard.cell(w.cell) {
+                    w.state = cell.state();
+                    w.requests = cell.requests();
+                }
+            }
+            self.sup.observe(*pid, w.state, w.requests);
+        }
+    }
+
+    /// Answers every waiting status client with the scoreboard as JSON.
+    fn serve_status(&mut self) {
+        let Some(server) = &self.status else {
+            return;
+        };
+        let now = MonoTime::now();
+        let mut workers: Vec<_> = self
+            .sup
+            .view()
+            .into_iter()
+            .map(|v| {
+                let state = self
+                    .workers
+                    .get(&v.pid)
+                    .map_or(WorkerState::Booting, |p| p.state);
+                crate::status_server::WorkerStatus::new(&v, state, now)
+            })
+            .collect();
+        workers.sort_by_key(|w| (w.slot, w.pid));
+        let listeners = self
+            .listeners
+            .iter()
+            .map(|l| {
+                let queue = match l.addr() {
+                    ListenAddr::Tcp(_) => sys::tcp_accept_queue(l.as_fd()).ok(),
+                    ListenAddr::Unix(_) => None,
+                };
+                (l.addr().to_string(), queue)
+            })
+            .collect::<Vec<_>>();
+        let doc = crate::status_server::document(
+            self.pid.as_raw() as u32,
+            self.strategy.name(),
+            self.sup.generation(),
+            now.saturating_since(self.started),
+            self.sup.target(),
+            &workers,
+            self.retired_requests,
+            &listeners,
+        );
+        server.answer_all(&doc);
     }
 
     fn read_status(&mut self, pid: Pid, msgs: &mut Vec<Option<status::StatusMessage>>) {
@@ -262,6 +406,16 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
                 Some(m) if m.kind == StatusKind::Ready => {
                     if self.sup.ready(pid, m.at) {
                         tracing::info!("worker={slot} pid={pid} ready");
+                    }
+                }
+                Some(m) if self.report == ReportMode::Pipe => {
+                    if let Some(w) = self.workers.get_mut(&pid) {
+                        if m.kind == StatusKind::Busy {
+                            w.state = WorkerState::Busy { since: m.at };
+                        } else {
+                            w.state = WorkerState::Idle { since: m.at };
+                            w.requests += 1;
+                        }
                     }
                 }
                 Some(_) => {}
@@ -310,7 +464,14 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
                     return;
                 }
             };
-            self.workers.remove(&pid);
+            if let Some(w) = self.workers.remove(&pid) {
+                self.scoreboard.release(w.cell);
+                let served = match self.scoreboard.cell(w.cell) {
+                    Some(c) if self.report == ReportMode::Scoreboard => c.requests(),
+                    _ => w.requests,
+                };
+                self.retired_requests += served;
+            }
             let Some(r) = self.sup.exited(pid, status, MonoTime::now()) else {
                 continue; // a child that was not a worker (an app's subprocess)
             };
@@ -356,6 +517,10 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
             Action::Spawn { slot, generation } => match self.spawn_worker(slot, generation) {
                 Ok(Spawned::Parent(pid)) => {
                     self.sup.spawned(slot, generation, pid, now);
+                    if let Some((n, jitter)) = self.max_requests {
+                        let limit = n + self.random_below(jitter + 1);
+                        self.sup.limit_requests(pid, limit);
+                    }
                     tracing::debug!("worker={slot} pid={pid} spawned");
                 }
                 Ok(Spawned::Child(setup)) => return Ok(Some(Flow::Child(setup))),
@@ -374,6 +539,14 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
                 reason,
             } => {
                 match reason {
+                    StopReason::Frozen { busy_for, timeout } => tracing::warn!(
+                        "worker={slot} pid={pid} busy {:.1}s > {}, killing",
+                        busy_for.as_secs_f64(),
+                        fmt_secs(timeout)
+                    ),
+                    StopReason::Recycled => tracing::info!(
+                        "worker={slot} pid={pid} reached its request limit; its replacement is ready, stopping it gracefully"
+                    ),
                     StopReason::Escalated => tracing::warn!("worker={slot} pid={pid} did not stop in time; sending {signal}"),
                     StopReason::Retired => tracing::info!("worker={slot} pid={pid} retiring"),
                     StopReason::Replaced => tracing::info!("worker={slot} pid={pid} replaced by a new generation; stopping it gracefully"),
@@ -392,17 +565,39 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
         Ok(None)
     }
 
+    /// A number in 0..n (jitter for request limits; no need for strength).
+    fn random_below(&mut self, n: u64) -> u64 {
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        self.rng % n.max(1)
+    }
+
     fn spawn_worker(&mut self, slot: usize, generation: u64) -> Result<Spawned> {
         self.strategy.prepare_slot(slot, &self.listeners)?;
+        let cell = self.scoreboard.allocate().ok_or_else(|| {
+            Error::sys(
+                format!("spawning worker {slot}"),
+                std::io::Error::other("the scoreboard is full"),
+            )
+        })?;
         let (status_rd, status_wr) =
             status::channel().map_err(|e| Error::sys(format!("pipe2() for worker {slot}"), e))?;
-        match sys::fork().map_err(|e| match e {
+        let forked = sys::fork().map_err(|e| match e {
             Error::Sys { source, .. } => Error::sys(
                 format!("fork() failed while spawning worker {slot}"),
                 source,
             ),
             other => other,
-        })? {
+        });
+        let forked = match forked {
+            Ok(f) => f,
+            Err(e) => {
+                self.scoreboard.release(cell);
+                return Err(e);
+            }
+        };
+        match forked {
             Forked::Parent(pid) => {
                 drop(status_wr);
                 self.workers.insert(
@@ -410,6 +605,9 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
                     WorkerProc {
                         slot,
                         status: Some(status_rd),
+                        cell,
+                        state: WorkerState::Booting,
+                        requests: 0,
                     },
                 );
                 Ok(Spawned::Parent(pid))
@@ -425,6 +623,8 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
                     status: StatusWriter::new(status_wr, slot),
                     master_pid: self.pid,
                     tick: self.tick,
+                    cell,
+                    report: self.report,
                 }))
             }
         }
@@ -444,16 +644,26 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
             alive_rd,
             alive_wr,
             workers,
+            scoreboard,
+            status,
             ..
         } = self;
         // Close in the child what belongs to the master: other workers'
-        // channels, the self-pipe, the master-alive write end. The pid file
-        // and Unix socket files are the master's to remove, not ours.
+        // channels, the self-pipe, the master-alive write end, the status
+        // socket. The pid file and socket files are the master's to remove.
         drop((workers, self_pipe, alive_wr, alive_rd));
+        if let Some(st) = status {
+            st.forget_in_child();
+        }
         std::mem::forget(pid_file);
         let slot = setup.slot;
         let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            worker::run(&mut app, || strategy.into_acceptor(slot, listeners), setup)
+            worker::run(
+                &mut app,
+                || strategy.into_acceptor(slot, listeners),
+                setup,
+                &scoreboard,
+            )
         }))
         .unwrap_or(EXIT_PANIC);
         sys::exit_now(code)
@@ -464,6 +674,9 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
         self.strategy.shutdown();
         for l in &mut self.listeners {
             l.remove_socket_file();
+        }
+        if let Some(st) = self.status.take() {
+            st.remove();
         }
         if let Some(pf) = self.pid_file.take() {
             pf.remove();
@@ -480,4 +693,14 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
 enum Flow {
     Exit(i32),
     Child(WorkerSetup),
+}
+
+/// "30s", "2.5s".
+fn fmt_secs(d: Duration) -> String {
+    let s = d.as_secs_f64();
+    if s.fract() == 0.0 {
+        format!("{s:.0}s")
+    } else {
+        format!("{s:.1}s")
+    }
 }

@@ -17,6 +17,7 @@ use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
 use crate::clock::MonoTime;
+use crate::scoreboard::WorkerState;
 
 /// Exit code a worker uses to say "I cannot boot; do not respawn me"
 /// (gunicorn's WORKER_BOOT_ERROR).
@@ -38,6 +39,11 @@ pub struct SupervisorConfig {
     pub backoff_base: Duration,
     /// Longest back-off delay.
     pub backoff_cap: Duration,
+    /// A worker busy on one connection longer than this is killed
+    /// (`--timeout`); `None` never.
+    pub timeout: Option<Duration>,
+    /// After the soft signal (SIGABRT) to a frozen worker, how long before KILL.
+    pub abort_grace: Duration,
 }
 
 impl Default for SupervisorConfig {
@@ -48,6 +54,8 @@ impl Default for SupervisorConfig {
             kill_timeout: Duration::from_secs(2),
             backoff_base: Duration::from_millis(100),
             backoff_cap: Duration::from_secs(10),
+            timeout: None,
+            abort_grace: Duration::from_secs(1),
         }
     }
 }
@@ -89,6 +97,15 @@ pub enum StopReason {
     Replaced,
     /// It did not stop within the deadline of the previous signal.
     Escalated,
+    /// Busy on one connection longer than the timeout.
+    Frozen {
+        /// How long it has been busy.
+        busy_for: Duration,
+        /// The timeout.
+        timeout: Duration,
+    },
+    /// It served its request limit; its replacement is ready.
+    Recycled,
 }
 
 /// Something for the master to do now.
@@ -136,6 +153,27 @@ pub struct ExitReport {
     pub respawn_delay: Option<Duration>,
 }
 
+/// A live worker as the supervisor sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerView {
+    /// Its pid.
+    pub pid: Pid,
+    /// Its slot.
+    pub slot: usize,
+    /// Its generation.
+    pub generation: u64,
+    /// It said it is ready.
+    pub ready: bool,
+    /// It was asked to stop.
+    pub stopping: bool,
+    /// It is being replaced for reaching its request limit.
+    pub recycling: bool,
+    /// When it was forked.
+    pub spawned_at: MonoTime,
+    /// Connections served, as last observed.
+    pub requests: u64,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     Running,
@@ -151,6 +189,14 @@ struct Worker {
     ready_at: Option<MonoTime>,
     /// Last stop signal sent and when.
     stop: Option<(Signal, MonoTime)>,
+    /// Busy since, as last observed.
+    busy_since: Option<MonoTime>,
+    /// Connections served, as last observed.
+    requests: u64,
+    /// Recycle after this many connections.
+    limit: Option<u64>,
+    /// Being replaced because it reached its limit.
+    recycling: bool,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -173,6 +219,9 @@ pub struct Supervisor {
     workers: Vec<Worker>,
     slots: Vec<Slot>,
     exit_code: i32,
+    /// When the master last came back from a stall (stopped or starved):
+    /// busy time counts from here at the earliest.
+    resumed_at: MonoTime,
 }
 
 impl Supervisor {
@@ -188,6 +237,7 @@ impl Supervisor {
             workers: Vec::new(),
             slots: Vec::new(),
             exit_code: 0,
+            resumed_at: MonoTime::default(),
         }
     }
 
@@ -214,6 +264,23 @@ impl Supervisor {
     /// Pids of live workers with their slots.
     pub fn pids(&self) -> impl Iterator<Item = (Pid, usize)> + '_ {
         self.workers.iter().map(|w| (w.pid, w.slot))
+    }
+
+    /// Every live worker, for the status interface.
+    pub fn view(&self) -> Vec<WorkerView> {
+        self.workers
+            .iter()
+            .map(|w| WorkerView {
+                pid: w.pid,
+                slot: w.slot,
+                generation: w.generation,
+                ready: w.ready_at.is_some(),
+                stopping: w.stop.is_some(),
+                recycling: w.recycling,
+                spawned_at: w.spawned_at,
+                requests: w.requests,
+            })
+            .collect()
     }
 
     /// The slot of a live worker.
@@ -303,7 +370,37 @@ impl Supervisor {
             spawned_at: now,
             ready_at: None,
             stop: None,
+            busy_since: None,
+            requests: 0,
+            limit: None,
+            recycling: false,
         });
+    }
+
+    /// `pid` is to be recycled after `n` connections (`--max-requests`,
+    /// jitter already applied by the caller).
+    pub fn limit_requests(&mut self, pid: Pid, n: u64) {
+        if let Some(w) = self.workers.iter_mut().find(|w| w.pid == pid) {
+            w.limit = Some(n);
+        }
+    }
+
+    /// What the scoreboard says `pid` is doing, and how much it served.
+    pub fn observe(&mut self, pid: Pid, state: WorkerState, requests: u64) {
+        if let Some(w) = self.workers.iter_mut().find(|w| w.pid == pid) {
+            w.busy_since = match state {
+                WorkerState::Busy { since } => Some(since),
+                _ => None,
+            };
+            w.requests = requests;
+        }
+    }
+
+    /// The master was stopped or starved until `now`: its view of busy
+    /// times may be stale, so every busy worker gets a fresh timeout from
+    /// now instead of being killed on an old clock (L9).
+    pub fn stalled(&mut self, now: MonoTime) {
+        self.resumed_at = now;
     }
 
     /// fork() failed for `slot`: back off as for a crash.
@@ -365,6 +462,8 @@ impl Supervisor {
         let mut out = Vec::new();
         match self.phase {
             Phase::Running => {
+                self.kill_frozen(now, &mut out);
+                self.mark_one_for_recycling();
                 self.spawn_missing(now, &mut out);
                 self.retire_surplus(now, &mut out);
                 if self.workers.is_empty()
@@ -416,8 +515,11 @@ impl Supervisor {
                 match sig {
                     Signal::SIGQUIT => consider(at + self.cfg.graceful_timeout),
                     Signal::SIGTERM => consider(at + self.cfg.kill_timeout),
+                    Signal::SIGABRT => consider(at + self.cfg.abort_grace),
                     _ => {}
                 }
+            } else if let (Some(since), Some(t)) = (w.busy_since, self.cfg.timeout) {
+                consider(since.max(self.resumed_at) + t + Duration::from_millis(1));
             }
         }
         if self.phase == Phase::Running {
@@ -434,26 +536,27 @@ impl Supervisor {
     fn spawn_missing(&mut self, now: MonoTime, out: &mut Vec<Action>) {
         for s in 0..self.target {
             if self.has_current(s) {
-                // Once the current worker is ready, older ones in the slot leave.
-                let ready = self.workers.iter().any(|w| {
-                    w.slot == s
-                        && w.generation == self.generation
-                        && w.stop.is_none()
-                        && w.ready_at.is_some()
-                });
+                // Once the current worker is ready, the others in its slot
+                // (older generation, or being recycled) leave.
+                let ready = self
+                    .workers
+                    .iter()
+                    .any(|w| w.slot == s && self.is_current(w) && w.ready_at.is_some());
                 if ready {
                     let gen = self.generation;
-                    for w in self
-                        .workers
-                        .iter_mut()
-                        .filter(|w| w.slot == s && w.generation != gen && w.stop.is_none())
-                    {
+                    for w in self.workers.iter_mut().filter(|w| {
+                        w.slot == s && (w.generation != gen || w.recycling) && w.stop.is_none()
+                    }) {
                         w.stop = Some((Signal::SIGQUIT, now));
                         out.push(Action::Signal {
                             pid: w.pid,
                             slot: s,
                             signal: Signal::SIGQUIT,
-                            reason: StopReason::Replaced,
+                            reason: if w.recycling {
+                                StopReason::Recycled
+                            } else {
+                                StopReason::Replaced
+                            },
                         });
                     }
                 }
@@ -469,6 +572,50 @@ impl Supervisor {
                 slot: s,
                 generation,
             });
+        }
+    }
+
+    /// SIGABRT (last words) to every worker busy on one connection longer
+    /// than the timeout, counted from when the master last resumed at the
+    /// earliest; escalation to KILL follows after `abort_grace`.
+    fn kill_frozen(&mut self, now: MonoTime, out: &mut Vec<Action>) {
+        let Some(timeout) = self.cfg.timeout else {
+            return;
+        };
+        let resumed = self.resumed_at;
+        for w in self.workers.iter_mut().filter(|w| w.stop.is_none()) {
+            let Some(since) = w.busy_since else { continue };
+            if now.saturating_since(since.max(resumed)) > timeout {
+                w.stop = Some((Signal::SIGABRT, now));
+                out.push(Action::Signal {
+                    pid: w.pid,
+                    slot: w.slot,
+                    signal: Signal::SIGABRT,
+                    reason: StopReason::Frozen {
+                        busy_for: now.saturating_since(since),
+                        timeout,
+                    },
+                });
+            }
+        }
+    }
+
+    /// At most one slot recycles at a time: mark the first current worker
+    /// past its request limit, unless another one is still waiting for its
+    /// replacement to be ready (one that was told to leave no longer counts:
+    /// its replacement already serves).
+    fn mark_one_for_recycling(&mut self) {
+        if self.workers.iter().any(|w| w.recycling && w.stop.is_none()) {
+            return;
+        }
+        let gen = self.generation;
+        if let Some(w) = self.workers.iter_mut().find(|w| {
+            w.generation == gen
+                && w.stop.is_none()
+                && w.ready_at.is_some()
+                && w.limit.is_some_and(|l| w.requests >= l)
+        }) {
+            w.recycling = true;
         }
     }
 
@@ -490,11 +637,16 @@ impl Supervisor {
     }
 
     fn escalate(&mut self, now: MonoTime, out: &mut Vec<Action>) {
-        let (grace, kill) = (self.cfg.graceful_timeout, self.cfg.kill_timeout);
+        let (grace, kill, abort) = (
+            self.cfg.graceful_timeout,
+            self.cfg.kill_timeout,
+            self.cfg.abort_grace,
+        );
         for w in &mut self.workers {
             let next = match w.stop {
                 Some((Signal::SIGQUIT, at)) if now >= at + grace => Signal::SIGTERM,
                 Some((Signal::SIGTERM, at)) if now >= at + kill => Signal::SIGKILL,
+                Some((Signal::SIGABRT, at)) if now >= at + abort => Signal::SIGKILL,
                 _ => continue,
             };
             w.stop = Some((next, now));
@@ -526,7 +678,12 @@ impl Supervisor {
     fn has_current(&self, slot: usize) -> bool {
         self.workers
             .iter()
-            .any(|w| w.slot == slot && w.generation == self.generation && w.stop.is_none())
+            .any(|w| self.is_current(w) && w.slot == slot)
+    }
+
+    /// Of the current generation, not stopping, not being recycled.
+    fn is_current(&self, w: &Worker) -> bool {
+        w.generation == self.generation && w.stop.is_none() && !w.recycling
     }
 
     fn worker(&self, pid: Pid) -> Option<&Worker> {

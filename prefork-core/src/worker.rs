@@ -8,7 +8,9 @@ use nix::poll::{PollFd, PollFlags};
 use nix::unistd::Pid;
 
 use crate::app::{App, WorkerInfo};
-use crate::clock::poll_timeout;
+use crate::clock::{poll_timeout, MonoTime};
+use crate::master::ReportMode;
+use crate::scoreboard::{Cell, Scoreboard};
 use crate::status::{StatusKind, StatusWriter};
 use crate::strategy::{AcceptContext, Accepted, WorkerAcceptor};
 use crate::supervisor::EXIT_BOOT_FAILED;
@@ -27,6 +29,36 @@ pub(crate) struct WorkerSetup {
     pub status: StatusWriter,
     pub master_pid: Pid,
     pub tick: Duration,
+    /// This worker's scoreboard cell.
+    pub cell: usize,
+    pub report: ReportMode,
+}
+
+/// Where busy/idle go.
+enum Reporter<'a> {
+    Off,
+    Scoreboard(&'a Cell),
+    Pipe(&'a StatusWriter),
+}
+
+impl Reporter<'_> {
+    #[inline]
+    fn busy(&self) {
+        match self {
+            Reporter::Scoreboard(c) => c.busy(MonoTime::now()),
+            Reporter::Pipe(w) => w.send(StatusKind::Busy),
+            Reporter::Off => {}
+        }
+    }
+
+    #[inline]
+    fn idle(&self) {
+        match self {
+            Reporter::Scoreboard(c) => c.idle(MonoTime::now()),
+            Reporter::Pipe(w) => w.send(StatusKind::Idle),
+            Reporter::Off => {}
+        }
+    }
 }
 
 /// First thing in the child: worker signal dispositions, and death with the
@@ -43,7 +75,12 @@ pub(crate) fn enter_child(master_pid: Pid) -> bool {
 }
 
 /// Boots the worker and serves until stopped. Returns the exit code.
-pub(crate) fn run<A, W, F>(app: &mut A, make_acceptor: F, setup: WorkerSetup) -> i32
+pub(crate) fn run<A, W, F>(
+    app: &mut A,
+    make_acceptor: F,
+    setup: WorkerSetup,
+    scoreboard: &Scoreboard,
+) -> i32
 where
     A: App,
     W: WorkerAcceptor,
@@ -76,6 +113,22 @@ where
             return EXIT_BOOT_FAILED;
         }
     };
+    sys::set_last_words(
+        setup.master_pid.as_raw(),
+        format!(
+            "prefork worker={slot} pid={}: busy past the timeout, killed by the master (SIGABRT)\n",
+            info.pid
+        ),
+    );
+    let cell = scoreboard.cell(setup.cell);
+    if let Some(c) = cell {
+        c.ready(MonoTime::now());
+    }
+    let report = match (setup.report, cell) {
+        (ReportMode::Scoreboard, Some(c)) => Reporter::Scoreboard(c),
+        (ReportMode::Pipe, _) => Reporter::Pipe(&setup.status),
+        _ => Reporter::Off,
+    };
     setup.status.send(StatusKind::Ready);
     let ctx = AcceptContext {
         master_alive: setup.master_alive.as_fd(),
@@ -86,11 +139,13 @@ where
         match acceptor.accept(&ctx) {
             Ok(Accepted::Connection(mut conn)) => {
                 backoff = Duration::ZERO;
+                report.busy();
                 if let Err(e) = app.handle(&mut conn) {
                     tracing::debug!("connection ended with an error: {e}");
                 }
                 drop(conn);
                 acceptor.done();
+                report.idle();
             }
             Ok(Accepted::Idle) => {
                 if master_gone(&setup) {

@@ -15,8 +15,13 @@ fn cfg(workers: usize) -> SupervisorConfig {
         kill_timeout: Duration::from_secs(1),
         backoff_base: Duration::from_millis(100),
         backoff_cap: Duration::from_secs(2),
+        timeout: None,
+        abort_grace: Duration::from_secs(1),
     }
 }
+
+const TIMEOUT: Duration = Duration::from_secs(2);
+const LIMIT: u64 = 10;
 
 /// A fake master: assigns pids, records which processes are alive and which
 /// signals they got, and checks every action against the invariants.
@@ -28,12 +33,22 @@ struct Sim {
     alive: BTreeMap<i32, (usize, u64, Vec<Signal>)>,
     exit: Option<i32>,
     spawns: Vec<(usize, MonoTime)>,
+    /// Request limit given to each spawned worker.
+    limit: Option<u64>,
+    /// (pid, busy for) of every frozen kill.
+    frozen: Vec<(i32, Duration)>,
 }
 
 impl Sim {
     fn new(workers: usize) -> Sim {
+        Sim::with(cfg(workers))
+    }
+
+    fn with(c: SupervisorConfig) -> Sim {
         Sim {
-            sup: Supervisor::new(cfg(workers)),
+            limit: None,
+            frozen: Vec::new(),
+            sup: Supervisor::new(c),
             now: MonoTime::from_nanos(1_000_000_000),
             next_pid: 100,
             alive: BTreeMap::new(),
@@ -59,10 +74,20 @@ impl Sim {
                         .spawned(slot, generation, Pid::from_raw(pid), self.now);
                     self.alive.insert(pid, (slot, generation, Vec::new()));
                     self.spawns.push((slot, self.now));
+                    if let Some(l) = self.limit {
+                        self.sup.limit_requests(Pid::from_raw(pid), l);
+                    }
                 }
                 Action::Signal {
-                    pid, slot, signal, ..
+                    pid,
+                    slot,
+                    signal,
+                    reason,
                 } => {
+                    if let StopReason::Frozen { busy_for, timeout } = reason {
+                        assert!(busy_for > timeout, "killed {pid} busy only {busy_for:?}");
+                        self.frozen.push((pid.as_raw(), busy_for));
+                    }
                     let entry = self
                         .alive
                         .get_mut(&pid.as_raw())
@@ -87,12 +112,19 @@ impl Sim {
                 .sup
                 .workers
                 .iter()
-                .filter(|w| w.slot == s && w.generation == gen && w.stop.is_none())
+                .filter(|w| w.slot == s && w.generation == gen && w.stop.is_none() && !w.recycling)
                 .count();
             assert!(current <= 1, "slot {s} has {current} current workers");
         }
         assert_eq!(self.sup.live(), self.alive.len());
         assert!(self.sup.target() <= MAX_WORKERS);
+        let waiting = self
+            .sup
+            .workers
+            .iter()
+            .filter(|w| w.recycling && w.stop.is_none())
+            .count();
+        assert!(waiting <= 1, "{waiting} slots recycling at once");
     }
 
     fn exit(&mut self, pid: i32, status: ExitStatus) -> Option<ExitReport> {
@@ -363,8 +395,123 @@ fn ttin_ttou_winch_resize_and_retire_the_highest_slots() {
     );
 }
 
+fn busy(sim: &mut Sim, pid: i32, since: MonoTime, requests: u64) {
+    sim.sup
+        .observe(Pid::from_raw(pid), WorkerState::Busy { since }, requests);
+}
+
+#[test]
+fn a_worker_busy_past_the_timeout_gets_abrt_then_kill_and_is_replaced() {
+    let mut sim = Sim::with(SupervisorConfig {
+        timeout: Some(TIMEOUT),
+        ..cfg(2)
+    });
+    sim.step();
+    sim.ready_all();
+    let pid = sim.pids_in(1)[0];
+    let t0 = sim.now;
+    busy(&mut sim, pid, t0, 0);
+    assert_eq!(sim.sup.next_deadline(), Some(t0 + TIMEOUT + MS));
+    sim.advance(TIMEOUT);
+    sim.step();
+    assert!(
+        sim.alive[&pid].2.is_empty(),
+        "not killed at exactly the timeout"
+    );
+    sim.advance(MS);
+    sim.step();
+    assert_eq!(sim.alive[&pid].2, [Signal::SIGABRT]);
+    assert_eq!(sim.frozen, [(pid, TIMEOUT + MS)]);
+    sim.advance(Duration::from_secs(1));
+    sim.step();
+    assert_eq!(sim.alive[&pid].2, [Signal::SIGABRT, Signal::SIGKILL]);
+    sim.exit(pid, ExitStatus::Signaled(9));
+    sim.step();
+    assert_eq!(sim.pids_in(1).len(), 1, "slot 1 is served again");
+    // An idle worker is never killed, however long it idles.
+    let other = sim.pids_in(0)[0];
+    sim.sup
+        .observe(Pid::from_raw(other), WorkerState::Idle { since: t0 }, 5);
+    sim.advance(Duration::from_secs(3600));
+    sim.step();
+    assert!(sim.alive[&other].2.is_empty());
+}
+
+#[test]
+fn after_a_master_stall_busy_workers_get_a_fresh_timeout() {
+    let mut sim = Sim::with(SupervisorConfig {
+        timeout: Some(TIMEOUT),
+        ..cfg(1)
+    });
+    sim.step();
+    sim.ready_all();
+    let pid = sim.pids_in(0)[0];
+    let t0 = sim.now;
+    busy(&mut sim, pid, t0, 0);
+    // The master was stopped for 4 s: on resuming it must not kill on its
+    // stale view (L9).
+    sim.advance(Duration::from_secs(4));
+    sim.sup.stalled(sim.now);
+    sim.step();
+    assert!(sim.alive[&pid].2.is_empty(), "no stale-clock murder");
+    sim.advance(TIMEOUT);
+    sim.step();
+    assert!(sim.alive[&pid].2.is_empty());
+    sim.advance(MS);
+    sim.step();
+    assert_eq!(
+        sim.alive[&pid].2,
+        [Signal::SIGABRT],
+        "still stuck: killed after a fresh timeout"
+    );
+}
+
+#[test]
+fn recycling_starts_the_replacement_first_and_one_slot_at_a_time() {
+    let mut sim = Sim::new(2);
+    sim.limit = Some(LIMIT);
+    sim.step();
+    sim.ready_all();
+    let (a, b) = (sim.pids_in(0)[0], sim.pids_in(1)[0]);
+    for p in [a, b] {
+        sim.sup.observe(
+            Pid::from_raw(p),
+            WorkerState::Idle { since: sim.now },
+            LIMIT,
+        );
+    }
+    sim.step();
+    assert_eq!(sim.alive.len(), 3, "one replacement, not two");
+    assert!(sim.alive[&a].2.is_empty() && sim.alive[&b].2.is_empty());
+    let new = *sim
+        .pids_in(0)
+        .iter()
+        .find(|&&p| p != a)
+        .expect("replacement in slot 0");
+    sim.sup.ready(Pid::from_raw(new), sim.now);
+    sim.step();
+    assert_eq!(
+        sim.alive[&a].2,
+        [Signal::SIGQUIT],
+        "old leaves once the new is ready"
+    );
+    assert!(sim.alive[&b].2.is_empty(), "slot 1 waits its turn");
+    sim.obey_signals();
+    sim.step();
+    let new_b = *sim
+        .pids_in(1)
+        .iter()
+        .find(|&&p| p != b)
+        .expect("slot 1's turn");
+    sim.sup.ready(Pid::from_raw(new_b), sim.now);
+    sim.step();
+    assert_eq!(sim.alive[&b].2, [Signal::SIGQUIT]);
+}
+
 #[derive(Debug, Clone)]
 enum Ev {
+    Observe(usize, bool, u64),
+    Stall,
     Cmd(Command),
     Ready(usize),
     Crash(usize, ExitStatus),
@@ -397,6 +544,8 @@ fn event() -> impl Strategy<Value = Ev> {
         3 => (any::<usize>(), status).prop_map(|(i, s)| Ev::Crash(i, s)),
         2 => Just(Ev::ObeySignals),
         3 => (0u64..3_000).prop_map(Ev::Advance),
+        3 => (any::<usize>(), any::<bool>(), 0u64..15).prop_map(|(i, b, r)| Ev::Observe(i, b, r)),
+        1 => Just(Ev::Stall),
     ]
 }
 
@@ -419,11 +568,18 @@ proptest! {
         workers in 0usize..5,
         events in proptest::collection::vec(event(), 0..120),
     ) {
-        let mut sim = Sim::new(workers);
+        let mut sim = Sim::with(SupervisorConfig { timeout: Some(TIMEOUT), ..cfg(workers) });
+        sim.limit = Some(LIMIT);
         sim.step();
         for ev in events {
             if sim.exit.is_some() { break; }
             match ev {
+                Ev::Observe(i, is_busy, requests) => if let Some(p) = nth_pid(&sim, i) {
+                    let since = sim.now;
+                    let state = if is_busy { WorkerState::Busy { since } } else { WorkerState::Idle { since } };
+                    sim.sup.observe(Pid::from_raw(p), state, requests);
+                },
+                Ev::Stall => sim.sup.stalled(sim.now),
                 Ev::Cmd(c) => { sim.sup.command(c, sim.now); }
                 Ev::Ready(i) => if let Some(p) = nth_pid(&sim, i) { sim.sup.ready(Pid::from_raw(p), sim.now); },
                 Ev::Crash(i, st) => if let Some(p) = nth_pid(&sim, i) { sim.exit(p, st); },

@@ -32,6 +32,47 @@ extern "C" fn master_signal_handler(sig: libc::c_int) {
     }
 }
 
+/// What a worker writes to stderr when the master kills it as frozen.
+static LAST_WORDS: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+
+/// The master's pid, as the worker knows it: only its SIGABRT means "frozen".
+static MASTER_PID: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn worker_abort_handler(
+    sig: libc::c_int,
+    info: *mut libc::siginfo_t,
+    _ctx: *mut libc::c_void,
+) {
+    // SAFETY: the kernel passes a valid siginfo_t to an SA_SIGINFO handler;
+    // si_pid is the sender for signals sent with kill(2).
+    let sender = unsafe { info.as_ref().map_or(0, |i| i.si_pid()) };
+    if sender != 0 && sender == MASTER_PID.load(Ordering::Relaxed) {
+        if let Some(msg) = LAST_WORDS.get() {
+            // SAFETY: write(2) is async-signal-safe; the message was set
+            // once before the handler could run and never changes.
+            unsafe {
+                libc::write(2, msg.as_ptr().cast(), msg.len());
+            }
+        }
+        // SAFETY: _exit(2) is async-signal-safe and does not return.
+        unsafe { libc::_exit(128 + libc::SIGABRT) }
+    }
+    // Anyone else's SIGABRT, the app's own abort() included, keeps its
+    // meaning: default action (core dump, "killed by SIGABRT").
+    // SAFETY: signal(2) and raise(3) are async-signal-safe.
+    unsafe {
+        libc::signal(sig, libc::SIG_DFL);
+        libc::raise(sig);
+    }
+}
+
+/// Sets the line a frozen worker writes when the master's SIGABRT arrives,
+/// and which pid is the master.
+pub fn set_last_words(master: i32, msg: String) {
+    MASTER_PID.store(master, Ordering::Relaxed);
+    let _ = LAST_WORDS.set(msg.into_bytes());
+}
+
 extern "C" fn worker_quit_handler(_sig: libc::c_int) {
     WORKER_QUIT.store(true, Ordering::Relaxed);
 }
@@ -55,7 +96,8 @@ pub fn install_master_handlers(wr: BorrowedFd<'_>, signals: &[Signal]) -> io::Re
 }
 
 /// In a freshly forked worker: every signal back to its default, the worker's own dispositions: QUIT sets a flag (graceful
-/// stop), TERM and INT keep their default (immediate exit), PIPE and the
+/// stop), ABRT writes the worker's last words and exits (the master's
+/// frozen-worker kill), TERM and INT keep their default (immediate exit), PIPE and the
 /// master-only administrative signals are ignored. The mask is cleared last.
 pub fn reset_signals_for_worker() -> io::Result<()> {
     SELF_PIPE_WR.store(-1, Ordering::Relaxed);
@@ -73,10 +115,17 @@ pub fn reset_signals_for_worker() -> io::Result<()> {
         SaFlags::empty(),
         SigSet::empty(),
     );
+    let abort = SigAction::new(
+        SigHandler::SigAction(worker_abort_handler),
+        SaFlags::SA_SIGINFO,
+        SigSet::empty(),
+    );
     let ignore = SigAction::new(SigHandler::SigIgn, SaFlags::empty(), SigSet::empty());
-    // SAFETY: worker_quit_handler only stores to an atomic; SIG_IGN runs no code.
+    // SAFETY: worker_quit_handler only stores to an atomic; the abort
+    // handler only calls write(2) and _exit(2); SIG_IGN runs no code.
     unsafe {
         signal::sigaction(Signal::SIGQUIT, &quit).map_err(io::Error::from)?;
+        signal::sigaction(Signal::SIGABRT, &abort).map_err(io::Error::from)?;
         for sig in [
             Signal::SIGPIPE,
             Signal::SIGHUP,
@@ -172,6 +221,78 @@ pub fn adopt_fd(fd: RawFd) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// A shared, zero-filled memory mapping (mmap MAP_SHARED|MAP_ANONYMOUS):
+/// written by workers, read by the master, inherited across fork.
+#[derive(Debug)]
+pub struct SharedMap {
+    ptr: std::ptr::NonNull<libc::c_void>,
+    len: usize,
+}
+
+impl SharedMap {
+    /// Maps `len` bytes (rounded up to pages by the kernel).
+    pub fn new(len: usize) -> io::Result<SharedMap> {
+        let size = std::num::NonZeroUsize::new(len).ok_or_else(|| io::Error::other("empty map"))?;
+        // SAFETY: an anonymous mapping at an address of the kernel's choosing
+        // aliases no existing memory; we own it until munmap in Drop.
+        let ptr = unsafe {
+            nix::sys::mman::mmap_anonymous(
+                None,
+                size,
+                nix::sys::mman::ProtFlags::PROT_READ | nix::sys::mman::ProtFlags::PROT_WRITE,
+                nix::sys::mman::MapFlags::MAP_SHARED,
+            )
+        }?;
+        Ok(SharedMap { ptr, len })
+    }
+
+    /// The mapping as a slice of `T`.
+    ///
+    /// `T` must be valid when all-zero and safe to share between processes
+    /// (atomics): the mapping starts zero-filled and is written concurrently.
+    pub fn as_slice_of<T: crate::scoreboard::ZeroValidAtomic>(&self) -> &[T] {
+        let n = self.len / std::mem::size_of::<T>();
+        // SAFETY: the mapping is page-aligned (so aligned for T, whose
+        // alignment is at most a cache line), `n * size_of::<T>() <= len`,
+        // zero bytes are a valid T (the ZeroValidAtomic contract), T is only
+        // accessed through atomics so concurrent writers in other processes
+        // are fine, and the slice borrows `self`, which owns the mapping.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().cast::<T>(), n) }
+    }
+}
+
+impl Drop for SharedMap {
+    fn drop(&mut self) {
+        // SAFETY: ptr/len are exactly what mmap returned; slices borrowed
+        // from `self` cannot outlive this drop.
+        let _ = unsafe { nix::sys::mman::munmap(self.ptr, self.len) };
+    }
+}
+
+/// Accept queue of a listening TCP socket from TCP_INFO: (connections
+/// waiting to be accepted, the backlog limit).
+pub fn tcp_accept_queue(fd: BorrowedFd<'_>) -> io::Result<(u32, u32)> {
+    // SAFETY: tcp_info is plain data; all-zero is a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: the pointer and length describe `info`, which outlives the call.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // For a listener, Linux reports the accept queue in tcpi_unacked and
+    // the backlog in tcpi_sacked.
+    Ok((info.tcpi_unacked, info.tcpi_sacked))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -180,6 +301,18 @@ mod tests {
     fn adopt_fd_rejects_a_closed_descriptor() {
         let err = adopt_fd(987_654).expect_err("fd 987654 is not open");
         assert_eq!(err.raw_os_error(), Some(libc::EBADF));
+    }
+
+    #[test]
+    fn tcp_accept_queue_counts_unaccepted_connections() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let _a = std::net::TcpStream::connect(addr).expect("a");
+        let _b = std::net::TcpStream::connect(addr).expect("b");
+        use std::os::fd::AsFd;
+        let (queued, backlog) = tcp_accept_queue(l.as_fd()).expect("tcp_info");
+        assert_eq!(queued, 2);
+        assert!(backlog >= 2);
     }
 
     #[test]
