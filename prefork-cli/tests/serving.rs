@@ -141,33 +141,10 @@ fn several_listeners_tcp_and_unix_are_all_served(#[case] strategy: &str) {
 #[case::blocking("blocking")]
 fn two_thousand_connections_to_four_workers_all_answered_by_every_worker(#[case] strategy: &str) {
     let s = start(strategy, &["--workers", "4"]);
-    let addr = s.addr().to_string();
-    let threads: Vec<_> = (0..8)
-        .map(|_| {
-            let addr = addr.clone();
-            std::thread::spawn(move || {
-                let mut seen = BTreeMap::new();
-                let mut errors = 0;
-                for _ in 0..250 {
-                    match http_get(&addr, "/", T) {
-                        Ok(r) if r.status == 200 => {
-                            *seen.entry(r.worker_slot().expect("slot")).or_insert(0) += 1
-                        }
-                        _ => errors += 1,
-                    }
-                }
-                (seen, errors)
-            })
-        })
-        .collect();
+    let (answers, errors) = burst(s.addr(), 8, 250);
     let mut per_slot: BTreeMap<usize, u32> = BTreeMap::new();
-    let mut errors = 0;
-    for t in threads {
-        let (seen, e) = t.join().expect("client thread");
-        errors += e;
-        for (k, v) in seen {
-            *per_slot.entry(k).or_insert(0) += v;
-        }
+    for (slot, _) in answers {
+        *per_slot.entry(slot).or_insert(0) += 1;
     }
     assert_eq!(errors, 0);
     assert_eq!(per_slot.values().sum::<u32>(), 2000);

@@ -127,32 +127,8 @@ fn max_requests_recycles_workers_under_2000_connections_with_none_lost(#[case] s
         ],
     );
     let originals = s.workers();
-    let addr = s.addr().to_string();
-    let threads: Vec<_> = (0..8)
-        .map(|_| {
-            let addr = addr.clone();
-            std::thread::spawn(move || {
-                let mut pids = HashSet::new();
-                let mut failed = 0;
-                for _ in 0..250 {
-                    match http_get(&addr, "/", T) {
-                        Ok(r) if r.status == 200 => {
-                            pids.insert(r.worker_pid().expect("pid"));
-                        }
-                        _ => failed += 1,
-                    }
-                }
-                (pids, failed)
-            })
-        })
-        .collect();
-    let mut pids = HashSet::new();
-    let mut failed = 0;
-    for t in threads {
-        let (p, f) = t.join().expect("client");
-        pids.extend(p);
-        failed += f;
-    }
+    let (answers, failed) = burst(s.addr(), 8, 250);
+    let pids: HashSet<i32> = answers.iter().map(|&(_, pid)| pid).collect();
     assert_eq!(failed, 0, "connections lost while recycling");
     // 2000 requests at most 120 per worker: every original worker went past
     // its limit and is replaced, one slot at a time.

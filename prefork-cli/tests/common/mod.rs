@@ -37,3 +37,34 @@ pub fn who(addr: &str) -> (usize, i32) {
     assert_eq!(r.status, 200);
     (r.worker_slot().expect("slot"), r.worker_pid().expect("pid"))
 }
+
+/// `clients` threads each send `each` GET / one after another (a new
+/// connection per request). Returns (slot, pid) of every answer and the
+/// number of requests that failed.
+pub fn burst(addr: &str, clients: usize, each: usize) -> (Vec<(usize, i32)>, usize) {
+    let threads: Vec<_> = (0..clients)
+        .map(|_| {
+            let addr = addr.to_string();
+            std::thread::spawn(move || {
+                let mut seen = Vec::with_capacity(each);
+                let mut failed = 0;
+                for _ in 0..each {
+                    match http_get(&addr, "/", T) {
+                        Ok(r) if r.status == 200 => seen
+                            .push((r.worker_slot().expect("slot"), r.worker_pid().expect("pid"))),
+                        _ => failed += 1,
+                    }
+                }
+                (seen, failed)
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    let mut failed = 0;
+    for t in threads {
+        let (seen, f) = t.join().expect("client thread");
+        all.extend(seen);
+        failed += f;
+    }
+    (all, failed)
+}
