@@ -24,6 +24,21 @@ use prefork_core::{
 enum StrategyName {
     /// Every worker blocks in accept(2) on the shared socket.
     Blocking,
+    /// Accept serialized by a cross-process lock (--lock).
+    Mutex,
+}
+
+/// The lock of the mutex strategy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LockName {
+    /// flock(2) on a lock file each worker opens after fork.
+    Flock,
+    /// fcntl(2) record lock on the lock file.
+    Fcntl,
+    /// SysV semaphore with SEM_UNDO.
+    Sysvsem,
+    /// Robust process-shared pthread mutex.
+    Pthread,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -164,6 +179,14 @@ struct Cli {
     /// Inject a fault into every worker (for the test suite).
     #[arg(long, value_enum, hide = true)]
     fault: Option<Fault>,
+
+    /// mutex strategy: the lock that serializes accept.
+    #[arg(long, value_enum, value_name = "KIND")]
+    lock: Option<LockName>,
+
+    /// mutex strategy: take the lock even with a single listener.
+    #[arg(long)]
+    lock_always: bool,
 
     /// Print the accept strategies this binary offers, one per line, and exit.
     #[arg(long)]
@@ -321,6 +344,9 @@ fn main() -> ExitCode {
         }
         return ExitCode::SUCCESS;
     }
+    if (cli.lock.is_some() || cli.lock_always) && cli.strategy != StrategyName::Mutex {
+        return fail("--lock and --lock-always apply only to --strategy mutex", 2);
+    }
     if let Err(e) = init_logging(&cli) {
         return fail(e, 2);
     }
@@ -376,6 +402,16 @@ fn main() -> ExitCode {
     let result = match cli.strategy {
         StrategyName::Blocking => Master::start(cfg, prefork_blocking::Blocking::new(), app)
             .and_then(|m| m.run(print_ready)),
+        StrategyName::Mutex => {
+            let kind = match cli.lock.unwrap_or(LockName::Flock) {
+                LockName::Flock => prefork_mutex::LockKind::Flock,
+                LockName::Fcntl => prefork_mutex::LockKind::Fcntl,
+                LockName::Sysvsem => prefork_mutex::LockKind::SysvSem,
+                LockName::Pthread => prefork_mutex::LockKind::Pthread,
+            };
+            let strategy = prefork_mutex::Mutex::new(kind, cli.lock_always);
+            Master::start(cfg, strategy, app).and_then(|m| m.run(print_ready))
+        }
     };
     match result {
         Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),

@@ -20,7 +20,7 @@ fn run(args: &[&str]) -> (Option<i32>, String) {
 }
 
 #[rstest]
-#[case::unknown_strategy(&["--strategy", "nope"], "[possible values: blocking]")]
+#[case::unknown_strategy(&["--strategy", "nope"], "[possible values: blocking, mutex]")]
 #[case::bad_port(&["--bind", "127.0.0.1:99999"], "the port must be a number from 0 to 65535")]
 #[case::unbracketed_v6(&["--bind", "::1:80"], "must be written in brackets")]
 #[case::no_host(&["--bind", ":80"], "the host is empty")]
@@ -31,6 +31,8 @@ fn run(args: &[&str]) -> (Option<i32>, String) {
 #[case::unknown_flag(&["--frobnicate"], "unexpected argument '--frobnicate'")]
 #[case::bad_app(&["--app", "wsgi"], "[possible values: hello, echo, http]")]
 #[case::bad_log_level(&["--log-level", "loud=["], "--log-level")]
+#[case::lock_without_mutex(&["--lock", "flock"], "apply only to --strategy mutex")]
+#[case::bad_lock(&["--strategy", "mutex", "--lock", "spin"], "[possible values: flock, fcntl, sysvsem, pthread]")]
 fn usage_errors_exit_2_with_one_line(#[case] args: &[&str], #[case] needle: &str) {
     let (code, err) = run(args);
     assert_eq!(code, Some(2), "{err}");

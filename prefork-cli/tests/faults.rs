@@ -27,6 +27,7 @@ fn run(strategy: &str, fault: Fault) -> FaultResult {
 /// is whole again quickly.
 #[rstest]
 #[case::blocking("blocking")]
+#[case::mutex("mutex")]
 fn l1_killing_idle_workers_loses_nothing(#[case] strategy: &str) {
     let r = run(strategy, Fault::KillIdle);
     assert_eq!(r.lost, 0, "{r:?}");
@@ -36,6 +37,7 @@ fn l1_killing_idle_workers_loses_nothing(#[case] strategy: &str) {
 /// L2: SIGKILL any worker: at most the connection each killed worker held.
 #[rstest]
 #[case::blocking("blocking")]
+#[case::mutex("mutex")]
 fn l2_killing_any_worker_loses_at_most_one_connection_per_kill(#[case] strategy: &str) {
     let r = run(strategy, Fault::KillAny);
     assert!(r.lost <= r.injections, "{r:?}");
@@ -44,6 +46,7 @@ fn l2_killing_any_worker_loses_at_most_one_connection_per_kill(#[case] strategy:
 /// L3: kill every worker at once: all reaped and back.
 #[rstest]
 #[case::blocking("blocking")]
+#[case::mutex("mutex")]
 fn l3_killing_all_workers_at_once_brings_all_back(#[case] strategy: &str) {
     let r = run(strategy, Fault::KillAll);
     assert!(r.max_recovery_ms.is_some_and(|ms| ms < 1000.0), "{r:?}");
@@ -53,6 +56,7 @@ fn l3_killing_all_workers_at_once_brings_all_back(#[case] strategy: &str) {
 /// L4: HUP every second under load: nothing lost.
 #[rstest]
 #[case::blocking("blocking")]
+#[case::mutex("mutex")]
 fn l4_reload_every_second_loses_nothing(#[case] strategy: &str) {
     let r = run(strategy, Fault::Hup);
     assert_eq!(r.lost, 0, "{r:?}");
@@ -61,6 +65,7 @@ fn l4_reload_every_second_loses_nothing(#[case] strategy: &str) {
 /// L7: TTIN/TTOU every 200 ms between 1 and 4 workers: nothing lost.
 #[rstest]
 #[case::blocking("blocking")]
+#[case::mutex("mutex")]
 fn l7_resizing_every_200ms_loses_nothing(#[case] strategy: &str) {
     let r = run(strategy, Fault::TtinTtou);
     assert_eq!(r.lost, 0, "{r:?}");

@@ -12,6 +12,7 @@ use rstest::rstest;
 
 #[rstest]
 #[case::blocking("blocking")]
+#[case::mutex("mutex")]
 fn http_app_answers_with_worker_header_sleep_and_errors(#[case] strategy: &str) {
     let s = start(
         strategy,
@@ -59,6 +60,7 @@ fn http_app_answers_with_worker_header_sleep_and_errors(#[case] strategy: &str) 
 
 #[rstest]
 #[case::blocking("blocking")]
+#[case::mutex("mutex")]
 fn keep_alive_when_asked_and_bounded(#[case] strategy: &str) {
     let s = start(strategy, &["--workers", "1", "--keepalive-requests", "3"]);
     let mut c = TcpStream::connect(s.addr()).expect("connect");
@@ -79,6 +81,7 @@ fn keep_alive_when_asked_and_bounded(#[case] strategy: &str) {
 
 #[rstest]
 #[case::blocking("blocking")]
+#[case::mutex("mutex")]
 fn hello_and_echo_apps(#[case] strategy: &str) {
     let s = start(strategy, &["--workers", "1", "--app", "hello"]);
     let line = read_line_from(s.addr(), T).expect("hello");
@@ -101,6 +104,7 @@ fn hello_and_echo_apps(#[case] strategy: &str) {
 
 #[rstest]
 #[case::blocking("blocking")]
+#[case::mutex("mutex")]
 fn several_listeners_tcp_and_unix_are_all_served(#[case] strategy: &str) {
     let dir = tempfile::tempdir().expect("tempdir");
     let sock = dir.path().join("p.sock");
@@ -139,6 +143,7 @@ fn several_listeners_tcp_and_unix_are_all_served(#[case] strategy: &str) {
 
 #[rstest]
 #[case::blocking("blocking")]
+#[case::mutex("mutex")]
 fn two_thousand_connections_to_four_workers_all_answered_by_every_worker(#[case] strategy: &str) {
     let s = start(strategy, &["--workers", "4"]);
     let (answers, errors) = burst(s.addr(), 8, 250);
@@ -157,20 +162,15 @@ fn two_thousand_connections_to_four_workers_all_answered_by_every_worker(#[case]
 
 #[rstest]
 #[case::blocking("blocking")]
+#[case::mutex("mutex")]
 fn ipv6_loopback_is_served_when_available(#[case] strategy: &str) {
     if std::net::TcpListener::bind("[::1]:0").is_err() {
         eprintln!("skipping: no IPv6 loopback on this machine");
         return;
     }
     let s = prefork()
-        .args([
-            "--strategy",
-            strategy,
-            "--bind",
-            "[::1]:0",
-            "--workers",
-            "1",
-        ])
+        .args(strategy_args(strategy))
+        .args(["--bind", "[::1]:0", "--workers", "1"])
         .start()
         .expect("start");
     assert!(s.addr().starts_with("[::1]:"), "{}", s.ready_line());
@@ -203,8 +203,12 @@ os.execv(sys.argv[1], sys.argv[1:])
 
 #[rstest]
 #[case::blocking("blocking")]
+#[case::mutex("mutex")]
 fn systemd_socket_activation_is_adopted_and_no_default_bind_added(#[case] strategy: &str) {
-    let s = exec_with_socket(3, true, &["--strategy", strategy, "--workers", "2"]);
+    let mut args = strategy_args(strategy);
+    args.extend(["--workers".into(), "2".into()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let s = exec_with_socket(3, true, &args);
     assert_eq!(s.addrs().len(), 1, "{}", s.ready_line());
     assert!(s.addr().starts_with("127.0.0.1:") && !s.addr().ends_with(":8080"));
     assert_eq!(http_get(s.addr(), "/", T).expect("GET").status, 200);
@@ -212,12 +216,12 @@ fn systemd_socket_activation_is_adopted_and_no_default_bind_added(#[case] strate
 
 #[rstest]
 #[case::blocking("blocking")]
+#[case::mutex("mutex")]
 fn an_inherited_fd_is_served_with_fd_bind(#[case] strategy: &str) {
-    let s = exec_with_socket(
-        5,
-        false,
-        &["--strategy", strategy, "--workers", "1", "--bind", "fd:5"],
-    );
+    let mut args = strategy_args(strategy);
+    args.extend(["--workers", "1", "--bind", "fd:5"].map(String::from));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let s = exec_with_socket(5, false, &args);
     assert!(s.addr().starts_with("127.0.0.1:"), "{}", s.ready_line());
     assert_eq!(http_get(s.addr(), "/", T).expect("GET").status, 200);
 }

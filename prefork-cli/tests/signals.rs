@@ -49,6 +49,7 @@ impl Load {
 
 #[rstest]
 #[case::blocking("blocking")]
+#[case::mutex("mutex")]
 fn sigkilled_worker_comes_back_in_the_same_slot_with_a_new_pid_within_1s(#[case] strategy: &str) {
     let s = start(strategy, &["--workers", "2"]);
     let (slot, pid) = who(s.addr());
@@ -78,6 +79,7 @@ fn sigkilled_worker_comes_back_in_the_same_slot_with_a_new_pid_within_1s(#[case]
 
 #[rstest]
 #[case::blocking("blocking")]
+#[case::mutex("mutex")]
 fn ttin_adds_and_ttou_removes_one_worker(#[case] strategy: &str) {
     let s = start(strategy, &["--workers", "4"]);
     assert!(s.wait_workers(4, T));
@@ -94,6 +96,7 @@ fn ttin_adds_and_ttou_removes_one_worker(#[case] strategy: &str) {
 
 #[rstest]
 #[case::blocking("blocking")]
+#[case::mutex("mutex")]
 fn quit_lets_the_request_in_hand_finish_then_exits_0_with_no_child_left(#[case] strategy: &str) {
     let mut s = start(strategy, &["--workers", "2"]);
     let addr = s.addr().to_string();
@@ -116,6 +119,7 @@ fn quit_lets_the_request_in_hand_finish_then_exits_0_with_no_child_left(#[case] 
 
 #[rstest]
 #[case::blocking("blocking")]
+#[case::mutex("mutex")]
 fn term_stops_at_once_and_int_too(#[case] strategy: &str) {
     for sig in [Signal::SIGTERM, Signal::SIGINT] {
         let mut s = start(strategy, &["--workers", "2"]);
@@ -142,6 +146,7 @@ fn term_stops_at_once_and_int_too(#[case] strategy: &str) {
 
 #[rstest]
 #[case::blocking("blocking")]
+#[case::mutex("mutex")]
 fn graceful_stop_escalates_after_graceful_timeout(#[case] strategy: &str) {
     let mut s = start(strategy, &["--workers", "1", "--graceful-timeout", "1"]);
     let addr = s.addr().to_string();
@@ -170,6 +175,7 @@ fn graceful_stop_escalates_after_graceful_timeout(#[case] strategy: &str) {
 
 #[rstest]
 #[case::blocking("blocking")]
+#[case::mutex("mutex")]
 fn hup_replaces_every_worker_without_losing_a_connection(#[case] strategy: &str) {
     let s = start(strategy, &["--workers", "3"]);
     let old: HashSet<i32> = s.workers().into_iter().collect();
@@ -199,6 +205,7 @@ fn hup_replaces_every_worker_without_losing_a_connection(#[case] strategy: &str)
 
 #[rstest]
 #[case::blocking("blocking")]
+#[case::mutex("mutex")]
 fn winch_stops_all_workers_keeps_master_and_ttin_brings_them_back(#[case] strategy: &str) {
     let s = start(strategy, &["--workers", "3"]);
     s.signal(Signal::SIGWINCH);
@@ -212,6 +219,7 @@ fn winch_stops_all_workers_keeps_master_and_ttin_brings_them_back(#[case] strate
 
 #[rstest]
 #[case::blocking("blocking")]
+#[case::mutex("mutex")]
 fn sigkill_of_the_master_leaves_no_worker_after_1s(#[case] strategy: &str) {
     let s = start(strategy, &["--workers", "3"]);
     let workers = s.workers();
@@ -227,6 +235,7 @@ fn sigkill_of_the_master_leaves_no_worker_after_1s(#[case] strategy: &str) {
 
 #[rstest]
 #[case::blocking("blocking")]
+#[case::mutex("mutex")]
 fn usr1_and_usr2_are_logged_and_change_nothing(#[case] strategy: &str) {
     let s = start(strategy, &["--workers", "1"]);
     let before = s.workers();

@@ -32,6 +32,7 @@ fn status_json(sock: &str) -> serde_json::Value {
 /// (stable log line), within timeout + 1 s, and its slot serves again.
 #[rstest]
 #[case::blocking("blocking")]
+#[case::mutex("mutex")]
 fn frozen_worker_is_killed_within_3s_and_its_slot_serves_again(#[case] strategy: &str) {
     let s = start(strategy, &["--workers", "2", "--timeout", "2"]);
     let addr = s.addr().to_string();
@@ -85,6 +86,7 @@ fn frozen_worker_is_killed_within_3s_and_its_slot_serves_again(#[case] strategy:
 /// workers get a fresh timeout instead of dying on a stale clock.
 #[rstest]
 #[case::blocking("blocking")]
+#[case::mutex("mutex")]
 fn a_master_stopped_for_4s_kills_no_worker(#[case] strategy: &str) {
     let s = start(strategy, &["--workers", "2", "--timeout", "2"]);
     let before: HashSet<i32> = s.workers().into_iter().collect();
@@ -114,6 +116,7 @@ fn a_master_stopped_for_4s_kills_no_worker(#[case] strategy: &str) {
 /// --max-requests: workers are recycled (replacement first), none lost.
 #[rstest]
 #[case::blocking("blocking")]
+#[case::mutex("mutex")]
 fn max_requests_recycles_workers_under_2000_connections_with_none_lost(#[case] strategy: &str) {
     let s = start(
         strategy,
@@ -149,6 +152,7 @@ fn max_requests_recycles_workers_under_2000_connections_with_none_lost(#[case] s
 /// duration, in the table and in JSON; garbage does not hurt the master.
 #[rstest]
 #[case::blocking("blocking")]
+#[case::mutex("mutex")]
 fn status_shows_a_sleeping_worker_as_busy(#[case] strategy: &str) {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("status.sock");

@@ -27,6 +27,7 @@
 
 #![deny(missing_docs)]
 
+pub mod accept;
 pub mod app;
 pub mod clock;
 pub mod error;

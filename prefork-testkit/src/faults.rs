@@ -28,16 +28,20 @@ pub enum Fault {
     TtinTtou,
     /// L3: SIGKILL every worker at once, every second.
     KillAll,
+    /// L17: SIGKILL the holder of the mutex strategy's lock every 100 ms
+    /// (the one worker waiting in poll(2) over the listeners).
+    KillLockHolder,
 }
 
 impl Fault {
     /// All of them.
-    pub const ALL: [Fault; 5] = [
+    pub const ALL: [Fault; 6] = [
         Fault::KillIdle,
         Fault::KillAny,
         Fault::Hup,
         Fault::TtinTtou,
         Fault::KillAll,
+        Fault::KillLockHolder,
     ];
 
     /// Name on the command line and in tables.
@@ -48,6 +52,7 @@ impl Fault {
             Fault::Hup => "hup",
             Fault::TtinTtou => "ttin-ttou",
             Fault::KillAll => "kill-all",
+            Fault::KillLockHolder => "kill-lock-holder",
         }
     }
 
@@ -59,6 +64,7 @@ impl Fault {
             Fault::Hup => "L4",
             Fault::TtinTtou => "L7",
             Fault::KillAll => "L3",
+            Fault::KillLockHolder => "L17",
         }
     }
 
@@ -69,7 +75,7 @@ impl Fault {
 
     fn interval(self) -> Duration {
         match self {
-            Fault::KillIdle | Fault::KillAny => Duration::from_millis(100),
+            Fault::KillIdle | Fault::KillAny | Fault::KillLockHolder => Duration::from_millis(100),
             Fault::TtinTtou => Duration::from_millis(200),
             Fault::Hup | Fault::KillAll => Duration::from_secs(1),
         }
@@ -97,13 +103,22 @@ pub struct FaultResult {
     pub max_recovery_ms: Option<f64>,
     /// p99 latency of the probes, µs.
     pub p99_us: u64,
+    /// Longest probe latency, µs (bounds how long accept stalled).
+    pub max_us: u64,
     /// Zombie children of the master at the end.
     pub zombies: usize,
 }
 
 /// The syscalls a worker waits in when it holds no connection.
 fn idle_syscalls() -> Vec<i64> {
-    let mut v = vec![libc::SYS_accept4, libc::SYS_accept, libc::SYS_ppoll];
+    let mut v = vec![libc::SYS_accept4, libc::SYS_accept];
+    v.extend(poll_syscalls());
+    v
+}
+
+/// poll(2) and ppoll(2): where the mutex strategy's lock holder waits.
+fn poll_syscalls() -> Vec<i64> {
+    let mut v = vec![libc::SYS_ppoll];
     #[cfg(target_arch = "x86_64")]
     v.push(libc::SYS_poll);
     v
@@ -114,7 +129,7 @@ fn idle_syscalls() -> Vec<i64> {
 /// (listeners are inherited from the master; a connection is the worker's
 /// alone). The second check matters: a stop can land just as accept(2)
 /// returns a connection, while /proc/PID/syscall still names accept4.
-fn kill_if_idle(master: i32, pid: i32) -> bool {
+fn kill_if_idle(master: i32, pid: i32, waiting_in: &[i64]) -> bool {
     let p = Pid::from_raw(pid);
     if kill(p, Signal::SIGSTOP).is_err() {
         return false;
@@ -122,13 +137,12 @@ fn kill_if_idle(master: i32, pid: i32) -> bool {
     let stopped = crate::server::wait_until(Duration::from_millis(200), || {
         procs::stat(pid).is_some_and(|s| s.state == 'T')
     });
-    let idle =
-        stopped && procs::current_syscall(pid).is_some_and(|n| idle_syscalls().contains(&n)) && {
-            let masters = procs::socket_inodes(master);
-            procs::socket_inodes(pid)
-                .iter()
-                .all(|s| masters.contains(s))
-        };
+    let idle = stopped && procs::current_syscall(pid).is_some_and(|n| waiting_in.contains(&n)) && {
+        let masters = procs::socket_inodes(master);
+        procs::socket_inodes(pid)
+            .iter()
+            .all(|s| masters.contains(s))
+    };
     if idle {
         let _ = kill(p, Signal::SIGKILL);
     }
@@ -207,6 +221,7 @@ pub fn run_fault(
         injections,
         max_recovery_ms: max_recovery.map(|d| d.as_secs_f64() * 1e3),
         p99_us: report.latency.value_at_quantile(0.99),
+        max_us: report.latency.max(),
         zombies: procs::zombie_children(master).len(),
     })
 }
@@ -231,10 +246,18 @@ fn inject(master: i32, fault: Fault, workers: usize, done: &AtomicBool) -> (u64,
             Fault::KillIdle => {
                 // Try workers in random order until one is idle.
                 let start = rng.pick(pool.len());
+                let idle = idle_syscalls();
                 let victim = (0..pool.len())
                     .map(|k| pool[(start + k) % pool.len()])
-                    .find(|&w| kill_if_idle(master, w));
+                    .find(|&w| kill_if_idle(master, w, &idle));
                 if let Some(w) = victim {
+                    count += 1;
+                    note_recovery(master, &[w], pool.len(), &mut max_recovery);
+                }
+            }
+            Fault::KillLockHolder => {
+                let polling = poll_syscalls();
+                if let Some(&w) = pool.iter().find(|&&w| kill_if_idle(master, w, &polling)) {
                     count += 1;
                     note_recovery(master, &[w], pool.len(), &mut max_recovery);
                 }

@@ -15,17 +15,29 @@ pub fn prefork() -> ServerBuilder {
     ServerBuilder::new(env!("CARGO_BIN_EXE_prefork"))
 }
 
-/// Starts `prefork --strategy S --bind 127.0.0.1:0 ...extra` and waits for ready.
+/// The flags that select a strategy case: `blocking`; `mutex` (flock,
+/// taken even with one listener so that every shared scenario exercises
+/// the lock); `mutex-KIND` for another lock kind.
+pub fn strategy_args(case: &str) -> Vec<String> {
+    let mut v = vec!["--strategy".to_string()];
+    match case.strip_prefix("mutex") {
+        Some(kind) => {
+            v.push("mutex".into());
+            if let Some(k) = kind.strip_prefix('-') {
+                v.extend(["--lock".into(), k.into()]);
+            }
+            v.push("--lock-always".into());
+        }
+        None => v.push(case.into()),
+    }
+    v
+}
+
+/// Starts `prefork <strategy flags> --bind 127.0.0.1:0 ...extra` and waits for ready.
 pub fn start(strategy: &str, extra: &[&str]) -> Server {
     prefork()
-        .args([
-            "--strategy",
-            strategy,
-            "--bind",
-            "127.0.0.1:0",
-            "--log-level",
-            "info",
-        ])
+        .args(strategy_args(strategy))
+        .args(["--bind", "127.0.0.1:0", "--log-level", "info"])
         .args(extra.iter().copied())
         .start()
         .expect("prefork starts")

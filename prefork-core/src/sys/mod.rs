@@ -261,6 +261,24 @@ impl SharedMap {
     }
 }
 
+impl SharedMap {
+    /// The start of the mapping, for memory that is used only through raw
+    /// pointers handed to the OS (a process-shared pthread mutex).
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr().cast()
+    }
+
+    /// Its length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True if empty (never: a mapping has at least one byte).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
 impl Drop for SharedMap {
     fn drop(&mut self) {
         // SAFETY: ptr/len are exactly what mmap returned; slices borrowed

@@ -64,7 +64,7 @@ struct Cli {
     /// Runs of each (scenario, server), interleaved; the median is reported.
     #[arg(long, default_value_t = 1)]
     repeat: usize,
-    /// Fault scenarios instead of load scenarios: kill-idle, kill-any, hup, ttin-ttou, kill-all.
+    /// Fault scenarios instead of load scenarios: kill-idle, kill-any, hup, ttin-ttou, kill-all, kill-lock-holder.
     #[arg(long, value_delimiter = ',')]
     faults: Vec<String>,
     /// Probe rate of fault scenarios, connections per second.
@@ -274,7 +274,7 @@ fn fault_runs(cli: &Cli, dir: &std::path::Path) -> Result<(), String> {
         .iter()
         .map(|f| {
             Fault::parse(f).ok_or_else(|| {
-                format!("unknown fault {f:?} (kill-idle, kill-any, hup, ttin-ttou, kill-all)")
+                format!("unknown fault {f:?} (kill-idle, kill-any, hup, ttin-ttou, kill-all, kill-lock-holder)")
             })
         })
         .collect::<Result<_, _>>()?;
@@ -306,8 +306,8 @@ fn fault_runs(cli: &Cli, dir: &std::path::Path) -> Result<(), String> {
         cli.fault_rate,
         duration.as_secs_f64()
     );
-    println!("| row | fault | server | probes | lost | lost by kind | injections | max recovery ms | p99 µs | zombies |");
-    println!("|---|---|---|--:|--:|---|--:|--:|--:|--:|");
+    println!("| row | fault | server | probes | lost | lost by kind | injections | max recovery ms | p99 µs | max µs | zombies |");
+    println!("|---|---|---|--:|--:|---|--:|--:|--:|--:|--:|");
     for r in &rows {
         let kinds: Vec<String> = r
             .lost_by_kind
@@ -315,7 +315,7 @@ fn fault_runs(cli: &Cli, dir: &std::path::Path) -> Result<(), String> {
             .map(|(k, v)| format!("{k} {v}"))
             .collect();
         println!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             r.row,
             r.fault,
             r.server,
@@ -329,6 +329,7 @@ fn fault_runs(cli: &Cli, dir: &std::path::Path) -> Result<(), String> {
             r.injections,
             r.max_recovery_ms.map_or("-".into(), |m| format!("{m:.0}")),
             r.p99_us,
+            r.max_us,
             r.zombies
         );
     }
