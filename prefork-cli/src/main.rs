@@ -403,7 +403,9 @@ fn main() -> ExitCode {
         StrategyName::Blocking => Master::start(cfg, prefork_blocking::Blocking::new(), app)
             .and_then(|m| m.run(print_ready)),
         StrategyName::Mutex => {
-            let kind = match cli.lock.unwrap_or(LockName::Flock) {
+            // pthread measured best (docs/strategies.md): its unlock wakes
+            // exactly one waiter, where flock, fcntl and SysV wake them all.
+            let kind = match cli.lock.unwrap_or(LockName::Pthread) {
                 LockName::Flock => prefork_mutex::LockKind::Flock,
                 LockName::Fcntl => prefork_mutex::LockKind::Fcntl,
                 LockName::Sysvsem => prefork_mutex::LockKind::SysvSem,

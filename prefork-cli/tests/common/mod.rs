@@ -15,7 +15,7 @@ pub fn prefork() -> ServerBuilder {
     ServerBuilder::new(env!("CARGO_BIN_EXE_prefork"))
 }
 
-/// The flags that select a strategy case: `blocking`; `mutex` (flock,
+/// The flags that select a strategy case: `blocking`; `mutex` (default lock,
 /// taken even with one listener so that every shared scenario exercises
 /// the lock); `mutex-KIND` for another lock kind.
 pub fn strategy_args(case: &str) -> Vec<String> {
