@@ -26,6 +26,8 @@ enum StrategyName {
     Blocking,
     /// Accept serialized by a cross-process lock (--lock).
     Mutex,
+    /// One SO_REUSEPORT socket per worker, kept by the master.
+    Reuseport,
 }
 
 /// The lock of the mutex strategy.
@@ -414,6 +416,8 @@ fn main() -> ExitCode {
             let strategy = prefork_mutex::Mutex::new(kind, cli.lock_always);
             Master::start(cfg, strategy, app).and_then(|m| m.run(print_ready))
         }
+        StrategyName::Reuseport => Master::start(cfg, prefork_reuseport::Reuseport::new(), app)
+            .and_then(|m| m.run(print_ready)),
     };
     match result {
         Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),

@@ -28,6 +28,7 @@ fn run(strategy: &str, fault: Fault) -> FaultResult {
 #[rstest]
 #[case::blocking("blocking")]
 #[case::mutex("mutex")]
+#[case::reuseport("reuseport")]
 fn l1_killing_idle_workers_loses_nothing(#[case] strategy: &str) {
     let r = run(strategy, Fault::KillIdle);
     assert_eq!(r.lost, 0, "{r:?}");
@@ -38,6 +39,7 @@ fn l1_killing_idle_workers_loses_nothing(#[case] strategy: &str) {
 #[rstest]
 #[case::blocking("blocking")]
 #[case::mutex("mutex")]
+#[case::reuseport("reuseport")]
 fn l2_killing_any_worker_loses_at_most_one_connection_per_kill(#[case] strategy: &str) {
     let r = run(strategy, Fault::KillAny);
     assert!(r.lost <= r.injections, "{r:?}");
@@ -47,6 +49,7 @@ fn l2_killing_any_worker_loses_at_most_one_connection_per_kill(#[case] strategy:
 #[rstest]
 #[case::blocking("blocking")]
 #[case::mutex("mutex")]
+#[case::reuseport("reuseport")]
 fn l3_killing_all_workers_at_once_brings_all_back(#[case] strategy: &str) {
     let r = run(strategy, Fault::KillAll);
     assert!(r.max_recovery_ms.is_some_and(|ms| ms < 1000.0), "{r:?}");
@@ -57,6 +60,7 @@ fn l3_killing_all_workers_at_once_brings_all_back(#[case] strategy: &str) {
 #[rstest]
 #[case::blocking("blocking")]
 #[case::mutex("mutex")]
+#[case::reuseport("reuseport")]
 fn l4_reload_every_second_loses_nothing(#[case] strategy: &str) {
     let r = run(strategy, Fault::Hup);
     assert_eq!(r.lost, 0, "{r:?}");
@@ -66,6 +70,7 @@ fn l4_reload_every_second_loses_nothing(#[case] strategy: &str) {
 #[rstest]
 #[case::blocking("blocking")]
 #[case::mutex("mutex")]
+#[case::reuseport("reuseport")]
 fn l7_resizing_every_200ms_loses_nothing(#[case] strategy: &str) {
     let r = run(strategy, Fault::TtinTtou);
     assert_eq!(r.lost, 0, "{r:?}");

@@ -13,6 +13,7 @@ use rstest::rstest;
 #[rstest]
 #[case::blocking("blocking")]
 #[case::mutex("mutex")]
+#[case::reuseport("reuseport")]
 fn http_app_answers_with_worker_header_sleep_and_errors(#[case] strategy: &str) {
     let s = start(
         strategy,
@@ -61,6 +62,7 @@ fn http_app_answers_with_worker_header_sleep_and_errors(#[case] strategy: &str) 
 #[rstest]
 #[case::blocking("blocking")]
 #[case::mutex("mutex")]
+#[case::reuseport("reuseport")]
 fn keep_alive_when_asked_and_bounded(#[case] strategy: &str) {
     let s = start(strategy, &["--workers", "1", "--keepalive-requests", "3"]);
     let mut c = TcpStream::connect(s.addr()).expect("connect");
@@ -82,6 +84,7 @@ fn keep_alive_when_asked_and_bounded(#[case] strategy: &str) {
 #[rstest]
 #[case::blocking("blocking")]
 #[case::mutex("mutex")]
+#[case::reuseport("reuseport")]
 fn hello_and_echo_apps(#[case] strategy: &str) {
     let s = start(strategy, &["--workers", "1", "--app", "hello"]);
     let line = read_line_from(s.addr(), T).expect("hello");
@@ -144,6 +147,7 @@ fn several_listeners_tcp_and_unix_are_all_served(#[case] strategy: &str) {
 #[rstest]
 #[case::blocking("blocking")]
 #[case::mutex("mutex")]
+#[case::reuseport("reuseport")]
 fn two_thousand_connections_to_four_workers_all_answered_by_every_worker(#[case] strategy: &str) {
     let s = start(strategy, &["--workers", "4"]);
     let (answers, errors) = burst(s.addr(), 8, 250);
@@ -163,6 +167,7 @@ fn two_thousand_connections_to_four_workers_all_answered_by_every_worker(#[case]
 #[rstest]
 #[case::blocking("blocking")]
 #[case::mutex("mutex")]
+#[case::reuseport("reuseport")]
 fn ipv6_loopback_is_served_when_available(#[case] strategy: &str) {
     if std::net::TcpListener::bind("[::1]:0").is_err() {
         eprintln!("skipping: no IPv6 loopback on this machine");

@@ -50,6 +50,7 @@ impl Load {
 #[rstest]
 #[case::blocking("blocking")]
 #[case::mutex("mutex")]
+#[case::reuseport("reuseport")]
 fn sigkilled_worker_comes_back_in_the_same_slot_with_a_new_pid_within_1s(#[case] strategy: &str) {
     let s = start(strategy, &["--workers", "2"]);
     let (slot, pid) = who(s.addr());
@@ -80,6 +81,7 @@ fn sigkilled_worker_comes_back_in_the_same_slot_with_a_new_pid_within_1s(#[case]
 #[rstest]
 #[case::blocking("blocking")]
 #[case::mutex("mutex")]
+#[case::reuseport("reuseport")]
 fn ttin_adds_and_ttou_removes_one_worker(#[case] strategy: &str) {
     let s = start(strategy, &["--workers", "4"]);
     assert!(s.wait_workers(4, T));
@@ -97,6 +99,7 @@ fn ttin_adds_and_ttou_removes_one_worker(#[case] strategy: &str) {
 #[rstest]
 #[case::blocking("blocking")]
 #[case::mutex("mutex")]
+#[case::reuseport("reuseport")]
 fn quit_lets_the_request_in_hand_finish_then_exits_0_with_no_child_left(#[case] strategy: &str) {
     let mut s = start(strategy, &["--workers", "2"]);
     let addr = s.addr().to_string();
@@ -120,6 +123,7 @@ fn quit_lets_the_request_in_hand_finish_then_exits_0_with_no_child_left(#[case] 
 #[rstest]
 #[case::blocking("blocking")]
 #[case::mutex("mutex")]
+#[case::reuseport("reuseport")]
 fn term_stops_at_once_and_int_too(#[case] strategy: &str) {
     for sig in [Signal::SIGTERM, Signal::SIGINT] {
         let mut s = start(strategy, &["--workers", "2"]);
@@ -147,6 +151,7 @@ fn term_stops_at_once_and_int_too(#[case] strategy: &str) {
 #[rstest]
 #[case::blocking("blocking")]
 #[case::mutex("mutex")]
+#[case::reuseport("reuseport")]
 fn graceful_stop_escalates_after_graceful_timeout(#[case] strategy: &str) {
     let mut s = start(strategy, &["--workers", "1", "--graceful-timeout", "1"]);
     let addr = s.addr().to_string();
@@ -176,6 +181,7 @@ fn graceful_stop_escalates_after_graceful_timeout(#[case] strategy: &str) {
 #[rstest]
 #[case::blocking("blocking")]
 #[case::mutex("mutex")]
+#[case::reuseport("reuseport")]
 fn hup_replaces_every_worker_without_losing_a_connection(#[case] strategy: &str) {
     let s = start(strategy, &["--workers", "3"]);
     let old: HashSet<i32> = s.workers().into_iter().collect();
@@ -206,6 +212,7 @@ fn hup_replaces_every_worker_without_losing_a_connection(#[case] strategy: &str)
 #[rstest]
 #[case::blocking("blocking")]
 #[case::mutex("mutex")]
+#[case::reuseport("reuseport")]
 fn winch_stops_all_workers_keeps_master_and_ttin_brings_them_back(#[case] strategy: &str) {
     let s = start(strategy, &["--workers", "3"]);
     s.signal(Signal::SIGWINCH);
@@ -220,6 +227,7 @@ fn winch_stops_all_workers_keeps_master_and_ttin_brings_them_back(#[case] strate
 #[rstest]
 #[case::blocking("blocking")]
 #[case::mutex("mutex")]
+#[case::reuseport("reuseport")]
 fn sigkill_of_the_master_leaves_no_worker_after_1s(#[case] strategy: &str) {
     let s = start(strategy, &["--workers", "3"]);
     let workers = s.workers();
@@ -236,6 +244,7 @@ fn sigkill_of_the_master_leaves_no_worker_after_1s(#[case] strategy: &str) {
 #[rstest]
 #[case::blocking("blocking")]
 #[case::mutex("mutex")]
+#[case::reuseport("reuseport")]
 fn usr1_and_usr2_are_logged_and_change_nothing(#[case] strategy: &str) {
     let s = start(strategy, &["--workers", "1"]);
     let before = s.workers();

@@ -33,6 +33,7 @@ fn status_json(sock: &str) -> serde_json::Value {
 #[rstest]
 #[case::blocking("blocking")]
 #[case::mutex("mutex")]
+#[case::reuseport("reuseport")]
 fn frozen_worker_is_killed_within_3s_and_its_slot_serves_again(#[case] strategy: &str) {
     let s = start(strategy, &["--workers", "2", "--timeout", "2"]);
     let addr = s.addr().to_string();
@@ -62,12 +63,10 @@ fn frozen_worker_is_killed_within_3s_and_its_slot_serves_again(#[case] strategy:
         line.contains(&needle) && line.ends_with("s > 2s, killing"),
         "{line}"
     );
-    assert!(
-        log.contains(&format!(
-            "pid={victim}: busy past the timeout, killed by the master"
-        )),
-        "last words: {log}"
-    );
+    // The worker writes its last words when the SIGABRT lands, a moment
+    // after the master's line.
+    let last_words = format!("pid={victim}: busy past the timeout, killed by the master");
+    assert!(s.wait_log(&last_words, T), "last words: {}", s.log());
     assert!(
         stuck.join().expect("thread").is_err(),
         "the stuck request is cut"
@@ -87,6 +86,7 @@ fn frozen_worker_is_killed_within_3s_and_its_slot_serves_again(#[case] strategy:
 #[rstest]
 #[case::blocking("blocking")]
 #[case::mutex("mutex")]
+#[case::reuseport("reuseport")]
 fn a_master_stopped_for_4s_kills_no_worker(#[case] strategy: &str) {
     let s = start(strategy, &["--workers", "2", "--timeout", "2"]);
     let before: HashSet<i32> = s.workers().into_iter().collect();
@@ -117,6 +117,7 @@ fn a_master_stopped_for_4s_kills_no_worker(#[case] strategy: &str) {
 #[rstest]
 #[case::blocking("blocking")]
 #[case::mutex("mutex")]
+#[case::reuseport("reuseport")]
 fn max_requests_recycles_workers_under_2000_connections_with_none_lost(#[case] strategy: &str) {
     let s = start(
         strategy,
@@ -153,6 +154,7 @@ fn max_requests_recycles_workers_under_2000_connections_with_none_lost(#[case] s
 #[rstest]
 #[case::blocking("blocking")]
 #[case::mutex("mutex")]
+#[case::reuseport("reuseport")]
 fn status_shows_a_sleeping_worker_as_busy(#[case] strategy: &str) {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("status.sock");

@@ -211,10 +211,21 @@ impl AsFd for Listener {
     }
 }
 
-/// Binds every spec, in order. A hostname binds every address it resolves to.
+/// Binds every spec, in order. A hostname binds every address it resolves
+/// to. If one fails, the Unix socket files already created are removed.
 pub fn bind_all(specs: &[BindSpec], opts: &BindOptions) -> Result<Vec<Listener>> {
     warn_if_backlog_capped(opts.backlog);
     let mut out = Vec::new();
+    let bound = bind_each(specs, opts, &mut out);
+    if bound.is_err() {
+        for l in &mut out {
+            l.remove_socket_file();
+        }
+    }
+    bound.map(|()| out)
+}
+
+fn bind_each(specs: &[BindSpec], opts: &BindOptions, out: &mut Vec<Listener>) -> Result<()> {
     for spec in specs {
         match spec {
             BindSpec::Tcp { host, port } => {
@@ -240,7 +251,7 @@ pub fn bind_all(specs: &[BindSpec], opts: &BindOptions) -> Result<Vec<Listener>>
             })?),
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Creates one TCP listener on `sa` (close-on-exec, SO_REUSEADDR, IPv6-only
@@ -613,6 +624,23 @@ mod tests {
                 "{k} left for children to adopt again"
             );
         }
+    }
+
+    #[test]
+    fn a_failed_bind_removes_the_socket_files_already_created() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("first.sock");
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let specs = [
+            BindSpec::Unix(path.clone()),
+            BindSpec::parse(&taken.local_addr().expect("addr").to_string()).expect("spec"),
+        ];
+        let err = bind_all(&specs, &BindOptions::default()).expect_err("second is in use");
+        assert!(err.to_string().contains("in use"), "{err}");
+        assert!(
+            !path.exists(),
+            "the first listener's socket file is removed"
+        );
     }
 
     #[test]

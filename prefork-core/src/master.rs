@@ -154,8 +154,9 @@ enum Spawned {
 
 impl<S: AcceptStrategy, A: App> Master<S, A> {
     /// Binds every listener, writes the pid file and runs the app's preload,
-    /// in that order; nothing is forked yet. Errors here lose nothing.
-    pub fn start(cfg: MasterConfig, mut strategy: S, mut app: A) -> Result<Self> {
+    /// in that order; nothing is forked yet. Errors here lose nothing and
+    /// leave nothing behind (socket files and the pid file are removed).
+    pub fn start(cfg: MasterConfig, strategy: S, app: A) -> Result<Self> {
         let threads = sys::thread_count().map_err(|e| Error::sys("reading /proc/self/task", e))?;
         if threads != 1 {
             return Err(Error::NotSingleThreaded(threads));
@@ -169,45 +170,75 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
             listeners = listener::adopt_activated(&env, pid.as_raw() as u32, 3, &opts)?;
         }
         listeners.extend(listener::bind_all(&cfg.binds, &opts)?);
+        let started = Self::assemble(cfg, strategy, app, &mut listeners, pid, &opts);
+        if started.is_err() {
+            for l in &mut listeners {
+                l.remove_socket_file();
+            }
+        }
+        started
+    }
+
+    /// Everything after binding; `listeners` is moved into the master on
+    /// success and left with the caller (to clean up) on failure.
+    fn assemble(
+        cfg: MasterConfig,
+        mut strategy: S,
+        mut app: A,
+        listeners: &mut Vec<Listener>,
+        pid: Pid,
+        opts: &BindOptions,
+    ) -> Result<Self> {
         if listeners.is_empty() {
             return Err(Error::BadAddress {
                 spec: String::new(),
                 reason: "nothing to listen on: give at least one --bind".into(),
             });
         }
-        strategy.prepare(&listeners)?;
+        strategy.prepare(listeners)?;
         let self_pipe =
             SelfPipe::install().map_err(|e| Error::sys("installing signal handlers", e))?;
         let (alive_rd, alive_wr) = nix::unistd::pipe2(OFlag::O_CLOEXEC)
             .map_err(|e| Error::sys("pipe2() for the master-alive pipe", e))?;
+        let status = match &cfg.status_socket {
+            Some(path) => Some(crate::status_server::StatusServer::bind(path)?),
+            None => None,
+        };
+        // Room for every worker alive at once: a full pool, its replacements
+        // during a reload, and those still stopping.
+        let scoreboard = Scoreboard::new(4 * crate::supervisor::MAX_WORKERS)
+            .map_err(|e| Error::sys("mmap() for the scoreboard", e))?;
         let pid_file = match &cfg.pid_file {
-            Some(p) => Some(PidFile::create(p, pid.as_raw() as u32)?),
+            Some(p) => match PidFile::create(p, pid.as_raw() as u32) {
+                Ok(pf) => Some(pf),
+                Err(e) => {
+                    if let Some(st) = status {
+                        st.remove();
+                    }
+                    return Err(e);
+                }
+            },
             None => None,
         };
         if let Err(e) = app.preload() {
             if let Some(pf) = pid_file {
                 pf.remove();
             }
+            if let Some(st) = status {
+                st.remove();
+            }
             return Err(Error::Preload(e.to_string()));
         }
-        let status = match &cfg.status_socket {
-            Some(path) => Some(crate::status_server::StatusServer::bind(path)?),
-            None => None,
-        };
         let sup = Supervisor::new(SupervisorConfig {
             workers: cfg.workers,
             graceful_timeout: cfg.graceful_timeout,
             timeout: cfg.timeout,
             ..SupervisorConfig::default()
         });
-        // Room for every worker alive at once: a full pool, its replacements
-        // during a reload, and those still stopping.
-        let scoreboard = Scoreboard::new(4 * crate::supervisor::MAX_WORKERS)
-            .map_err(|e| Error::sys("mmap() for the scoreboard", e))?;
         Ok(Master {
             strategy,
             app,
-            listeners,
+            listeners: std::mem::take(listeners),
             pid_file,
             sup,
             self_pipe,

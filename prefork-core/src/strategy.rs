@@ -99,6 +99,14 @@ pub trait WorkerAcceptor {
 
     /// The connection from the last `accept` was served and closed.
     fn done(&mut self) {}
+
+    /// After a graceful stop was asked: a connection still waiting that no
+    /// other worker will take (a per-worker socket's queue), or `Idle` when
+    /// there is none. The worker serves what this returns before exiting.
+    /// Shared listeners need nothing: the other workers take their queue.
+    fn drain(&mut self, _ctx: &AcceptContext<'_>) -> io::Result<Accepted> {
+        Ok(Accepted::Idle)
+    }
 }
 
 /// Classifies an accept(2) error: `Ok(Idle)` for the ones to skip, `Err`

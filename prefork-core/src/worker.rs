@@ -7,7 +7,7 @@ use std::time::Duration;
 use nix::poll::{PollFd, PollFlags};
 use nix::unistd::Pid;
 
-use crate::app::{App, WorkerInfo};
+use crate::app::{App, Connection, WorkerInfo};
 use crate::clock::{poll_timeout, MonoTime};
 use crate::master::ReportMode;
 use crate::scoreboard::{Cell, Scoreboard};
@@ -135,17 +135,21 @@ where
         tick: setup.tick,
     };
     let mut backoff = Duration::ZERO;
+    let mut serve = |conn: Connection, acceptor: &mut W| {
+        let mut conn = conn;
+        report.busy();
+        if let Err(e) = app.handle(&mut conn) {
+            tracing::debug!("connection ended with an error: {e}");
+        }
+        drop(conn);
+        acceptor.done();
+        report.idle();
+    };
     while !sys::worker_quit_requested() {
         match acceptor.accept(&ctx) {
-            Ok(Accepted::Connection(mut conn)) => {
+            Ok(Accepted::Connection(conn)) => {
                 backoff = Duration::ZERO;
-                report.busy();
-                if let Err(e) = app.handle(&mut conn) {
-                    tracing::debug!("connection ended with an error: {e}");
-                }
-                drop(conn);
-                acceptor.done();
-                report.idle();
+                serve(conn, &mut acceptor);
             }
             Ok(Accepted::Idle) => {
                 if master_gone(&setup) {
@@ -167,6 +171,10 @@ where
                 }
             }
         }
+    }
+    // Asked to stop: serve what only this worker can take.
+    while let Ok(Accepted::Connection(conn)) = acceptor.drain(&ctx) {
+        serve(conn, &mut acceptor);
     }
     0
 }

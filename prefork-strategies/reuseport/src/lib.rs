@@ -1,0 +1,330 @@
+//! # prefork-reuseport
+//!
+//! One SO_REUSEPORT listening socket per worker slot (per bind address):
+//! the kernel puts each new connection in one socket's queue, and each
+//! worker blocks in accept(2) on its own socket. No herd, no lock.
+//!
+//! The known failure of this design is closing: closing a SO_REUSEPORT
+//! socket resets every connection waiting in its queue (unless
+//! `net.ipv4.tcp_migrate_req=1`), so naive implementations lose connections
+//! at every restart, reload and shrink. Here nothing is closed while the
+//! master runs:
+//!
+//! * The **master** creates every slot's socket before forking and keeps
+//!   it. A respawned, reloaded or recycled worker takes its slot's socket,
+//!   so a dying worker closes nothing: its queue waits for the replacement.
+//!   Slot 0 uses the socket the master bound; slots 1.. get new sockets on
+//!   the real port, created in slot order.
+//! * A classic **BPF program** on the group (SO_ATTACH_REUSEPORT_CBPF) picks
+//!   a uniformly random socket among the first `live` ones. The kernel keeps
+//!   a group's sockets in the order they started listening, which is slot
+//!   order. When the pool shrinks (TTOU, WINCH), `live` shrinks **before**
+//!   the retiring worker is told to stop, so its socket gets nothing new.
+//! * The retiring worker then **drains** its queue: it keeps accepting until
+//!   nothing has arrived for [`DRAIN_LINGER`] (which covers handshakes still
+//!   in flight), serves what it got, and exits. The socket stays open and
+//!   empty, and is reused if the pool grows again.
+//!
+//! This needs no `tcp_migrate_req`. Unix sockets cannot use SO_REUSEPORT
+//! (Linux does not balance them), and sockets inherited from systemd or
+//! `fd:N` were bound without it: both are refused at start with a clear
+//! error.
+
+#![deny(missing_docs)]
+
+mod sys;
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::AsFd;
+use std::time::Duration;
+
+use nix::poll::{PollFd, PollFlags};
+use prefork_core::accept::ListenerSet;
+use prefork_core::clock::poll_timeout;
+use prefork_core::{
+    AcceptContext, AcceptStrategy, Accepted, BindOptions, Error, ListenAddr, Listener, Result,
+    WorkerAcceptor,
+};
+use socket2::{Domain, SockAddr, Socket, Type};
+
+/// How long a retiring worker keeps accepting after its queue looked empty.
+pub const DRAIN_LINGER: Duration = Duration::from_millis(200);
+
+/// Beyond what its queue held when it was told to stop, how many more
+/// connections a stopping worker takes (handshakes that were in flight).
+/// The bound matters on reload, when the new worker of the slot shares the
+/// socket and connections keep coming: the old one must not drain forever.
+pub const DRAIN_MARGIN: u32 = 64;
+
+fn strategy_err(reason: String) -> Error {
+    Error::Strategy {
+        strategy: "reuseport",
+        reason,
+    }
+}
+
+/// The reuseport strategy (master side).
+#[derive(Debug, Default)]
+pub struct Reuseport {
+    addrs: Vec<SocketAddr>,
+    /// Per slot: one socket per address, kept open while the master runs.
+    slots: Vec<Vec<Listener>>,
+    /// Slots 0..live receive new connections.
+    live: usize,
+    opts: BindOptions,
+}
+
+impl Reuseport {
+    /// Creates the strategy.
+    pub fn new() -> Reuseport {
+        Reuseport::default()
+    }
+
+    /// Sockets created so far (slots × addresses), for inspection.
+    pub fn sockets(&self) -> usize {
+        self.slots.iter().map(Vec::len).sum()
+    }
+
+    fn new_socket(&self, sa: SocketAddr) -> io::Result<Listener> {
+        let socket = Socket::new(Domain::for_address(sa), Type::STREAM, None)?;
+        socket.set_reuse_address(true)?;
+        socket.set_reuse_port(true)?;
+        if sa.is_ipv6() {
+            socket.set_only_v6(true)?;
+        }
+        socket.bind(&SockAddr::from(sa))?;
+        socket.listen(self.opts.backlog)?;
+        socket.set_read_timeout(Some(self.opts.accept_tick))?;
+        socket.set_nonblocking(self.addrs.len() > 1)?;
+        Ok(Listener::from_socket(socket, ListenAddr::Tcp(sa)))
+    }
+
+    /// Points every group's BPF program at slots 0..live.
+    fn steer(&self) -> Result<()> {
+        if self.live == 0 {
+            return Ok(()); // no worker: connections wait in the queues
+        }
+        for (i, sa) in self.addrs.iter().enumerate() {
+            if let Some(sock) = self.slots.first().and_then(|s| s.get(i)) {
+                sys::attach_steering(sock.as_fd(), self.live as u32)
+                    .map_err(|e| strategy_err(format!("SO_ATTACH_REUSEPORT_CBPF on {sa}: {e}")))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn migrate_req() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/net/ipv4/tcp_migrate_req")
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
+impl AcceptStrategy for Reuseport {
+    type Acceptor = ReuseportAcceptor;
+
+    fn name(&self) -> &'static str {
+        "reuseport"
+    }
+
+    fn bind_options(&self, opts: &mut BindOptions) {
+        opts.reuse_port = true;
+    }
+
+    fn prepare(&mut self, listeners: &[Listener]) -> Result<()> {
+        let mut slot0 = Vec::new();
+        for l in listeners {
+            let sa = match l.addr() {
+                ListenAddr::Tcp(sa) => *sa,
+                ListenAddr::Unix(p) => {
+                    return Err(strategy_err(format!(
+                        "unix:{} cannot use SO_REUSEPORT (Linux does not balance Unix sockets); \
+                         serve it with --strategy blocking or mutex",
+                        p.display()
+                    )))
+                }
+            };
+            if !l.socket().reuse_port().unwrap_or(false) {
+                return Err(strategy_err(format!(
+                    "{sa} was bound without SO_REUSEPORT (inherited from systemd or fd:N); \
+                     let prefork bind it with --bind, or use --strategy blocking or mutex"
+                )));
+            }
+            let dup = l
+                .socket()
+                .try_clone()
+                .map_err(|e| strategy_err(format!("dup() of {sa}: {e}")))?;
+            slot0.push(Listener::from_socket(dup, ListenAddr::Tcp(sa)));
+            self.addrs.push(sa);
+        }
+        self.opts.accept_tick = listeners
+            .first()
+            .and_then(|l| l.socket().read_timeout().ok().flatten())
+            .unwrap_or(prefork_core::listener::DEFAULT_ACCEPT_TICK);
+        ListenerSet::set_nonblocking(listeners, listeners.len() > 1)
+            .map_err(|e| strategy_err(format!("O_NONBLOCK on the listeners: {e}")))?;
+        self.slots.push(slot0);
+        match migrate_req().as_deref() {
+            Some("1") => tracing::info!("reuseport: net.ipv4.tcp_migrate_req=1"),
+            Some(v) => tracing::warn!(
+                "reuseport: net.ipv4.tcp_migrate_req={v}: the kernel resets the queue of a closed \
+                 SO_REUSEPORT socket. prefork closes none while running (retired slots are steered \
+                 away from and drained), so resizing and reloads lose nothing; \
+                 `sysctl -w net.ipv4.tcp_migrate_req=1` also protects the queues at exit"
+            ),
+            None => {}
+        }
+        Ok(())
+    }
+
+    fn prepare_slot(&mut self, slot: usize, _listeners: &[Listener]) -> Result<()> {
+        // Sockets are created in slot order so that the group's order is
+        // the slot order the BPF program relies on.
+        while self.slots.len() <= slot {
+            let sockets = self
+                .addrs
+                .iter()
+                .map(|&sa| {
+                    self.new_socket(sa).map_err(|e| {
+                        strategy_err(format!("SO_REUSEPORT socket for slot {slot} on {sa}: {e}"))
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            self.slots.push(sockets);
+        }
+        if slot >= self.live {
+            self.live = slot + 1;
+            self.steer()?;
+        }
+        Ok(())
+    }
+
+    fn slot_retired(&mut self, slot: usize) {
+        if slot < self.live {
+            self.live = slot;
+            if let Err(e) = self.steer() {
+                tracing::error!("{e}");
+            }
+        }
+    }
+
+    fn into_acceptor(
+        mut self,
+        slot: usize,
+        _listeners: Vec<Listener>,
+    ) -> io::Result<ReuseportAcceptor> {
+        // Keep this slot's sockets; every other one (and the master's own
+        // listeners, dropped with `_listeners`) is closed in this worker only.
+        if slot >= self.slots.len() {
+            return Err(io::Error::other(format!("no sockets for slot {slot}")));
+        }
+        let own = std::mem::take(&mut self.slots[slot]);
+        Ok(ReuseportAcceptor {
+            set: ListenerSet::new(own),
+            drain_left: None,
+        })
+    }
+}
+
+/// The worker side: accepts from its slot's own sockets.
+#[derive(Debug)]
+pub struct ReuseportAcceptor {
+    set: ListenerSet,
+    /// Connections still to take while draining (set at the first call).
+    drain_left: Option<u32>,
+}
+
+impl WorkerAcceptor for ReuseportAcceptor {
+    fn accept(&mut self, ctx: &AcceptContext<'_>) -> io::Result<Accepted> {
+        if self.set.len() == 1 {
+            return self.set.accept_from(0);
+        }
+        self.set.poll_and_accept(ctx)
+    }
+
+    fn drain(&mut self, _ctx: &AcceptContext<'_>) -> io::Result<Accepted> {
+        // When the slot is retired nobody else accepts from this socket:
+        // take what is queued, and what arrives within the linger
+        // (handshakes in flight when the steering changed). Bounded by what
+        // was queued at the stop plus a margin.
+        let left = *self.drain_left.get_or_insert_with(|| {
+            let queued: u32 = self
+                .set
+                .listeners()
+                .iter()
+                .filter_map(|l| prefork_core::sys::tcp_accept_queue(l.as_fd()).ok())
+                .map(|(n, _)| n)
+                .sum();
+            queued + DRAIN_MARGIN
+        });
+        if left == 0 {
+            return Ok(Accepted::Idle);
+        }
+        self.drain_left = Some(left - 1);
+        let mut fds: Vec<PollFd<'_>> = self
+            .set
+            .listeners()
+            .iter()
+            .map(|l| PollFd::new(l.as_fd(), PollFlags::POLLIN))
+            .collect();
+        match nix::poll::poll(&mut fds, poll_timeout(Some(DRAIN_LINGER))) {
+            Ok(n) if n > 0 => {}
+            _ => return Ok(Accepted::Idle),
+        }
+        let ready = fds
+            .iter()
+            .position(|p| p.revents().is_some_and(|r| r.contains(PollFlags::POLLIN)));
+        drop(fds);
+        match ready {
+            Some(i) => self.set.accept_from(i),
+            None => Ok(Accepted::Idle),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpStream;
+
+    #[test]
+    fn steering_program_sends_every_connection_to_the_live_sockets() {
+        // Four sockets in one group; steer to the first two only.
+        let first = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
+        first.set_reuse_port(true).expect("reuseport");
+        first
+            .bind(&SockAddr::from(
+                "127.0.0.1:0".parse::<SocketAddr>().expect("addr"),
+            ))
+            .expect("bind");
+        first.listen(128).expect("listen");
+        let sa = first.local_addr().expect("addr").as_socket().expect("inet");
+        let mut group = vec![first];
+        for _ in 0..3 {
+            let s = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
+            s.set_reuse_port(true).expect("reuseport");
+            s.bind(&SockAddr::from(sa)).expect("bind");
+            s.listen(128).expect("listen");
+            group.push(s);
+        }
+        sys::attach_steering(group[0].as_fd(), 2).expect("attach");
+        let clients: Vec<TcpStream> = (0..40)
+            .map(|_| TcpStream::connect(sa).expect("connect"))
+            .collect();
+        let mut per_socket = [0usize; 4];
+        for (i, s) in group.iter().enumerate() {
+            s.set_nonblocking(true).expect("nonblocking");
+            while s.accept().is_ok() {
+                per_socket[i] += 1;
+            }
+        }
+        assert_eq!(per_socket[2] + per_socket[3], 0, "{per_socket:?}");
+        assert_eq!(per_socket[0] + per_socket[1], 40, "{per_socket:?}");
+        assert!(
+            per_socket[0] > 0 && per_socket[1] > 0,
+            "random spread: {per_socket:?}"
+        );
+        drop(clients);
+    }
+}
