@@ -117,6 +117,9 @@ struct WorkerProc {
 /// How often the master looks at the scoreboard when timeouts or recycling
 /// need it, and the gap beyond which it decides it was stopped or starved.
 const OBSERVE_TICK: Duration = Duration::from_millis(100);
+/// The longest the master sleeps: each turn reaps, so a SIGCHLD wakeup that
+/// never arrives cannot leave a zombie longer than this (see docs/design.md).
+const MAX_SLEEP: Duration = Duration::from_secs(1);
 const STALL_GAP: Duration = Duration::from_secs(1);
 
 /// The master process.
@@ -303,9 +306,8 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
     fn wait(&mut self, signals: &mut Vec<Signal>) -> Duration {
         let start = MonoTime::now();
         let mut timeout = self.sup.next_deadline().map(|t| t.saturating_since(start));
-        if self.watch {
-            timeout = Some(timeout.map_or(OBSERVE_TICK, |t| t.min(OBSERVE_TICK)));
-        }
+        let cap = if self.watch { OBSERVE_TICK } else { MAX_SLEEP };
+        timeout = Some(timeout.map_or(cap, |t| t.min(cap)));
         let mut owners: Vec<Option<Pid>> = Vec::with_capacity(self.workers.len() + 1);
         let mut ready: Vec<(Option<Pid>, RawFd)> = Vec::new();
         {
