@@ -28,6 +28,8 @@ enum StrategyName {
     Mutex,
     /// One SO_REUSEPORT socket per worker, kept by the master.
     Reuseport,
+    /// The master accepts and hands each connection to an idle worker.
+    Fdpass,
 }
 
 /// The lock of the mutex strategy.
@@ -418,6 +420,9 @@ fn main() -> ExitCode {
         }
         StrategyName::Reuseport => Master::start(cfg, prefork_reuseport::Reuseport::new(), app)
             .and_then(|m| m.run(print_ready)),
+        StrategyName::Fdpass => {
+            Master::start(cfg, prefork_fdpass::Fdpass::new(), app).and_then(|m| m.run(print_ready))
+        }
     };
     match result {
         Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),

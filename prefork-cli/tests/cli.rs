@@ -20,7 +20,7 @@ fn run(args: &[&str]) -> (Option<i32>, String) {
 }
 
 #[rstest]
-#[case::unknown_strategy(&["--strategy", "nope"], "[possible values: blocking, mutex, reuseport]")]
+#[case::unknown_strategy(&["--strategy", "nope"], "[possible values: blocking, mutex, reuseport, fdpass]")]
 #[case::bad_port(&["--bind", "127.0.0.1:99999"], "the port must be a number from 0 to 65535")]
 #[case::unbracketed_v6(&["--bind", "::1:80"], "must be written in brackets")]
 #[case::no_host(&["--bind", ":80"], "the host is empty")]

@@ -28,10 +28,18 @@ fn run(strategy: &str, fault: Fault) -> FaultResult {
 #[rstest]
 #[case::blocking("blocking")]
 #[case::mutex("mutex")]
+#[case::fdpass("fdpass")]
 #[case::reuseport("reuseport")]
 fn l1_killing_idle_workers_loses_nothing(#[case] strategy: &str) {
     let r = run(strategy, Fault::KillIdle);
-    assert_eq!(r.lost, 0, "{r:?}");
+    if strategy == "fdpass" {
+        // With fdpass the master hands the next connection to a worker it
+        // sees idle, and it may be in flight to the worker being killed:
+        // the fdpass issue (F2) allows at most that one per kill.
+        assert!(r.lost <= r.injections, "{r:?}");
+    } else {
+        assert_eq!(r.lost, 0, "{r:?}");
+    }
     assert!(r.max_recovery_ms.is_some_and(|ms| ms < 1000.0), "{r:?}");
 }
 
@@ -39,6 +47,7 @@ fn l1_killing_idle_workers_loses_nothing(#[case] strategy: &str) {
 #[rstest]
 #[case::blocking("blocking")]
 #[case::mutex("mutex")]
+#[case::fdpass("fdpass")]
 #[case::reuseport("reuseport")]
 fn l2_killing_any_worker_loses_at_most_one_connection_per_kill(#[case] strategy: &str) {
     let r = run(strategy, Fault::KillAny);
@@ -49,6 +58,7 @@ fn l2_killing_any_worker_loses_at_most_one_connection_per_kill(#[case] strategy:
 #[rstest]
 #[case::blocking("blocking")]
 #[case::mutex("mutex")]
+#[case::fdpass("fdpass")]
 #[case::reuseport("reuseport")]
 fn l3_killing_all_workers_at_once_brings_all_back(#[case] strategy: &str) {
     let r = run(strategy, Fault::KillAll);
@@ -60,6 +70,7 @@ fn l3_killing_all_workers_at_once_brings_all_back(#[case] strategy: &str) {
 #[rstest]
 #[case::blocking("blocking")]
 #[case::mutex("mutex")]
+#[case::fdpass("fdpass")]
 #[case::reuseport("reuseport")]
 fn l4_reload_every_second_loses_nothing(#[case] strategy: &str) {
     let r = run(strategy, Fault::Hup);
@@ -70,6 +81,7 @@ fn l4_reload_every_second_loses_nothing(#[case] strategy: &str) {
 #[rstest]
 #[case::blocking("blocking")]
 #[case::mutex("mutex")]
+#[case::fdpass("fdpass")]
 #[case::reuseport("reuseport")]
 fn l7_resizing_every_200ms_loses_nothing(#[case] strategy: &str) {
     let r = run(strategy, Fault::TtinTtou);

@@ -13,6 +13,7 @@ use rstest::rstest;
 #[rstest]
 #[case::blocking("blocking")]
 #[case::mutex("mutex")]
+#[case::fdpass("fdpass")]
 #[case::reuseport("reuseport")]
 fn http_app_answers_with_worker_header_sleep_and_errors(#[case] strategy: &str) {
     let s = start(
@@ -62,6 +63,7 @@ fn http_app_answers_with_worker_header_sleep_and_errors(#[case] strategy: &str) 
 #[rstest]
 #[case::blocking("blocking")]
 #[case::mutex("mutex")]
+#[case::fdpass("fdpass")]
 #[case::reuseport("reuseport")]
 fn keep_alive_when_asked_and_bounded(#[case] strategy: &str) {
     let s = start(strategy, &["--workers", "1", "--keepalive-requests", "3"]);
@@ -84,6 +86,7 @@ fn keep_alive_when_asked_and_bounded(#[case] strategy: &str) {
 #[rstest]
 #[case::blocking("blocking")]
 #[case::mutex("mutex")]
+#[case::fdpass("fdpass")]
 #[case::reuseport("reuseport")]
 fn hello_and_echo_apps(#[case] strategy: &str) {
     let s = start(strategy, &["--workers", "1", "--app", "hello"]);
@@ -108,6 +111,7 @@ fn hello_and_echo_apps(#[case] strategy: &str) {
 #[rstest]
 #[case::blocking("blocking")]
 #[case::mutex("mutex")]
+#[case::fdpass("fdpass")]
 fn several_listeners_tcp_and_unix_are_all_served(#[case] strategy: &str) {
     let dir = tempfile::tempdir().expect("tempdir");
     let sock = dir.path().join("p.sock");
@@ -147,6 +151,7 @@ fn several_listeners_tcp_and_unix_are_all_served(#[case] strategy: &str) {
 #[rstest]
 #[case::blocking("blocking")]
 #[case::mutex("mutex")]
+#[case::fdpass("fdpass")]
 #[case::reuseport("reuseport")]
 fn two_thousand_connections_to_four_workers_all_answered_by_every_worker(#[case] strategy: &str) {
     let s = start(strategy, &["--workers", "4"]);
@@ -167,6 +172,7 @@ fn two_thousand_connections_to_four_workers_all_answered_by_every_worker(#[case]
 #[rstest]
 #[case::blocking("blocking")]
 #[case::mutex("mutex")]
+#[case::fdpass("fdpass")]
 #[case::reuseport("reuseport")]
 fn ipv6_loopback_is_served_when_available(#[case] strategy: &str) {
     if std::net::TcpListener::bind("[::1]:0").is_err() {
@@ -209,6 +215,7 @@ os.execv(sys.argv[1], sys.argv[1:])
 #[rstest]
 #[case::blocking("blocking")]
 #[case::mutex("mutex")]
+#[case::fdpass("fdpass")]
 fn systemd_socket_activation_is_adopted_and_no_default_bind_added(#[case] strategy: &str) {
     let mut args = strategy_args(strategy);
     args.extend(["--workers".into(), "2".into()]);
@@ -222,6 +229,7 @@ fn systemd_socket_activation_is_adopted_and_no_default_bind_added(#[case] strate
 #[rstest]
 #[case::blocking("blocking")]
 #[case::mutex("mutex")]
+#[case::fdpass("fdpass")]
 fn an_inherited_fd_is_served_with_fd_bind(#[case] strategy: &str) {
     let mut args = strategy_args(strategy);
     args.extend(["--workers", "1", "--bind", "fd:5"].map(String::from));

@@ -50,6 +50,7 @@ impl Load {
 #[rstest]
 #[case::blocking("blocking")]
 #[case::mutex("mutex")]
+#[case::fdpass("fdpass")]
 #[case::reuseport("reuseport")]
 fn sigkilled_worker_comes_back_in_the_same_slot_with_a_new_pid_within_1s(#[case] strategy: &str) {
     let s = start(strategy, &["--workers", "2"]);
@@ -81,6 +82,7 @@ fn sigkilled_worker_comes_back_in_the_same_slot_with_a_new_pid_within_1s(#[case]
 #[rstest]
 #[case::blocking("blocking")]
 #[case::mutex("mutex")]
+#[case::fdpass("fdpass")]
 #[case::reuseport("reuseport")]
 fn ttin_adds_and_ttou_removes_one_worker(#[case] strategy: &str) {
     let s = start(strategy, &["--workers", "4"]);
@@ -99,6 +101,7 @@ fn ttin_adds_and_ttou_removes_one_worker(#[case] strategy: &str) {
 #[rstest]
 #[case::blocking("blocking")]
 #[case::mutex("mutex")]
+#[case::fdpass("fdpass")]
 #[case::reuseport("reuseport")]
 fn quit_lets_the_request_in_hand_finish_then_exits_0_with_no_child_left(#[case] strategy: &str) {
     let mut s = start(strategy, &["--workers", "2"]);
@@ -123,6 +126,7 @@ fn quit_lets_the_request_in_hand_finish_then_exits_0_with_no_child_left(#[case] 
 #[rstest]
 #[case::blocking("blocking")]
 #[case::mutex("mutex")]
+#[case::fdpass("fdpass")]
 #[case::reuseport("reuseport")]
 fn term_stops_at_once_and_int_too(#[case] strategy: &str) {
     for sig in [Signal::SIGTERM, Signal::SIGINT] {
@@ -151,6 +155,7 @@ fn term_stops_at_once_and_int_too(#[case] strategy: &str) {
 #[rstest]
 #[case::blocking("blocking")]
 #[case::mutex("mutex")]
+#[case::fdpass("fdpass")]
 #[case::reuseport("reuseport")]
 fn graceful_stop_escalates_after_graceful_timeout(#[case] strategy: &str) {
     let mut s = start(strategy, &["--workers", "1", "--graceful-timeout", "1"]);
@@ -181,6 +186,7 @@ fn graceful_stop_escalates_after_graceful_timeout(#[case] strategy: &str) {
 #[rstest]
 #[case::blocking("blocking")]
 #[case::mutex("mutex")]
+#[case::fdpass("fdpass")]
 #[case::reuseport("reuseport")]
 fn hup_replaces_every_worker_without_losing_a_connection(#[case] strategy: &str) {
     let s = start(strategy, &["--workers", "3"]);
@@ -212,6 +218,7 @@ fn hup_replaces_every_worker_without_losing_a_connection(#[case] strategy: &str)
 #[rstest]
 #[case::blocking("blocking")]
 #[case::mutex("mutex")]
+#[case::fdpass("fdpass")]
 #[case::reuseport("reuseport")]
 fn winch_stops_all_workers_keeps_master_and_ttin_brings_them_back(#[case] strategy: &str) {
     let s = start(strategy, &["--workers", "3"]);
@@ -227,6 +234,7 @@ fn winch_stops_all_workers_keeps_master_and_ttin_brings_them_back(#[case] strate
 #[rstest]
 #[case::blocking("blocking")]
 #[case::mutex("mutex")]
+#[case::fdpass("fdpass")]
 #[case::reuseport("reuseport")]
 fn sigkill_of_the_master_leaves_no_worker_after_1s(#[case] strategy: &str) {
     let s = start(strategy, &["--workers", "3"]);
@@ -244,6 +252,7 @@ fn sigkill_of_the_master_leaves_no_worker_after_1s(#[case] strategy: &str) {
 #[rstest]
 #[case::blocking("blocking")]
 #[case::mutex("mutex")]
+#[case::fdpass("fdpass")]
 #[case::reuseport("reuseport")]
 fn usr1_and_usr2_are_logged_and_change_nothing(#[case] strategy: &str) {
     let s = start(strategy, &["--workers", "1"]);

@@ -33,6 +33,7 @@ fn status_json(sock: &str) -> serde_json::Value {
 #[rstest]
 #[case::blocking("blocking")]
 #[case::mutex("mutex")]
+#[case::fdpass("fdpass")]
 #[case::reuseport("reuseport")]
 fn frozen_worker_is_killed_within_3s_and_its_slot_serves_again(#[case] strategy: &str) {
     let s = start(strategy, &["--workers", "2", "--timeout", "2"]);
@@ -86,6 +87,7 @@ fn frozen_worker_is_killed_within_3s_and_its_slot_serves_again(#[case] strategy:
 #[rstest]
 #[case::blocking("blocking")]
 #[case::mutex("mutex")]
+#[case::fdpass("fdpass")]
 #[case::reuseport("reuseport")]
 fn a_master_stopped_for_4s_kills_no_worker(#[case] strategy: &str) {
     let s = start(strategy, &["--workers", "2", "--timeout", "2"]);
@@ -117,6 +119,7 @@ fn a_master_stopped_for_4s_kills_no_worker(#[case] strategy: &str) {
 #[rstest]
 #[case::blocking("blocking")]
 #[case::mutex("mutex")]
+#[case::fdpass("fdpass")]
 #[case::reuseport("reuseport")]
 fn max_requests_recycles_workers_under_2000_connections_with_none_lost(#[case] strategy: &str) {
     let s = start(
@@ -154,6 +157,7 @@ fn max_requests_recycles_workers_under_2000_connections_with_none_lost(#[case] s
 #[rstest]
 #[case::blocking("blocking")]
 #[case::mutex("mutex")]
+#[case::fdpass("fdpass")]
 #[case::reuseport("reuseport")]
 fn status_shows_a_sleeping_worker_as_busy(#[case] strategy: &str) {
     let dir = tempfile::tempdir().expect("tempdir");

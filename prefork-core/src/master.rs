@@ -585,7 +585,10 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
                     StopReason::Replaced => tracing::info!("worker={slot} pid={pid} replaced by a new generation; stopping it gracefully"),
                     StopReason::Shutdown => tracing::debug!("worker={slot} pid={pid} sent {signal}"),
                 }
-                if reason == StopReason::Retired {
+                // The slot's current worker leaves without a successor in
+                // it: strategies stop giving it work (reuseport steers away,
+                // fdpass stops dispatching).
+                if matches!(reason, StopReason::Retired | StopReason::Shutdown) {
                     self.strategy.slot_retired(slot);
                 }
                 match kill(pid, signal) {

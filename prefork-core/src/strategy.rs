@@ -74,7 +74,8 @@ pub trait AcceptStrategy {
     /// The worker in `slot` exited (the slot may be respawned).
     fn worker_exited(&mut self, _slot: usize) {}
 
-    /// Slot `slot` is no longer wanted (the pool shrank).
+    /// Slot `slot` is no longer wanted: the pool shrank, or the master is
+    /// stopping. Called before its worker is signalled.
     fn slot_retired(&mut self, _slot: usize) {}
 
     /// The master is exiting: release what outlives processes (lock files,

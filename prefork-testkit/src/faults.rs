@@ -138,10 +138,14 @@ fn kill_if_idle(master: i32, pid: i32, waiting_in: &[i64]) -> bool {
         procs::stat(pid).is_some_and(|s| s.state == 'T')
     });
     let idle = stopped && procs::current_syscall(pid).is_some_and(|n| waiting_in.contains(&n)) && {
+        // A connection is a stream socket only this worker holds; the
+        // master's listeners are shared, an fdpass channel is SEQPACKET.
         let masters = procs::socket_inodes(master);
+        let channels = procs::seqpacket_inodes();
         procs::socket_inodes(pid)
             .iter()
-            .all(|s| masters.contains(s))
+            .all(|s| masters.contains(s) || channels.contains(s))
+            && !procs::has_queued_seqpacket(pid)
     };
     if idle {
         let _ = kill(p, Signal::SIGKILL);

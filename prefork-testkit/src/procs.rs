@@ -91,6 +91,41 @@ pub fn socket_inodes(pid: i32) -> Vec<u64> {
         .collect()
 }
 
+/// Inodes of the SOCK_SEQPACKET Unix sockets on this machine
+/// (/proc/net/unix, Type 0005): master-worker channels, never connections.
+pub fn seqpacket_inodes() -> Vec<u64> {
+    std::fs::read_to_string("/proc/net/unix")
+        .unwrap_or_default()
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.get(4) == Some(&"0005")).then(|| f.get(6)?.parse().ok())?
+        })
+        .collect()
+}
+
+/// True if any SOCK_SEQPACKET socket of `pid` has a message waiting to be
+/// read (an fdpass connection handed over but not yet received), from
+/// `ss -x -p` (sock_diag: /proc shows no Unix receive queues).
+pub fn has_queued_seqpacket(pid: i32) -> bool {
+    let Ok(out) = std::process::Command::new("ss")
+        .args(["-x", "-a", "-p", "-H"])
+        .output()
+    else {
+        return false;
+    };
+    let needle = format!("pid={pid},");
+    String::from_utf8_lossy(&out.stdout).lines().any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.first() == Some(&"u_seq")
+            && l.contains(&needle)
+            && f.get(2)
+                .and_then(|q| q.parse::<u64>().ok())
+                .is_some_and(|q| q > 0)
+    })
+}
+
 fn all_stats() -> impl Iterator<Item = ProcStat> {
     let mut pids: Vec<i32> = fs::read_dir("/proc")
         .into_iter()
