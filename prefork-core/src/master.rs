@@ -636,6 +636,7 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
         match forked {
             Forked::Parent(pid) => {
                 drop(status_wr);
+                self.strategy.worker_spawned(slot);
                 self.workers.insert(
                     pid,
                     WorkerProc {

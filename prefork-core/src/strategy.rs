@@ -59,6 +59,10 @@ pub trait AcceptStrategy {
         Ok(())
     }
 
+    /// In the master, right after the worker of `slot` was forked: close
+    /// what only the worker should hold (the worker's end of a channel).
+    fn worker_spawned(&mut self, _slot: usize) {}
+
     /// In the child, right after fork: build the worker side. `listeners`
     /// is the child's copy; whatever is not kept is closed in the child only.
     fn into_acceptor(self, slot: usize, listeners: Vec<Listener>) -> io::Result<Self::Acceptor>;

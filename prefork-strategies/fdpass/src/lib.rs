@@ -155,8 +155,11 @@ impl Fdpass {
                         tracing::warn!("fdpass: worker {slot} sent a malformed message; ignored");
                     }
                 }
-                Ok(None) => {
-                    // EOF: the worker is gone.
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EINTR)) => {
+                    return; // read everything there was
+                }
+                // EOF, or a reset: the worker is gone.
+                Ok(None) | Err(_) => {
                     if ch.outstanding {
                         self.lost += 1;
                         tracing::warn!("fdpass: worker {slot} died holding a connection");
@@ -166,7 +169,6 @@ impl Fdpass {
                     ch.closed = true;
                     return;
                 }
-                Err(_) => return, // EAGAIN: read everything
             }
         }
     }
@@ -232,6 +234,14 @@ impl AcceptStrategy for Fdpass {
             closed: false,
         });
         Ok(())
+    }
+
+    fn worker_spawned(&mut self, slot: usize) {
+        // Only the worker may hold its end: the master's copy would keep the
+        // channel open after the worker died, and hide its death.
+        if let Some(ch) = self.slots.get_mut(slot).and_then(Option::as_mut) {
+            ch.worker = None;
+        }
     }
 
     fn into_acceptor(
