@@ -375,8 +375,8 @@ pub fn aggregate(results: &[RunResult]) -> Vec<Aggregate> {
 /// The comparison as a markdown table.
 pub fn markdown(aggs: &[Aggregate]) -> String {
     let mut s = String::from(
-        "| scenario | server | req/s | p50 µs | p99 µs | p99.9 µs | fairness | busiest | errors | CPU µs/req | wakeups/conn | PSS MiB |\n\
-         |---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n",
+        "| scenario | server | req/s | p50 µs | p99 µs | p99.9 µs | fast p99 µs | fairness | busiest | errors | CPU µs/req | wakeups/conn | PSS MiB |\n\
+         |---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n",
     );
     for a in aggs {
         let r = &a.median;
@@ -395,7 +395,7 @@ pub fn markdown(aggs: &[Aggregate]) -> String {
             )
         };
         s.push_str(&format!(
-            "| {} | {} | {:.0}{} | {} | {} | {} | {} | {} | {} | {:.1} | {:.2} | {:.1} |\n",
+            "| {} | {} | {:.0}{} | {} | {} | {} | {} | {} | {} | {} | {:.1} | {:.2} | {:.1} |\n",
             r.scenario,
             r.server,
             l.rps,
@@ -403,6 +403,7 @@ pub fn markdown(aggs: &[Aggregate]) -> String {
             l.latency_us.p50,
             l.latency_us.p99,
             l.latency_us.p999,
+            l.fast_latency_us.p99,
             fair.0,
             fair.1,
             l.errors.total(),
@@ -538,6 +539,13 @@ mod tests {
                     p999: 400,
                     max: 500,
                 },
+                fast_latency_us: Percentiles {
+                    p50: 100,
+                    p90: 200,
+                    p99: 300,
+                    p999: 400,
+                    max: 500,
+                },
                 per_worker: [(0, 5), (1, 5)].into(),
                 fairness: 1.0,
                 max_share: 0.5,
@@ -568,7 +576,10 @@ mod tests {
         assert_eq!(a[1].median.server, "nginx");
         assert_eq!(a[2].median.scenario, "mixed");
         let md = markdown(&a);
-        assert!(md.contains("| hello | blocking | 110 (100–120) |"), "{md}");
+        assert!(
+            md.contains("| hello | blocking | 110 (100–120) | 100 | 300 | 400 | 300 |"),
+            "{md}"
+        );
         let chart = svg(&a);
         // Background, one bar per result in each of 2 panels, one legend box per server.
         assert!(chart.starts_with("<svg"));

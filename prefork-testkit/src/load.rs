@@ -195,6 +195,10 @@ pub struct LoadReport {
     pub connections: u64,
     /// Latency of successful requests, µs.
     pub latency: Histogram<u64>,
+    /// Latency of the successful requests that were not the slow path
+    /// (all of them when there is no slow path), µs: in the `mixed`
+    /// scenario, what a fast request pays for landing behind a slow one.
+    pub fast_latency: Histogram<u64>,
     /// Successful requests per worker slot.
     pub per_worker: BTreeMap<u32, u64>,
     /// Every request's outcome, if recorded.
@@ -216,6 +220,8 @@ pub struct Summary {
     pub connections: u64,
     /// Latency percentiles in µs.
     pub latency_us: Percentiles,
+    /// Percentiles of the requests that were not the slow path, µs.
+    pub fast_latency_us: Percentiles,
     /// Requests per worker slot.
     pub per_worker: BTreeMap<u32, u64>,
     /// Jain's fairness index over the workers.
@@ -249,6 +255,7 @@ impl LoadReport {
             errors: ErrorCounts::default(),
             connections: 0,
             latency: new_histogram(),
+            fast_latency: new_histogram(),
             per_worker: BTreeMap::new(),
             outcomes: Vec::new(),
         }
@@ -260,6 +267,7 @@ impl LoadReport {
         self.errors.merge(&part.errors);
         self.connections += part.connections;
         let _ = self.latency.add(&part.latency);
+        let _ = self.fast_latency.add(&part.fast_latency);
         for (k, v) in part.per_worker {
             *self.per_worker.entry(k).or_insert(0) += v;
         }
@@ -275,7 +283,13 @@ impl LoadReport {
     /// Figures for tables and JSON. `workers`: how many workers there are
     /// (a worker that served nothing still counts against fairness).
     pub fn summary(&self, workers: Option<usize>) -> Summary {
-        let q = |p: f64| self.latency.value_at_quantile(p);
+        let pct = |h: &Histogram<u64>| Percentiles {
+            p50: h.value_at_quantile(0.50),
+            p90: h.value_at_quantile(0.90),
+            p99: h.value_at_quantile(0.99),
+            p999: h.value_at_quantile(0.999),
+            max: h.max(),
+        };
         let (fairness, max_share, min_share) = fairness(&self.per_worker, workers);
         Summary {
             elapsed_s: self.elapsed.as_secs_f64(),
@@ -283,13 +297,8 @@ impl LoadReport {
             rps: self.rps(),
             errors: self.errors.clone(),
             connections: self.connections,
-            latency_us: Percentiles {
-                p50: q(0.50),
-                p90: q(0.90),
-                p99: q(0.99),
-                p999: q(0.999),
-                max: self.latency.max(),
-            },
+            latency_us: pct(&self.latency),
+            fast_latency_us: pct(&self.fast_latency),
             per_worker: self.per_worker.clone(),
             fairness,
             max_share,
@@ -809,6 +818,9 @@ impl<'a> Worker<'a> {
             self.report.ok += 1;
             self.progress.ok.fetch_add(1, Ordering::Relaxed);
             let _ = self.report.latency.record(latency.max(1));
+            if !c.slow {
+                let _ = self.report.fast_latency.record(latency.max(1));
+            }
         } else {
             self.report.errors.add(o);
             self.progress.failed.fetch_add(1, Ordering::Relaxed);
@@ -938,6 +950,24 @@ mod tests {
         assert_eq!(r.ok, 200);
         // 200 × 50 ms would be 10 s; a loopback request takes well under 5 ms.
         assert!(t0.elapsed() < Duration::from_secs(1), "{:?}", t0.elapsed());
+    }
+
+    #[test]
+    fn fast_latency_leaves_out_the_slow_path() {
+        let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+        let (addr, h) = serve(ok, 100);
+        let cfg = LoadConfig {
+            slow: Some(("/slow".into(), 0.1)),
+            ..requests_to(addr, 1, 100)
+        };
+        let r = go(&cfg);
+        h.join().expect("server");
+        assert_eq!(r.latency.len(), 100);
+        assert_eq!(
+            r.fast_latency.len(),
+            90,
+            "every tenth request is the slow path"
+        );
     }
 
     #[test]

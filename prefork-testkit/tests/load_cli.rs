@@ -82,3 +82,22 @@ fn bad_input_is_one_line_and_exit_2() {
         );
     }
 }
+
+#[test]
+fn bench_usage_errors_exit_2_before_running_anything() {
+    for args in [
+        vec!["--scenarios", "nope"],
+        vec!["--faults", "earthquake"],
+        vec!["--variant", "no-equals-sign"],
+        vec!["--variant", "x=--lock flock"],
+        vec!["--repeat", "0"],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_prefork-bench"))
+            .args(&args)
+            .output()
+            .expect("run");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.starts_with("error: "), "{args:?}: {err}");
+    }
+}

@@ -84,8 +84,51 @@ struct Cli {
     svg: Option<PathBuf>,
 }
 
+/// Checks the words of the command line that clap cannot (names in lists,
+/// variant syntax): a usage error is exit 2, like every prefork tool.
+fn check_usage(cli: &Cli) -> Result<(), String> {
+    for sc in &cli.scenarios {
+        if Scenario::parse(sc).is_none() {
+            return Err(format!(
+                "unknown scenario {sc:?} (hello, mixed, multi-listener)"
+            ));
+        }
+    }
+    for f in &cli.faults {
+        if Fault::parse(f).is_none() {
+            let names: Vec<&str> = Fault::ALL.iter().map(|f| f.name()).collect();
+            return Err(format!("unknown fault {f:?} ({})", names.join(", ")));
+        }
+    }
+    for v in &cli.variant {
+        let ok = v.split_once('=').is_some_and(|(label, flags)| {
+            !label.is_empty() && flags.split_whitespace().any(|w| w == "--strategy")
+        });
+        if !ok {
+            return Err(format!(
+                "--variant {v:?}: expected LABEL=FLAGS with --strategy NAME in FLAGS"
+            ));
+        }
+    }
+    if cli.repeat == 0 || cli.workers == 0 || cli.connections == 0 || cli.threads == 0 {
+        return Err("--repeat, --workers, --connections and --threads must be at least 1".into());
+    }
+    if !(cli.duration > 0.0
+        && cli.fault_duration > 0.0
+        && cli.fault_rate > 0.0
+        && cli.herd_rate > 0.0)
+    {
+        return Err("durations and rates must be positive".into());
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Err(e) = check_usage(&cli) {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -235,6 +235,17 @@ fn main() -> ExitCode {
         thousands(l.p999),
         thousands(l.max)
     );
+    if cfg.slow.is_some() {
+        let f = &s.fast_latency_us;
+        println!(
+            "fast µs     p50 {}  p90 {}  p99 {}  p99.9 {}  max {}  (requests not on the slow path)",
+            thousands(f.p50),
+            thousands(f.p90),
+            thousands(f.p99),
+            thousands(f.p999),
+            thousands(f.max)
+        );
+    }
     if !s.per_worker.is_empty() {
         let total: u64 = s.per_worker.values().sum();
         let shares: Vec<String> = s
