@@ -115,9 +115,27 @@ struct Cli {
     #[arg(short, long = "bind", value_name = "ADDR", value_parser = parse_bind)]
     bind: Vec<BindSpec>,
 
-    /// Number of worker processes (default: number of CPUs).
-    #[arg(short, long, value_parser = clap::value_parser!(u32).range(1..=1024))]
-    workers: Option<u32>,
+    /// Number of worker processes (default: number of CPUs), or MIN:MAX for
+    /// a pool that sizes itself: it starts at MIN, grows when connections
+    /// wait and no worker is free, and shrinks while workers sit idle.
+    #[arg(short, long, value_name = "N|MIN:MAX", value_parser = parse_workers)]
+    workers: Option<(usize, usize)>,
+
+    /// With --workers MIN:MAX: idle workers to keep. The pool retires one
+    /// worker per --scale-window while more than this stayed idle. [default: 1]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(0..=1024))]
+    spare: Option<u32>,
+
+    /// With --workers MIN:MAX: seconds the idle surplus must last before a
+    /// worker is retired (at most one per window). [default: 10]
+    #[arg(long, value_name = "SECS", value_parser = parse_secs)]
+    scale_window: Option<Duration>,
+
+    /// With --workers MIN:MAX: seconds connections may wait with no worker
+    /// changing state before the pool grows (a pool with every worker
+    /// stuck). A pool whose workers are all busy grows after 0.1 s. [default: 1]
+    #[arg(long, value_name = "SECS", value_parser = parse_secs)]
+    scale_stall: Option<Duration>,
 
     /// How workers get connections.
     #[arg(short, long, value_enum, default_value_t = StrategyName::Blocking)]
@@ -208,6 +226,27 @@ struct Cli {
 
 fn parse_bind(s: &str) -> Result<BindSpec, String> {
     BindSpec::parse(s).map_err(|e| e.to_string())
+}
+
+/// `N` (a fixed pool) or `MIN:MAX`, each 1..=1024.
+fn parse_workers(s: &str) -> Result<(usize, usize), String> {
+    let one = |v: &str| -> Result<usize, String> {
+        match v.trim().parse::<usize>() {
+            Ok(n) if (1..=1024).contains(&n) => Ok(n),
+            Ok(_) => Err(format!("{v:?} is not in 1..=1024")),
+            Err(_) => Err(format!("{v:?} is not a number (expected N or MIN:MAX)")),
+        }
+    };
+    match s.split_once(':') {
+        None => one(s).map(|n| (n, n)),
+        Some((min, max)) => {
+            let (min, max) = (one(min)?, one(max)?);
+            if min > max {
+                return Err(format!("MIN {min} is more than MAX {max}"));
+            }
+            Ok((min, max))
+        }
+    }
 }
 
 fn parse_status_socket(s: &str) -> Result<PathBuf, String> {
@@ -305,6 +344,9 @@ fn print_ready(r: &ReadyInfo) {
         "prefork ready pid={} strategy={} workers={}",
         r.pid, r.strategy, r.workers
     );
+    if let Some(max) = r.workers_max {
+        line.push_str(&format!(" workers_max={max}"));
+    }
     for a in &r.addrs {
         line.push_str(&format!(" listen={a}"));
     }
@@ -351,6 +393,19 @@ fn main() -> ExitCode {
     if (cli.lock.is_some() || cli.lock_always) && cli.strategy != StrategyName::Mutex {
         return fail("--lock and --lock-always apply only to --strategy mutex", 2);
     }
+    let fixed = cli.workers.map_or(true, |(min, max)| min == max);
+    if fixed && (cli.spare.is_some() || cli.scale_window.is_some() || cli.scale_stall.is_some()) {
+        return fail(
+            "--spare, --scale-window and --scale-stall apply only to a pool that sizes itself (--workers MIN:MAX)",
+            2,
+        );
+    }
+    if !fixed && cli.status_report == Report::Off {
+        return fail(
+            "--workers MIN:MAX needs busy/idle reports (not --status-report off)",
+            2,
+        );
+    }
     if let Err(e) = init_logging(&cli) {
         return fail(e, 2);
     }
@@ -361,10 +416,18 @@ fn main() -> ExitCode {
             port: 8080,
         });
     }
-    let workers = cli.workers.map(|w| w as usize).unwrap_or_else(|| {
-        std::thread::available_parallelism()
+    let (workers, max) = cli.workers.unwrap_or_else(|| {
+        let n = std::thread::available_parallelism()
             .map(|n| n.get())
-            .unwrap_or(1)
+            .unwrap_or(1);
+        (n, n)
+    });
+    let scale = (max > workers).then(|| prefork_core::ScaleConfig {
+        min: workers,
+        max,
+        spare: cli.spare.map_or(1, |n| n as usize),
+        window: cli.scale_window.unwrap_or(Duration::from_secs(10)),
+        stall: cli.scale_stall.unwrap_or(Duration::from_secs(1)),
     });
     let cfg = MasterConfig {
         binds,
@@ -375,6 +438,7 @@ fn main() -> ExitCode {
         },
         socket_activation: true,
         workers,
+        scale,
         graceful_timeout: cli.graceful_timeout,
         pid_file: cli.pid_file.clone(),
         timeout: cli.timeout,
@@ -426,7 +490,9 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
-        Err(e @ prefork_core::Error::BadAddress { .. }) => fail(e, 2),
+        Err(e @ (prefork_core::Error::BadAddress { .. } | prefork_core::Error::Config(_))) => {
+            fail(e, 2)
+        }
         Err(e) => fail(e, 1),
     }
 }

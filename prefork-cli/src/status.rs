@@ -96,6 +96,13 @@ pub fn table(doc: &Value) -> String {
         "\nworkers {} of {}: {} busy, {} idle, {} booting, {} stopping; {} requests served\n",
         t["workers"], t["target"], t["busy"], t["idle"], t["booting"], t["stopping"], t["requests"]
     ));
+    let sc = &doc["scale"];
+    if let (Some(min), Some(max)) = (sc["min"].as_u64(), sc["max"].as_u64()) {
+        out.push_str(&format!(
+            "pool sizes itself: {min} to {max} workers, {} spare, window {}s, stall {}s\n",
+            sc["spare"], sc["window_s"], sc["stall_s"]
+        ));
+    }
     for l in doc["listeners"].as_array().into_iter().flatten() {
         match (l["accept_queue"].as_u64(), l["backlog"].as_u64()) {
             (Some(q), Some(b)) => out.push_str(&format!(

@@ -69,6 +69,9 @@ pub enum Error {
         /// What went wrong.
         reason: String,
     },
+    /// Settings that cannot work together.
+    #[error("{0}")]
+    Config(String),
     /// Every worker slot failed to boot; the master gives up.
     #[error("every worker failed to boot (exit code {0}); see the worker errors above")]
     AllWorkersFailedToBoot(i32),

@@ -8,7 +8,7 @@
 //! 5. ask the supervisor what to do now, and do it.
 
 use std::collections::HashMap;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -41,8 +41,10 @@ pub struct MasterConfig {
     pub bind_options: BindOptions,
     /// Adopt systemd's LISTEN_FDS sockets when they are meant for us.
     pub socket_activation: bool,
-    /// Workers to keep.
+    /// Workers to keep (the starting size when `scale` is set: `scale.min`).
     pub workers: usize,
+    /// Size the pool between a minimum and a maximum (`--workers MIN:MAX`).
+    pub scale: Option<crate::scaling::ScaleConfig>,
     /// After QUIT, how long a worker may finish before it is terminated.
     pub graceful_timeout: Duration,
     /// Where to write the master's pid.
@@ -78,6 +80,7 @@ impl Default for MasterConfig {
             bind_options: BindOptions::default(),
             socket_activation: true,
             workers: 1,
+            scale: None,
             graceful_timeout: Duration::from_secs(30),
             pid_file: None,
             timeout: None,
@@ -98,6 +101,8 @@ pub struct ReadyInfo {
     pub strategy: &'static str,
     /// Workers running.
     pub workers: usize,
+    /// The most workers, when the pool sizes itself.
+    pub workers_max: Option<usize>,
     /// Every listening address, with real ports.
     pub addrs: Vec<ListenAddr>,
 }
@@ -142,6 +147,8 @@ pub struct Master<S: AcceptStrategy, A: App> {
     max_requests: Option<(u64, u64)>,
     /// Observe the scoreboard at least every OBSERVE_TICK.
     watch: bool,
+    /// The pool sizes itself: sample it at this time next.
+    next_sample: Option<MonoTime>,
     status: Option<crate::status_server::StatusServer>,
     started: MonoTime,
     /// Connections served by workers already reaped.
@@ -232,10 +239,16 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
             }
             return Err(Error::Preload(e.to_string()));
         }
+        if cfg.scale.is_some() && cfg.report == ReportMode::Off {
+            return Err(Error::Config(
+                "a pool that sizes itself needs busy/idle reports (not --status-report off)".into(),
+            ));
+        }
         let sup = Supervisor::new(SupervisorConfig {
             workers: cfg.workers,
             graceful_timeout: cfg.graceful_timeout,
             timeout: cfg.timeout,
+            scale: cfg.scale,
             ..SupervisorConfig::default()
         });
         Ok(Master {
@@ -253,7 +266,8 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
             scoreboard,
             report: cfg.report,
             max_requests: cfg.max_requests.map(|n| (n, cfg.max_requests_jitter)),
-            watch: cfg.timeout.is_some() || cfg.max_requests.is_some(),
+            watch: cfg.timeout.is_some() || cfg.max_requests.is_some() || cfg.scale.is_some(),
+            next_sample: cfg.scale.map(|_| MonoTime::now()),
             status,
             started: MonoTime::now(),
             retired_requests: 0,
@@ -280,6 +294,7 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
             }
             self.reap_children();
             self.observe_workers(slept);
+            self.size_pool();
             for action in self.sup.actions(MonoTime::now()) {
                 match self.perform(action) {
                     Ok(None) => {}
@@ -294,6 +309,7 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
                     pid: self.pid.as_raw() as u32,
                     strategy: self.strategy.name(),
                     workers: self.sup.target(),
+                    workers_max: self.sup.scale_config().map(|c| c.max),
                     addrs: self.addrs(),
                 });
             }
@@ -306,7 +322,10 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
     fn wait(&mut self, signals: &mut Vec<Signal>) -> Duration {
         let start = MonoTime::now();
         let mut timeout = self.sup.next_deadline().map(|t| t.saturating_since(start));
-        let cap = if self.watch { OBSERVE_TICK } else { MAX_SLEEP };
+        let mut cap = if self.watch { OBSERVE_TICK } else { MAX_SLEEP };
+        if let Some(t) = self.next_sample {
+            cap = cap.min(t.saturating_since(start));
+        }
         timeout = Some(timeout.map_or(cap, |t| t.min(cap)));
         let mut owners: Vec<Option<Pid>> = Vec::with_capacity(self.workers.len() + 1);
         let mut ready: Vec<(Option<Pid>, RawFd)> = Vec::new();
@@ -380,6 +399,23 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
         }
     }
 
+    /// The pool sizing policy's turn, every SAMPLE_INTERVAL: probe the
+    /// accept queues (poll with a zero timeout; TCP_INFO for the count),
+    /// let the supervisor decide, log the decision.
+    fn size_pool(&mut self) {
+        let Some(due) = self.next_sample else { return };
+        let now = MonoTime::now();
+        if now < due {
+            return;
+        }
+        self.next_sample = Some(now + crate::scaling::SAMPLE_INTERVAL);
+        let fds = self.strategy.backlog_fds(&self.listeners);
+        let (backlog, queued) = probe_backlog(&fds);
+        if let Some(event) = self.sup.scale(now, backlog, queued) {
+            tracing::info!("{event}");
+        }
+    }
+
     /// Answers every waiting status client with the scoreboard as JSON.
     fn serve_status(&mut self) {
         let Some(server) = &self.status else {
@@ -416,6 +452,7 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
             self.sup.generation(),
             now.saturating_since(self.started),
             self.sup.target(),
+            self.sup.scale_config(),
             &workers,
             self.retired_requests,
             &listeners,
@@ -730,6 +767,32 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
 enum Flow {
     Exit(i32),
     Child(WorkerSetup),
+}
+
+/// Does any of `fds` have a connection waiting, and how many wait in all
+/// (TCP only; `None` when no fd is TCP).
+fn probe_backlog(fds: &[BorrowedFd<'_>]) -> (bool, Option<u32>) {
+    let mut polled: Vec<PollFd<'_>> = fds
+        .iter()
+        .map(|fd| PollFd::new(*fd, PollFlags::POLLIN))
+        .collect();
+    let backlog = loop {
+        match nix::poll::poll(&mut polled, nix::poll::PollTimeout::ZERO) {
+            Ok(n) => break n > 0,
+            Err(Errno::EINTR) => continue,
+            Err(e) => {
+                tracing::debug!("poll() of the listeners failed: {e}");
+                break false;
+            }
+        }
+    };
+    let mut queued = None;
+    for fd in fds {
+        if let Ok((q, _)) = sys::tcp_accept_queue(*fd) {
+            queued = Some(queued.unwrap_or(0) + q);
+        }
+    }
+    (backlog, queued)
 }
 
 /// "30s", "2.5s".

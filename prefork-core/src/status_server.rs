@@ -82,6 +82,7 @@ pub fn document(
     generation: u64,
     uptime: Duration,
     target: usize,
+    scale: Option<&crate::scaling::ScaleConfig>,
     workers: &[WorkerStatus],
     retired_requests: u64,
     listeners: &[(String, Option<(u32, u32)>)],
@@ -96,6 +97,10 @@ pub fn document(
             "for_s": (w.for_s * 1000.0).round() / 1000.0, "requests": w.requests,
             "rss_kib": rss_kib(w.pid),
         })).collect::<Vec<_>>(),
+        "scale": scale.map(|c| json!({
+            "min": c.min, "max": c.max, "spare": c.spare,
+            "window_s": c.window.as_secs_f64(), "stall_s": c.stall.as_secs_f64(),
+        })),
         "totals": { "target": target, "workers": workers.len(), "busy": count("busy"),
                     "idle": count("idle"), "booting": count("booting"),
                     "stopping": count("stopping"), "requests": served },

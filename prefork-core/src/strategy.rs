@@ -10,7 +10,7 @@
 //! what the worker needs and nothing of the master's is closed in the master.
 
 use std::io;
-use std::os::fd::{BorrowedFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd, RawFd};
 use std::time::Duration;
 
 use crate::app::Connection;
@@ -70,6 +70,14 @@ pub trait AcceptStrategy {
     /// Descriptors the master loop should poll for this strategy.
     fn master_fds(&self) -> Vec<BorrowedFd<'_>> {
         Vec::new()
+    }
+
+    /// Where connections wait to be accepted, for the pool sizing's backlog
+    /// probe (`--workers MIN:MAX`): the master polls these with a zero
+    /// timeout. The default is the listeners; a strategy with sockets of
+    /// its own (one per slot) returns those of the live slots.
+    fn backlog_fds<'a>(&'a self, listeners: &'a [Listener]) -> Vec<BorrowedFd<'a>> {
+        listeners.iter().map(|l| l.as_fd()).collect()
     }
 
     /// One of [`AcceptStrategy::master_fds`] is ready.

@@ -17,6 +17,7 @@ use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
 use crate::clock::MonoTime;
+use crate::scaling::{Decision, GrowReason, Sample, ScaleConfig, Scaler};
 use crate::scoreboard::WorkerState;
 
 /// Exit code a worker uses to say "I cannot boot; do not respawn me"
@@ -44,6 +45,9 @@ pub struct SupervisorConfig {
     pub timeout: Option<Duration>,
     /// After the soft signal (SIGABRT) to a frozen worker, how long before KILL.
     pub abort_grace: Duration,
+    /// Size the pool between `min` and `max` from the busy/idle stream
+    /// (`--workers MIN:MAX`); `None` keeps `workers`. The pool starts at `min`.
+    pub scale: Option<ScaleConfig>,
 }
 
 impl Default for SupervisorConfig {
@@ -56,6 +60,7 @@ impl Default for SupervisorConfig {
             backoff_cap: Duration::from_secs(10),
             timeout: None,
             abort_grace: Duration::from_secs(1),
+            scale: None,
         }
     }
 }
@@ -106,6 +111,65 @@ pub enum StopReason {
     },
     /// It served its request limit; its replacement is ready.
     Recycled,
+}
+
+/// A change of pool size decided by the sizing policy, for the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScaleEvent {
+    /// Workers wanted before.
+    pub from: usize,
+    /// Workers wanted now.
+    pub to: usize,
+    /// What the policy saw.
+    pub decision: Decision,
+    /// Busy workers at the decision.
+    pub busy: usize,
+    /// Connections waiting, when known.
+    pub queued: Option<u32>,
+    /// The worker retired by a shrink: (slot, pid).
+    pub retired: Option<(usize, Pid)>,
+}
+
+impl std::fmt::Display for ScaleEvent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let queued = match self.queued {
+            Some(q) => format!("{q} connections waiting"),
+            None => "connections waiting".to_string(),
+        };
+        match self.decision {
+            Decision::Grow { reason, .. } => {
+                write!(f, "scale up: {} -> {} workers (", self.from, self.to)?;
+                match reason {
+                    GrowReason::Saturated(d) => write!(
+                        f,
+                        "{queued}, all {} busy for {:.2}s)",
+                        self.busy,
+                        d.as_secs_f64()
+                    ),
+                    GrowReason::Stalled(d) => write!(
+                        f,
+                        "{queued}, no worker changed state for {:.2}s)",
+                        d.as_secs_f64()
+                    ),
+                    GrowReason::BelowMin => write!(f, "below the minimum)"),
+                }
+            }
+            Decision::Shrink { min_idle, held } => {
+                write!(
+                    f,
+                    "scale down: {} -> {} workers (at least {min_idle} idle for {:.1}s)",
+                    self.from,
+                    self.to,
+                    held.as_secs_f64()
+                )?;
+                if let Some((slot, pid)) = self.retired {
+                    write!(f, "; retiring worker={slot} pid={pid}")?;
+                }
+                Ok(())
+            }
+            Decision::Hold => write!(f, "workers: {}", self.to),
+        }
+    }
 }
 
 /// Something for the master to do now.
@@ -222,12 +286,21 @@ pub struct Supervisor {
     /// When the master last came back from a stall (stopped or starved):
     /// busy time counts from here at the earliest.
     resumed_at: MonoTime,
+    /// The sizing policy (`--workers MIN:MAX`).
+    scaler: Option<Scaler>,
+    /// A worker changed state since the last [`Supervisor::scale`].
+    activity: bool,
 }
 
 impl Supervisor {
     /// A supervisor that wants `cfg.workers` workers.
     pub fn new(cfg: SupervisorConfig) -> Supervisor {
-        let target = cfg.workers.min(MAX_WORKERS);
+        let scale = cfg.scale.map(|mut s| {
+            s.min = s.min.clamp(1, MAX_WORKERS);
+            s.max = s.max.clamp(s.min, MAX_WORKERS);
+            s
+        });
+        let target = scale.map_or(cfg.workers, |s| s.min).min(MAX_WORKERS);
         Supervisor {
             cfg,
             phase: Phase::Running,
@@ -238,7 +311,14 @@ impl Supervisor {
             slots: Vec::new(),
             exit_code: 0,
             resumed_at: MonoTime::default(),
+            scaler: scale.map(Scaler::new),
+            activity: false,
         }
+    }
+
+    /// The sizing range, when the pool sizes itself.
+    pub fn scale_config(&self) -> Option<&ScaleConfig> {
+        self.scaler.as_ref().map(Scaler::config)
     }
 
     /// Workers wanted now.
@@ -336,13 +416,23 @@ impl Supervisor {
                     self.target = n;
                 } else if self.target < MAX_WORKERS {
                     self.target += 1;
+                    // A self-sizing pool: the range moves with it.
+                    if let Some(sc) = &mut self.scaler {
+                        let c = *sc.config();
+                        sc.set_range((c.min + 1).min(MAX_WORKERS), (c.max + 1).min(MAX_WORKERS));
+                    }
                 }
-                format!("workers: {}", self.target)
+                self.describe_size()
             }
             (Command::RemoveWorker, Phase::Running) => {
                 if self.target > 1 {
                     self.target -= 1;
-                    format!("workers: {}", self.target)
+                    if let Some(sc) = &mut self.scaler {
+                        let c = *sc.config();
+                        let min = c.min.saturating_sub(1).max(1);
+                        sc.set_range(min, c.max.saturating_sub(1).max(min));
+                    }
+                    self.describe_size()
                 } else {
                     format!(
                         "workers: {} (TTOU keeps at least one; WINCH stops all)",
@@ -357,6 +447,87 @@ impl Supervisor {
                 self.target = 0;
                 "stopping every worker; the master stays (TTIN or HUP brings them back)".into()
             }
+        }
+    }
+
+    /// The pool sizing policy's turn (every [`crate::scaling::SAMPLE_INTERVAL`]
+    /// when it sizes itself): `backlog` says a listener has a connection
+    /// waiting, `queued` how many when the kernel tells. Returns the change
+    /// of size decided, already applied to the target: a grow is spawned and
+    /// a shrink retired by the next [`Supervisor::actions`].
+    ///
+    /// Paused (and its measurements restarted) while stopping, after
+    /// WINCH, and while a reload replaces workers.
+    pub fn scale(
+        &mut self,
+        now: MonoTime,
+        backlog: bool,
+        queued: Option<u32>,
+    ) -> Option<ScaleEvent> {
+        let activity = std::mem::take(&mut self.activity);
+        let gen = self.generation;
+        let paused = self.phase != Phase::Running
+            || self.target == 0
+            || self.workers.iter().any(|w| w.generation != gen);
+        let target = self.target;
+        let scaler = self.scaler.as_mut()?;
+        if paused {
+            scaler.reset();
+            return None;
+        }
+        let mut sample = Sample {
+            size: target,
+            backlog,
+            queued,
+            activity,
+            ..Sample::default()
+        };
+        for s in 0..target {
+            let slot = self.slots.get(s).cloned().unwrap_or_default();
+            let current = self
+                .workers
+                .iter()
+                .find(|w| w.slot == s && w.generation == gen && w.stop.is_none() && !w.recycling);
+            match current {
+                Some(w) if w.ready_at.is_some() => {
+                    if w.busy_since.is_none() {
+                        sample.idle += 1;
+                        sample.top_idle = s + 1 == target;
+                    }
+                }
+                _ if slot.boot_failed => {}
+                _ => sample.starting += 1,
+            }
+        }
+        let decision = scaler.decide(&sample, now);
+        let busy = target - sample.idle - sample.starting;
+        let (to, retired) = match decision {
+            Decision::Hold => return None,
+            Decision::Grow { by, .. } => ((target + by).min(MAX_WORKERS), None),
+            Decision::Shrink { .. } => {
+                let top = self
+                    .workers
+                    .iter()
+                    .find(|w| w.slot == target - 1 && w.generation == gen && w.stop.is_none())
+                    .map(|w| (w.slot, w.pid));
+                (target - 1, top)
+            }
+        };
+        self.target = to;
+        Some(ScaleEvent {
+            from: target,
+            to,
+            decision,
+            busy,
+            queued,
+            retired,
+        })
+    }
+
+    fn describe_size(&self) -> String {
+        match self.scale_config() {
+            Some(c) => format!("workers: {} (range {}..{})", self.target, c.min, c.max),
+            None => format!("workers: {}", self.target),
         }
     }
 
@@ -388,10 +559,14 @@ impl Supervisor {
     /// What the scoreboard says `pid` is doing, and how much it served.
     pub fn observe(&mut self, pid: Pid, state: WorkerState, requests: u64) {
         if let Some(w) = self.workers.iter_mut().find(|w| w.pid == pid) {
-            w.busy_since = match state {
+            let busy_since = match state {
                 WorkerState::Busy { since } => Some(since),
                 _ => None,
             };
+            if busy_since != w.busy_since || requests != w.requests {
+                self.activity = true;
+            }
+            w.busy_since = busy_since;
             w.requests = requests;
         }
     }

@@ -17,6 +17,7 @@ fn cfg(workers: usize) -> SupervisorConfig {
         backoff_cap: Duration::from_secs(2),
         timeout: None,
         abort_grace: Duration::from_secs(1),
+        scale: None,
     }
 }
 
@@ -37,6 +38,10 @@ struct Sim {
     limit: Option<u64>,
     /// (pid, busy for) of every frozen kill.
     frozen: Vec<(i32, Duration)>,
+    /// Last observed busy state of each pid.
+    busy: BTreeMap<i32, bool>,
+    /// Every scale decision.
+    scaled: Vec<ScaleEvent>,
 }
 
 impl Sim {
@@ -48,6 +53,8 @@ impl Sim {
         Sim {
             limit: None,
             frozen: Vec::new(),
+            busy: BTreeMap::new(),
+            scaled: Vec::new(),
             sup: Supervisor::new(c),
             now: MonoTime::from_nanos(1_000_000_000),
             next_pid: 100,
@@ -125,6 +132,37 @@ impl Sim {
             .filter(|w| w.recycling && w.stop.is_none())
             .count();
         assert!(waiting <= 1, "{waiting} slots recycling at once");
+        if let Some(c) = self.sup.scale_config() {
+            let t = self.sup.target();
+            assert!(c.min >= 1 && c.min <= c.max, "range {}..{}", c.min, c.max);
+            assert!(
+                t == 0 || self.sup.is_stopping() || (c.min..=c.max).contains(&t),
+                "target {t} outside {}..{}",
+                c.min,
+                c.max
+            );
+        }
+    }
+
+    /// The sizing policy's turn, checked: a shrink retires the top slot's
+    /// worker, which was idle when last observed.
+    fn scale(&mut self, backlog: bool) {
+        let before = self.sup.target();
+        if let Some(e) = self.sup.scale(self.now, backlog, None) {
+            assert_eq!(e.from, before);
+            assert_eq!(self.sup.target(), e.to);
+            if matches!(e.decision, crate::scaling::Decision::Shrink { .. }) {
+                let (slot, pid) = e.retired.expect("a shrink names the worker it retires");
+                assert_eq!(slot, e.to, "the top slot leaves");
+                assert_eq!(
+                    self.busy.get(&pid.as_raw()),
+                    Some(&false),
+                    "retired {pid}, not seen idle"
+                );
+            }
+            self.scaled.push(e);
+        }
+        self.step();
     }
 
     fn exit(&mut self, pid: i32, status: ExitStatus) -> Option<ExitReport> {
@@ -517,6 +555,7 @@ enum Ev {
     Crash(usize, ExitStatus),
     ObeySignals,
     Advance(u64),
+    Scale(bool),
 }
 
 fn command() -> impl Strategy<Value = Command> {
@@ -579,6 +618,7 @@ proptest! {
                     let state = if is_busy { WorkerState::Busy { since } } else { WorkerState::Idle { since } };
                     sim.sup.observe(Pid::from_raw(p), state, requests);
                 },
+                Ev::Scale(_) => {}
                 Ev::Stall => sim.sup.stalled(sim.now),
                 Ev::Cmd(c) => { sim.sup.command(c, sim.now); }
                 Ev::Ready(i) => if let Some(p) = nth_pid(&sim, i) { sim.sup.ready(Pid::from_raw(p), sim.now); },
@@ -638,5 +678,133 @@ proptest! {
         sim.now = t;
         sim.step();
         prop_assert!(sim.spawns.len() > spawned_before, "deadline passed without a spawn");
+    }
+}
+
+fn scale_cfg(min: usize, max: usize) -> SupervisorConfig {
+    SupervisorConfig {
+        scale: Some(crate::scaling::ScaleConfig {
+            min,
+            max,
+            spare: 1,
+            window: Duration::from_secs(1),
+            stall: Duration::from_millis(500),
+        }),
+        ..cfg(99)
+    }
+}
+
+#[test]
+fn a_self_sizing_pool_starts_at_min_grows_on_saturation_and_retires_an_idle_top_worker() {
+    let mut sim = Sim::with(scale_cfg(2, 6));
+    sim.step();
+    assert_eq!(sim.alive.len(), 2, "starts at MIN");
+    sim.ready_all();
+    let pids: Vec<i32> = sim.alive.keys().copied().collect();
+    for &p in &pids {
+        let now = sim.now;
+        busy(&mut sim, p, now, 1);
+        sim.busy.insert(p, true);
+    }
+    // Both busy and connections waiting: a grow after GROW_AFTER.
+    for _ in 0..3 {
+        sim.scale(true);
+        sim.advance(crate::scaling::SAMPLE_INTERVAL);
+    }
+    assert_eq!(sim.sup.target(), 3, "{:?}", sim.scaled);
+    assert_eq!(sim.alive.len(), 3, "the new slot is spawned");
+    let e = sim.scaled[0].to_string();
+    assert!(
+        e.starts_with("scale up: 2 -> 3 workers (connections waiting, all 2 busy for 0.10s)"),
+        "{e}"
+    );
+    // Load gone: everyone idle for a window; one worker leaves, the top one.
+    sim.ready_all();
+    let all: Vec<i32> = sim.alive.keys().copied().collect();
+    for &p in &all {
+        sim.sup
+            .observe(Pid::from_raw(p), WorkerState::Idle { since: sim.now }, 2);
+        sim.busy.insert(p, false);
+    }
+    for _ in 0..40 {
+        sim.scale(false);
+        sim.advance(crate::scaling::SAMPLE_INTERVAL);
+    }
+    let shrink = sim.scaled.last().expect("a shrink").clone();
+    assert_eq!((shrink.from, shrink.to), (3, 2));
+    let (slot, pid) = shrink.retired.expect("retired");
+    assert_eq!(slot, 2);
+    assert_eq!(
+        sim.alive[&pid.as_raw()].2,
+        [Signal::SIGQUIT],
+        "retired gracefully"
+    );
+    assert!(shrink
+        .to_string()
+        .contains(&format!("retiring worker=2 pid={pid}")));
+    // Never below MIN.
+    sim.obey_signals();
+    for _ in 0..200 {
+        sim.scale(false);
+        sim.advance(crate::scaling::SAMPLE_INTERVAL);
+    }
+    assert_eq!(sim.sup.target(), 2);
+}
+
+#[test]
+fn ttin_and_ttou_move_the_range_with_the_pool() {
+    let mut sim = Sim::with(scale_cfg(2, 4));
+    sim.step();
+    sim.sup.command(Command::AddWorker, sim.now);
+    let c = *sim.sup.scale_config().expect("scaling");
+    assert_eq!((sim.sup.target(), c.min, c.max), (3, 3, 5));
+    for _ in 0..3 {
+        sim.sup.command(Command::RemoveWorker, sim.now);
+    }
+    let c = *sim.sup.scale_config().expect("scaling");
+    assert_eq!(
+        (sim.sup.target(), c.min, c.max),
+        (1, 1, 3),
+        "TTOU stops at one worker"
+    );
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    /// The sizing policy inside the supervisor, under storms of commands,
+    /// crashes and busy/idle reports: the target stays within the range
+    /// (checked after every step), a shrink always retires the top slot's
+    /// worker and only one last seen idle, and no signal goes to a dead pid.
+    #[test]
+    fn a_self_sizing_pool_keeps_its_invariants(
+        min in 1usize..4,
+        extra in 0usize..5,
+        events in proptest::collection::vec(prop_oneof![
+            6 => any::<bool>().prop_map(Ev::Scale),
+            6 => event(),
+        ], 0..250),
+    ) {
+        let mut sim = Sim::with(scale_cfg(min, min + extra));
+        sim.step();
+        for ev in events {
+            if sim.exit.is_some() { break; }
+            match ev {
+                Ev::Scale(backlog) => { sim.scale(backlog); continue; }
+                Ev::Observe(i, is_busy, requests) => if let Some(p) = nth_pid(&sim, i) {
+                    let since = sim.now;
+                    let state = if is_busy { WorkerState::Busy { since } } else { WorkerState::Idle { since } };
+                    sim.sup.observe(Pid::from_raw(p), state, requests);
+                    sim.busy.insert(p, is_busy);
+                },
+                Ev::Stall => sim.sup.stalled(sim.now),
+                Ev::Cmd(c) => { sim.sup.command(c, sim.now); }
+                Ev::Ready(i) => if let Some(p) = nth_pid(&sim, i) { sim.sup.ready(Pid::from_raw(p), sim.now); },
+                Ev::Crash(i, st) => if let Some(p) = nth_pid(&sim, i) { sim.exit(p, st); },
+                Ev::ObeySignals => sim.obey_signals(),
+                Ev::Advance(ms) => sim.advance(Duration::from_millis(ms / 10)),
+            }
+            sim.step();
+        }
     }
 }

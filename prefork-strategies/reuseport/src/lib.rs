@@ -36,7 +36,7 @@ mod sys;
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::time::Duration;
 
 use nix::poll::{PollFd, PollFlags};
@@ -198,6 +198,16 @@ impl AcceptStrategy for Reuseport {
             self.steer()?;
         }
         Ok(())
+    }
+
+    fn backlog_fds<'a>(&'a self, _listeners: &'a [Listener]) -> Vec<BorrowedFd<'a>> {
+        // The live slots' sockets: a retired slot's socket gets nothing new.
+        self.slots
+            .iter()
+            .take(self.live)
+            .flatten()
+            .map(|l| l.as_fd())
+            .collect()
     }
 
     fn slot_retired(&mut self, slot: usize) {

@@ -1,0 +1,142 @@
+//! A pool that sizes itself (`--workers MIN:MAX`), on the real binary, for
+//! every strategy: it grows when connections wait with every worker busy,
+//! shrinks back to MIN once the load stops, logs each decision on one line,
+//! and loses no connection on the way.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use rstest::rstest;
+
+/// `clients` threads each GET `path` `each` times in a row; returns the
+/// number of requests that did not get a 200.
+fn load(addr: &str, path: &str, clients: usize, each: usize) -> std::thread::JoinHandle<usize> {
+    let addr = addr.to_string();
+    let path = path.to_string();
+    std::thread::spawn(move || {
+        let threads: Vec<_> = (0..clients)
+            .map(|_| {
+                let (addr, path) = (addr.clone(), path.clone());
+                std::thread::spawn(move || {
+                    (0..each)
+                        .filter(|_| !matches!(http_get(&addr, &path, T), Ok(r) if r.status == 200))
+                        .count()
+                })
+            })
+            .collect();
+        threads
+            .into_iter()
+            .map(|t| t.join().expect("client thread"))
+            .sum()
+    })
+}
+
+#[rstest]
+#[case::blocking("blocking")]
+#[case::mutex("mutex")]
+#[case::reuseport("reuseport")]
+#[case::fdpass("fdpass")]
+fn the_pool_grows_under_a_burst_and_shrinks_back_to_min_losing_nothing(#[case] strategy: &str) {
+    let mut s = start(
+        strategy,
+        &[
+            "--workers",
+            "1:4",
+            "--scale-window",
+            "0.5",
+            "--scale-stall",
+            "0.5",
+        ],
+    );
+    assert!(
+        s.ready_line().contains("workers=1 workers_max=4"),
+        "{}",
+        s.ready_line()
+    );
+    assert_eq!(s.workers().len(), 1, "starts at MIN");
+    // 8 clients keep 8 slow requests in flight: one worker cannot keep up.
+    let t0 = Instant::now();
+    let burst = load(s.addr(), "/sleep/150", 8, 8);
+    assert!(
+        s.wait_log("scale up: 1 -> 2 workers (", T),
+        "no grow: {}",
+        s.log()
+    );
+    let first_grow = t0.elapsed();
+    assert!(s.wait_workers(4, T), "never reached MAX: {}", s.log());
+    let failed = burst.join().expect("load");
+    assert_eq!(failed, 0, "requests lost during the burst: {}", s.log());
+    // The load is gone: one worker per window leaves, down to MIN.
+    assert!(
+        s.wait_log("scale down: 2 -> 1 workers", Duration::from_secs(20)),
+        "did not shrink back: {}",
+        s.log()
+    );
+    assert!(s.wait_workers(1, T), "{}", s.log());
+    let log = s.log();
+    let ups = log.lines().filter(|l| l.contains("scale up: ")).count();
+    let downs: Vec<&str> = log.lines().filter(|l| l.contains("scale down: ")).collect();
+    assert!((1..=3).contains(&ups), "{ups} grows for 1 -> 4: {log}");
+    assert_eq!(downs.len(), 3, "one retirement per worker above MIN: {log}");
+    for line in &downs {
+        assert!(line.contains("idle for 0.5s); retiring worker="), "{line}");
+    }
+    assert!(!log.contains("died"), "{log}");
+    assert!(!log.contains("did not stop in time"), "{log}");
+    // The pool that is left serves.
+    let (served, failed) = burst_ok(s.addr());
+    assert_eq!((served, failed), (20, 0), "{}", s.log());
+    eprintln!("{strategy}: first grow {first_grow:?} after the burst began");
+    assert_eq!(s.stop(T).and_then(|st| st.code()), Some(0));
+}
+
+fn burst_ok(addr: &str) -> (usize, usize) {
+    let (seen, failed) = burst(addr, 4, 5);
+    (seen.len(), failed)
+}
+
+/// One worker asleep on a request and a connection waiting: the pool grows,
+/// and with a shared queue the new worker serves the waiting connection long
+/// before the sleeper is done. With reuseport the connection sits in the
+/// sleeper's own socket queue, where no other worker can take it: it is
+/// served, but only when the sleeper is done (docs/strategies.md).
+#[rstest]
+#[case::blocking("blocking")]
+#[case::mutex("mutex")]
+#[case::reuseport("reuseport")]
+#[case::fdpass("fdpass")]
+fn a_busy_pool_with_a_waiting_connection_grows(#[case] strategy: &str) {
+    let mut s = start(
+        strategy,
+        &[
+            "--workers",
+            "1:2",
+            "--scale-window",
+            "30",
+            "--scale-stall",
+            "0.3",
+        ],
+    );
+    let addr = s.addr().to_string();
+    let slow = {
+        let addr = addr.clone();
+        std::thread::spawn(move || http_get(&addr, "/sleep/3000", T))
+    };
+    assert!(s.wait_worker_sleeping(T));
+    let t0 = Instant::now();
+    let waiting = http_get(&addr, "/", T).expect("served");
+    assert_eq!(waiting.status, 200);
+    if strategy != "reuseport" {
+        assert!(
+            t0.elapsed() < Duration::from_secs(2),
+            "waited {:?} behind the sleeper: {}",
+            t0.elapsed(),
+            s.log()
+        );
+    }
+    assert!(s.log().contains("scale up: 1 -> 2 workers"), "{}", s.log());
+    assert_eq!(slow.join().expect("slow").expect("slow served").status, 200);
+    assert_eq!(s.stop(T).and_then(|st| st.code()), Some(0));
+}
