@@ -140,3 +140,51 @@ fn a_busy_pool_with_a_waiting_connection_grows(#[case] strategy: &str) {
     assert_eq!(slow.join().expect("slow").expect("slow served").status, 200);
     assert_eq!(s.stop(T).and_then(|st| st.code()), Some(0));
 }
+
+/// The testkit's `step` scenario, short, on the real binary: the self-sizing
+/// pool reaches the workers the burst needs, returns to MIN, loses nothing,
+/// and its burst p99 beats a fixed pool of MIN measured the same way.
+#[test]
+fn step_scenario_self_sizing_pool_beats_a_fixed_min_pool_and_returns_to_min() {
+    use prefork_testkit::step::{run_step, Pool, StepConfig};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cfg = StepConfig {
+        bin: env!("CARGO_BIN_EXE_prefork").into(),
+        min: 1,
+        max: 4,
+        sleep: Duration::from_millis(100),
+        factor: 3.0,
+        idle_before: Duration::from_millis(500),
+        burst: Duration::from_secs(2),
+        window: Duration::from_millis(500),
+        stall: Duration::from_secs(1),
+        tail_rate: 20.0,
+        tail_max: Duration::from_secs(20),
+    };
+    let auto = run_step(&cfg, "blocking", Pool::Auto, dir.path()).expect("self-sizing run");
+    let fixed = run_step(&cfg, "blocking", Pool::FixedMin, dir.path()).expect("fixed run");
+    assert!(
+        auto.enough_s.is_some(),
+        "never had 3 workers: {:?}",
+        auto.pool_timeline
+    );
+    assert!(
+        auto.shrunk_s.is_some(),
+        "never back to 1: {:?}",
+        auto.pool_timeline
+    );
+    assert_eq!((auto.lost, fixed.lost), (0, 0));
+    assert!(
+        auto.scale_ups >= 1 && auto.scale_downs >= 2,
+        "{} up, {} down",
+        auto.scale_ups,
+        auto.scale_downs
+    );
+    assert_eq!(fixed.peak, 1);
+    let (a, f) = (
+        auto.burst_load.latency_us.p99,
+        fixed.burst_load.latency_us.p99,
+    );
+    assert!(a < f, "p99 self-sizing {a} µs vs fixed MIN {f} µs");
+    assert!(!auto.latency_timeline.is_empty());
+}

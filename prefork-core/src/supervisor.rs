@@ -128,6 +128,9 @@ pub struct ScaleEvent {
     pub queued: Option<u32>,
     /// The worker retired by a shrink: (slot, pid).
     pub retired: Option<(usize, Pid)>,
+    /// Set when this grow follows a retirement too soon (a flap): the
+    /// surplus must now last this long before the next retirement.
+    pub flap_hold: Option<Duration>,
 }
 
 impl std::fmt::Display for ScaleEvent {
@@ -152,7 +155,15 @@ impl std::fmt::Display for ScaleEvent {
                         d.as_secs_f64()
                     ),
                     GrowReason::BelowMin => write!(f, "below the minimum)"),
+                }?;
+                if let Some(hold) = self.flap_hold {
+                    write!(
+                        f,
+                        "; a retired worker was needed again: the next retirement waits for {:.1}s of surplus",
+                        hold.as_secs_f64()
+                    )?;
                 }
+                Ok(())
             }
             Decision::Shrink { min_idle, held } => {
                 write!(
@@ -482,6 +493,7 @@ impl Supervisor {
             activity,
             ..Sample::default()
         };
+        let mut busy = 0;
         for s in 0..target {
             let slot = self.slots.get(s).cloned().unwrap_or_default();
             let current = self
@@ -493,14 +505,17 @@ impl Supervisor {
                     if w.busy_since.is_none() {
                         sample.idle += 1;
                         sample.top_idle = s + 1 == target;
+                    } else {
+                        busy += 1;
                     }
                 }
                 _ if slot.boot_failed => {}
                 _ => sample.starting += 1,
             }
         }
+        let penalty = scaler.penalty();
         let decision = scaler.decide(&sample, now);
-        let busy = target - sample.idle - sample.starting;
+        let flap_hold = (scaler.penalty() > penalty).then(|| scaler.hold());
         let (to, retired) = match decision {
             Decision::Hold => return None,
             Decision::Grow { by, .. } => ((target + by).min(MAX_WORKERS), None),
@@ -521,6 +536,7 @@ impl Supervisor {
             busy,
             queued,
             retired,
+            flap_hold,
         })
     }
 

@@ -13,6 +13,7 @@ pub mod faults;
 pub mod load;
 pub mod procs;
 pub mod server;
+pub mod step;
 
 pub use client::{http_get, read_line_from, HttpReply};
 pub use procs::{children_of, is_sleeping_in_nanosleep, process_alive, zombie_children};

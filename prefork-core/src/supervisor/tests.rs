@@ -808,3 +808,41 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn scale_decisions_read_as_one_line_each() {
+    let grow = ScaleEvent {
+        from: 2,
+        to: 4,
+        decision: Decision::Grow {
+            by: 2,
+            reason: GrowReason::Stalled(Duration::from_millis(1500)),
+        },
+        busy: 1,
+        queued: None,
+        retired: None,
+        flap_hold: Some(Duration::from_secs(20)),
+    };
+    assert_eq!(
+        grow.to_string(),
+        "scale up: 2 -> 4 workers (connections waiting, no worker changed state for 1.50s); \
+         a retired worker was needed again: the next retirement waits for 20.0s of surplus"
+    );
+    let shrink = ScaleEvent {
+        from: 4,
+        to: 3,
+        decision: Decision::Shrink {
+            min_idle: 2,
+            held: Duration::from_secs(10),
+        },
+        busy: 1,
+        queued: Some(0),
+        retired: Some((3, Pid::from_raw(4242))),
+        flap_hold: None,
+    };
+    assert_eq!(
+        shrink.to_string(),
+        "scale down: 4 -> 3 workers (at least 2 idle for 10.0s); retiring worker=3 pid=4242"
+    );
+    assert!(!shrink.to_string().contains('\n') && !grow.to_string().contains('\n'));
+}

@@ -4,6 +4,7 @@
 //!     prefork-bench                                  # every strategy, every scenario
 //!     prefork-bench --anchor nginx --anchor c --repeat 3 --svg docs/bench.svg
 //!     prefork-bench --faults kill-idle,hup --short   # fault scenarios
+//!     prefork-bench --step --svg docs/step.svg       # a pool that sizes itself vs fixed pools
 
 #![forbid(unsafe_code)]
 
@@ -14,6 +15,7 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 use prefork_testkit::bench::{self, BenchLoad, Scenario, ServerSpec};
 use prefork_testkit::faults::{self, Fault};
+use prefork_testkit::step;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Anchor {
@@ -82,6 +84,32 @@ struct Cli {
     /// Write the chart (SVG) here.
     #[arg(long)]
     svg: Option<PathBuf>,
+    /// The step scenario instead of load scenarios: idle, a burst of slow
+    /// requests needing --step-factor × MIN workers, idle; a self-sizing
+    /// pool (--workers MIN:MAX) against fixed pools of MIN and of MAX.
+    #[arg(long)]
+    step: bool,
+    /// step: MIN workers.
+    #[arg(long, default_value_t = 2)]
+    step_min: usize,
+    /// step: MAX workers.
+    #[arg(long, default_value_t = 12)]
+    step_max: usize,
+    /// step: the burst keeps this many times MIN workers busy.
+    #[arg(long, default_value_t = 4.0)]
+    step_factor: f64,
+    /// step: milliseconds each burst request sleeps on the server.
+    #[arg(long, default_value_t = 100)]
+    step_sleep_ms: u64,
+    /// step: seconds of burst.
+    #[arg(long, default_value_t = 6.0)]
+    step_burst: f64,
+    /// step: --scale-window of the self-sizing pool, seconds.
+    #[arg(long, default_value_t = 1.0)]
+    step_window: f64,
+    /// step: --scale-stall of the self-sizing pool, seconds.
+    #[arg(long, default_value_t = 1.0)]
+    step_stall: f64,
 }
 
 /// Checks the words of the command line that clap cannot (names in lists,
@@ -109,6 +137,24 @@ fn check_usage(cli: &Cli) -> Result<(), String> {
                 "--variant {v:?}: expected LABEL=FLAGS with --strategy NAME in FLAGS"
             ));
         }
+    }
+    if cli.step
+        && (cli.step_min == 0
+            || cli.step_max <= cli.step_min
+            || cli.step_max > 1024
+            || !(cli.step_factor > 0.0
+                && cli.step_burst > 0.0
+                && cli.step_window > 0.0
+                && cli.step_stall > 0.0)
+            || cli.step_sleep_ms == 0)
+    {
+        return Err(
+            "--step needs 1 <= --step-min < --step-max <= 1024 and positive factor, sleep, burst, window and stall"
+                .into(),
+        );
+    }
+    if cli.step && !cli.faults.is_empty() {
+        return Err("--step and --faults are separate runs; give one".into());
     }
     if cli.repeat == 0 || cli.workers == 0 || cli.connections == 0 || cli.threads == 0 {
         return Err("--repeat, --workers, --connections and --threads must be at least 1".into());
@@ -235,7 +281,9 @@ fn servers(cli: &Cli, dir: &std::path::Path) -> Result<Vec<ServerSpec>, String> 
 fn run(cli: Cli) -> Result<(), String> {
     let dir = std::env::temp_dir().join(format!("prefork-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-    let result = if cli.faults.is_empty() {
+    let result = if cli.step {
+        step_runs(&cli, &dir)
+    } else if cli.faults.is_empty() {
         compare(&cli, &dir)
     } else {
         fault_runs(&cli, &dir)
@@ -303,6 +351,62 @@ fn compare(cli: &Cli, dir: &std::path::Path) -> Result<(), String> {
     }
     if let Some(p) = &cli.svg {
         std::fs::write(p, bench::svg(&aggs)).map_err(|e| format!("{}: {e}", p.display()))?;
+    }
+    Ok(())
+}
+
+fn step_runs(cli: &Cli, dir: &std::path::Path) -> Result<(), String> {
+    let cfg = step::StepConfig {
+        bin: prefork_bin(cli)?,
+        min: cli.step_min,
+        max: cli.step_max,
+        sleep: Duration::from_millis(cli.step_sleep_ms),
+        factor: cli.step_factor,
+        idle_before: Duration::from_secs(2),
+        burst: Duration::from_secs_f64(if cli.short { 3.0 } else { cli.step_burst }),
+        window: Duration::from_secs_f64(cli.step_window),
+        stall: Duration::from_secs_f64(cli.step_stall),
+        tail_rate: 20.0,
+        tail_max: Duration::from_secs(60),
+    };
+    let strategies: Vec<String> = servers(cli, dir)?
+        .into_iter()
+        .filter_map(|s| match s {
+            ServerSpec::Prefork {
+                strategy, extra, ..
+            } if extra.is_empty() => Some(strategy),
+            _ => None,
+        })
+        .collect();
+    let total = strategies.len() * step::Pool::ALL.len();
+    let mut results = Vec::new();
+    for strategy in &strategies {
+        for pool in step::Pool::ALL {
+            let r = step::run_step(&cfg, strategy, pool, dir)
+                .map_err(|e| format!("step {strategy} {pool:?}: {e}"))?;
+            eprintln!(
+                "[{}/{total}] step {:<10} --workers {:<6} p99 {:>8.1} ms  enough after {:?} s  back to MIN after {:?} s  lost {}",
+                results.len() + 1,
+                strategy,
+                r.workers,
+                r.burst_load.latency_us.p99 as f64 / 1000.0,
+                r.enough_s.map(|s| (s * 100.0).round() / 100.0),
+                r.shrunk_s.map(|s| (s * 100.0).round() / 100.0),
+                r.lost
+            );
+            results.push(r);
+        }
+    }
+    print!("{}", step::markdown(&cfg, &results));
+    if let Some(p) = &cli.json {
+        std::fs::write(
+            p,
+            serde_json::to_string_pretty(&results).map_err(|e| e.to_string())?,
+        )
+        .map_err(|e| format!("{}: {e}", p.display()))?;
+    }
+    if let Some(p) = &cli.svg {
+        std::fs::write(p, step::svg(&results)).map_err(|e| format!("{}: {e}", p.display()))?;
     }
     Ok(())
 }
