@@ -415,6 +415,23 @@ pub fn markdown(aggs: &[Aggregate]) -> String {
     s
 }
 
+/// Series colours of the SVG charts.
+pub(crate) const COLORS: [&str; 8] = [
+    "#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#9c755f",
+];
+
+/// A row of colour swatches with labels at height `ly`.
+pub(crate) fn svg_legend(out: &mut String, items: &[(&str, &str)], left: f64, ly: f64) {
+    for (i, (label, color)) in items.iter().enumerate() {
+        let x = left + i as f64 * 130.0;
+        out.push_str(&format!(
+            "<rect x=\"{x}\" y=\"{}\" width=\"12\" height=\"12\" fill=\"{color}\"/><text x=\"{}\" y=\"{ly}\">{label}</text>\n",
+            ly - 10.0,
+            x + 16.0
+        ));
+    }
+}
+
 /// A chart a person can look at: requests/s and p99 per server, one group
 /// of bars per scenario. Plain SVG (rectangles and text).
 pub fn svg(aggs: &[Aggregate]) -> String {
@@ -432,9 +449,6 @@ pub fn svg(aggs: &[Aggregate]) -> String {
         }
         v
     };
-    const COLORS: [&str; 8] = [
-        "#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#9c755f",
-    ];
     let (w, panel_h, top, left) = (900.0, 260.0, 40.0, 70.0);
     let group_w = (w - left - 20.0) / scenarios.len().max(1) as f64;
     let bar_w = (group_w - 30.0) / servers.len().max(1) as f64;
@@ -503,16 +517,12 @@ pub fn svg(aggs: &[Aggregate]) -> String {
             }
         }
     }
-    let ly = 2.0 * panel_h + 2.0 * top + 40.0;
-    for (ki, sv) in servers.iter().enumerate() {
-        let x = left + ki as f64 * 130.0;
-        out.push_str(&format!(
-            "<rect x=\"{x}\" y=\"{}\" width=\"12\" height=\"12\" fill=\"{}\"/><text x=\"{}\" y=\"{ly}\">{sv}</text>\n",
-            ly - 10.0,
-            COLORS[ki % COLORS.len()],
-            x + 16.0
-        ));
-    }
+    let items: Vec<(&str, &str)> = servers
+        .iter()
+        .enumerate()
+        .map(|(ki, sv)| (sv.as_str(), COLORS[ki % COLORS.len()]))
+        .collect();
+    svg_legend(&mut out, &items, left, 2.0 * panel_h + 2.0 * top + 40.0);
     out.push_str("</svg>\n");
     out
 }

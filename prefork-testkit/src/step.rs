@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
+use crate::bench::{svg_legend, COLORS};
 use crate::load::{self, LoadConfig, Outcome, OutcomeRecord, Progress, Summary, Target};
 use crate::server::ServerBuilder;
 
@@ -420,9 +421,6 @@ pub fn markdown(cfg: &StepConfig, results: &[StepResult]) -> String {
 /// Worker count (top) and p99 latency per bucket (bottom, log scale) over
 /// time, one line per run; self-sizing runs solid, fixed pools dashed.
 pub fn svg(results: &[StepResult]) -> String {
-    const COLORS: [&str; 8] = [
-        "#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#9c755f",
-    ];
     let (w, ph, top, left, right) = (900.0, 220.0, 40.0, 70.0, 20.0);
     // The self-sizing runs' span (fixed pools of MIN drain long after the
     // burst; their latency points are by start time, within the burst).
@@ -545,16 +543,8 @@ pub fn svg(results: &[StepResult]) -> String {
         ));
         t += step;
     }
-    let ly = 2.0 * ph + 2.0 * top + 50.0;
-    for (i, s) in strategies.iter().enumerate() {
-        let lx = left + i as f64 * 130.0;
-        out.push_str(&format!(
-            "<rect x=\"{lx}\" y=\"{}\" width=\"12\" height=\"12\" fill=\"{}\"/><text x=\"{}\" y=\"{ly}\">{s}</text>\n",
-            ly - 10.0,
-            color(s),
-            lx + 16.0
-        ));
-    }
+    let items: Vec<(&str, &str)> = strategies.iter().map(|s| (*s, color(s))).collect();
+    svg_legend(&mut out, &items, left, 2.0 * ph + 2.0 * top + 50.0);
     out.push_str("</svg>\n");
     out
 }
