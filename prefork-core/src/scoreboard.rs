@@ -56,6 +56,8 @@ pub struct Cell {
 
 // SAFETY: Cell holds only atomics, for which all-zero is a valid value.
 unsafe impl ZeroValidAtomic for Cell {}
+// SAFETY: an atomic integer is valid when all-zero and is Sync.
+unsafe impl ZeroValidAtomic for AtomicU64 {}
 
 impl Cell {
     /// The worker took a connection.

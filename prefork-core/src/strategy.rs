@@ -110,6 +110,11 @@ pub trait WorkerAcceptor {
     /// ENOMEM) is returned as an error: the worker loop backs off.
     fn accept(&mut self, ctx: &AcceptContext<'_>) -> io::Result<Accepted>;
 
+    /// The connection from the last `accept` was served and is about to be
+    /// closed (a strategy whose master may still hold a copy of it sends the
+    /// FIN here, so the client does not wait for the master's close).
+    fn closing(&mut self, _conn: &Connection) {}
+
     /// The connection from the last `accept` was served and closed.
     fn done(&mut self) {}
 

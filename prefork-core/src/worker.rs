@@ -141,6 +141,7 @@ where
         if let Err(e) = app.handle(&mut conn) {
             tracing::debug!("connection ended with an error: {e}");
         }
+        acceptor.closing(&conn);
         drop(conn);
         acceptor.done();
         report.idle();

@@ -16,6 +16,14 @@
 //!   rejected, and every descriptor it carried is closed.
 //! * A worker that dies holding a passed connection loses at most that one.
 //!   The master never sends to a dead or retiring worker.
+//! * A worker that dies **before it took** the connection sent to it (it was
+//!   killed while idle, the message still in its channel) loses nothing:
+//!   the master keeps its own copy of each connection until the worker has
+//!   counted it as received, in a shared-memory counter per channel
+//!   (incremented before the worker reads a byte). On the channel's EOF with
+//!   the count short, the master hands its copy to another worker. The
+//!   worker sends the FIN itself (shutdown) before closing, so the master's
+//!   copy never delays the end of a connection.
 
 #![deny(missing_docs)]
 
@@ -23,11 +31,14 @@ mod sys;
 
 use std::collections::VecDeque;
 use std::io;
+use std::net::Shutdown;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use nix::poll::{PollFd, PollFlags};
 use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 use prefork_core::clock::poll_timeout;
+use prefork_core::sys::SharedMap;
 use prefork_core::{
     AcceptContext, AcceptStrategy, Accepted, Connection, Error, Listener, Result, WorkerAcceptor,
 };
@@ -45,16 +56,37 @@ fn strategy_err(reason: String) -> Error {
     }
 }
 
+/// Receipt counters: one per channel alive at once (a full pool, its
+/// replacements during a reload, and those still stopping).
+const CELLS: usize = 4 * prefork_core::supervisor::MAX_WORKERS;
+
 #[derive(Debug)]
 struct Channel {
     master: OwnedFd,
     /// The worker's end, until the worker takes it after fork.
     worker: Option<OwnedFd>,
+    /// Its receipt counter in the shared map.
+    cell: usize,
+    /// Connections sent on it.
+    sent: u64,
     idle: bool,
     /// A connection was sent and no `D` came back yet.
     outstanding: bool,
-    /// EOF seen, or the slot retired: never send again.
+    /// The master's copy of the last connection sent, kept until the worker
+    /// counted it as received.
+    held: Option<Socket>,
+    /// The slot retired, or the channel was replaced or failed: never send
+    /// on it again (it is still read until EOF).
     closed: bool,
+    /// EOF seen: the worker is gone.
+    eof: bool,
+}
+
+/// A channel: the current one of a slot, or a replaced one.
+#[derive(Debug, Clone, Copy)]
+enum Which {
+    Slot(usize),
+    Old(usize),
 }
 
 /// The fdpass strategy (master side).
@@ -63,14 +95,23 @@ pub struct Fdpass {
     /// The master's polling copies of the listeners (same descriptions).
     listeners: Vec<Socket>,
     slots: Vec<Option<Channel>>,
+    /// Channels replaced in their slot (a reload, a respawn) whose worker may
+    /// still be alive: read until EOF.
+    old: Vec<Channel>,
+    /// Receipt counters, shared with the workers.
+    receipts: Option<SharedMap>,
+    /// Free receipt cells.
+    free: Vec<usize>,
     /// Where the search for an idle worker starts (round robin).
     next: usize,
     /// Accepted but not yet handed over (a send failed): bounded by the
     /// number of slots, because the master accepts only for idle workers.
     pending: VecDeque<Socket>,
-    /// Connections handed over, and those lost in a dead worker's hands.
+    /// Connections handed over, those lost in a dead worker's hands, and
+    /// those handed again after a worker died before taking them.
     passed: u64,
     lost: u64,
+    rescued: u64,
 }
 
 impl Fdpass {
@@ -98,9 +139,12 @@ impl Fdpass {
                 Ok(()) => {
                     ch.idle = false;
                     ch.outstanding = true;
+                    ch.sent += 1;
+                    // Kept until the worker counts it received (see above).
+                    ch.held = Some(conn);
                     self.next = (i + 1) % n;
                     self.passed += 1;
-                    return; // `conn` is closed here; the worker has its own copy
+                    return;
                 }
                 Err(e) => {
                     tracing::warn!("fdpass: sending to worker {i} failed: {e}; trying another");
@@ -139,20 +183,48 @@ impl Fdpass {
         }
     }
 
-    fn read_channel(&mut self, slot: usize) {
+    /// How many connections the worker of `cell` counted as received.
+    fn received(&self, cell: usize) -> u64 {
+        self.receipts
+            .as_ref()
+            .and_then(|m| m.as_slice_of::<AtomicU64>().get(cell))
+            .map_or(0, |c| c.load(Ordering::Acquire))
+    }
+
+    /// Reads everything on the channel of `slot` (`old` = a replaced one,
+    /// by index into `self.old`).
+    fn read_channel(&mut self, which: Which) {
+        let received = |me: &Self, cell| me.received(cell);
         loop {
-            let Some(ch) = self.slots.get_mut(slot).and_then(Option::as_mut) else {
+            let ch = match which {
+                Which::Slot(i) => self.slots.get(i).and_then(Option::as_ref),
+                Which::Old(i) => self.old.get(i),
+            };
+            let Some(ch) = ch else { return };
+            if ch.eof {
+                return;
+            }
+            let got = sys::recv_with_fds(ch.master.as_fd(), true);
+            let cell = ch.cell;
+            let count = received(self, cell);
+            let Some(ch) = (match which {
+                Which::Slot(i) => self.slots.get_mut(i).and_then(Option::as_mut),
+                Which::Old(i) => self.old.get_mut(i),
+            }) else {
                 return;
             };
-            match sys::recv_with_fds(ch.master.as_fd(), true) {
+            match got {
                 Ok(Some(msg)) => {
                     // Workers send no descriptors; any that came are closed
                     // with `msg`.
-                    if msg.data == IDLE && msg.fds.is_empty() && !ch.closed {
-                        ch.idle = true;
+                    if msg.data == IDLE && msg.fds.is_empty() {
                         ch.outstanding = false;
+                        ch.held = None; // served: the worker had it
+                        if !ch.closed {
+                            ch.idle = true;
+                        }
                     } else {
-                        tracing::warn!("fdpass: worker {slot} sent a malformed message; ignored");
+                        tracing::warn!("fdpass: a worker sent a malformed message; ignored");
                     }
                 }
                 Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EINTR)) => {
@@ -160,15 +232,45 @@ impl Fdpass {
                 }
                 // EOF, or a reset: the worker is gone.
                 Ok(None) | Err(_) => {
-                    if ch.outstanding {
-                        self.lost += 1;
-                        tracing::warn!("fdpass: worker {slot} died holding a connection");
-                    }
                     ch.idle = false;
-                    ch.outstanding = false;
                     ch.closed = true;
+                    ch.eof = true;
+                    let outstanding = std::mem::take(&mut ch.outstanding);
+                    let held = ch.held.take();
+                    let short = count < ch.sent;
+                    match held {
+                        Some(conn) if short => {
+                            // It died before taking it: nothing was read.
+                            self.rescued += 1;
+                            tracing::info!(
+                                "fdpass: a worker died before taking the connection sent to it; handing it to another"
+                            );
+                            self.pending.push_front(conn);
+                        }
+                        _ if outstanding => {
+                            self.lost += 1;
+                            tracing::warn!("fdpass: a worker died holding a connection");
+                        }
+                        _ => {}
+                    }
+                    self.free.push(cell);
                     return;
                 }
+            }
+        }
+    }
+
+    /// Closes the master's copies the workers have counted as received.
+    fn release_received(&mut self) {
+        let Some(map) = &self.receipts else { return };
+        let cells = map.as_slice_of::<AtomicU64>();
+        let chans = self.slots.iter_mut().flatten().chain(self.old.iter_mut());
+        for ch in chans.filter(|c| c.held.is_some()) {
+            if cells
+                .get(ch.cell)
+                .is_some_and(|c| c.load(Ordering::Acquire) >= ch.sent)
+            {
+                ch.held = None;
             }
         }
     }
@@ -205,6 +307,10 @@ impl AcceptStrategy for Fdpass {
                 .map_err(|e| strategy_err(format!("O_NONBLOCK on {}: {e}", l.addr())))?;
             self.listeners.push(dup);
         }
+        let map = SharedMap::new(CELLS * std::mem::size_of::<AtomicU64>())
+            .map_err(|e| Error::sys("mmap() for the fdpass receipt counters", e))?;
+        self.receipts = Some(map);
+        self.free = (0..CELLS).rev().collect();
         Ok(())
     }
 
@@ -221,18 +327,38 @@ impl AcceptStrategy for Fdpass {
         if self.slots.len() <= slot {
             self.slots.resize_with(slot + 1, || None);
         }
-        // An earlier worker of the slot (a reload) keeps serving what it
-        // holds: a connection still in its channel stays readable there.
-        // Read its pending reports first: closing a Unix socket with unread
-        // data resets the other end.
-        self.read_channel(slot);
-        self.slots[slot] = Some(Channel {
+        let cell = self
+            .free
+            .pop()
+            .ok_or_else(|| strategy_err(format!("no free receipt counter for slot {slot}")))?;
+        if let Some(c) = self
+            .receipts
+            .as_ref()
+            .and_then(|m| m.as_slice_of::<AtomicU64>().get(cell))
+        {
+            c.store(0, Ordering::Release);
+        }
+        // An earlier worker of the slot (a reload, or one that died and is
+        // not yet seen gone) keeps its channel until its EOF: it may still
+        // serve what it holds, and a connection it never took is handed on.
+        let previous = self.slots[slot].replace(Channel {
             master,
             worker: Some(worker),
+            cell,
+            sent: 0,
             idle: false,
             outstanding: false,
+            held: None,
             closed: false,
+            eof: false,
         });
+        if let Some(mut prev) = previous {
+            prev.idle = false;
+            prev.closed = true;
+            if !prev.eof {
+                self.old.push(prev);
+            }
+        }
         Ok(())
     }
 
@@ -251,25 +377,29 @@ impl AcceptStrategy for Fdpass {
     ) -> io::Result<FdpassAcceptor> {
         // The worker keeps its end of its own channel and nothing else: no
         // listener, no other worker's channel (all closed with `self`).
-        let chan = self
+        let (chan, cell) = self
             .slots
             .get_mut(slot)
             .and_then(Option::as_mut)
-            .and_then(|c| c.worker.take())
+            .and_then(|c| c.worker.take().map(|w| (w, c.cell)))
             .ok_or_else(|| io::Error::other(format!("no channel for slot {slot}")))?;
         Ok(FdpassAcceptor {
             chan,
             closed: false,
             rejected: 0,
+            receipt: self.receipts.take().map(|m| (m, cell)),
         })
     }
 
     fn master_fds(&self) -> Vec<BorrowedFd<'_>> {
+        // Every channel until its EOF (a retired or replaced one too: its
+        // worker's death must be seen, with what it held).
         let mut fds: Vec<BorrowedFd<'_>> = self
             .slots
             .iter()
             .flatten()
-            .filter(|c| !c.closed)
+            .chain(self.old.iter())
+            .filter(|c| !c.eof)
             .map(|c| c.master.as_fd())
             .collect();
         // No idle worker: leave connections in the kernel's backlog.
@@ -280,14 +410,23 @@ impl AcceptStrategy for Fdpass {
     }
 
     fn master_ready(&mut self, fd: RawFd) {
-        if let Some(slot) = self
+        let which = self
             .slots
             .iter()
             .position(|c| c.as_ref().is_some_and(|c| c.master.as_raw_fd() == fd))
-        {
-            self.read_channel(slot);
-            self.deliver_pending();
+            .map(Which::Slot)
+            .or_else(|| {
+                self.old
+                    .iter()
+                    .position(|c| c.master.as_raw_fd() == fd)
+                    .map(Which::Old)
+            });
+        if let Some(w) = which {
+            self.read_channel(w);
+            self.old.retain(|c| !c.eof);
         }
+        self.release_received();
+        self.deliver_pending();
         self.accept_ready();
     }
 
@@ -305,8 +444,9 @@ impl AcceptStrategy for Fdpass {
 
     fn shutdown(&mut self) {
         tracing::info!(
-            "fdpass: {} connections handed to workers, {} lost with workers that died holding them",
+            "fdpass: {} connections handed to workers, {} handed again after a worker died before taking them, {} lost with workers that died holding them",
             self.passed,
+            self.rescued,
             self.lost
         );
     }
@@ -319,6 +459,8 @@ pub struct FdpassAcceptor {
     /// The master closed the channel (a reload gave the slot to a new worker).
     closed: bool,
     rejected: u64,
+    /// This worker's receipt counter (absent for a bare channel in tests).
+    receipt: Option<(SharedMap, usize)>,
 }
 
 impl FdpassAcceptor {
@@ -328,6 +470,7 @@ impl FdpassAcceptor {
             chan,
             closed: false,
             rejected: 0,
+            receipt: None,
         }
     }
 
@@ -372,6 +515,13 @@ impl FdpassAcceptor {
             (Ok(t), Ok(d)) if t == Type::STREAM => d == Domain::UNIX,
             _ => return Ok(self.reject("the descriptor is not a stream socket".into())),
         };
+        // Counted before a byte is read: from here on the master must not
+        // hand this connection to anyone else.
+        if let Some((map, cell)) = &self.receipt {
+            if let Some(c) = map.as_slice_of::<AtomicU64>().get(*cell) {
+                c.fetch_add(1, Ordering::AcqRel);
+            }
+        }
         Ok(Accepted::Connection(Connection::from_socket(sock, unix, 0)))
     }
 
@@ -413,6 +563,11 @@ impl WorkerAcceptor for FdpassAcceptor {
             return self.receive(true);
         }
         Ok(Accepted::Idle)
+    }
+
+    fn closing(&mut self, conn: &Connection) {
+        // The master may still hold its copy: send the FIN now.
+        let _ = conn.shutdown(Shutdown::Write);
     }
 
     fn done(&mut self) {
@@ -494,24 +649,28 @@ mod tests {
         }
     }
 
+    /// A master side with slots 0 and 1, and the two workers' sides on
+    /// their channels (no fork).
+    fn master_with_two_workers() -> (Fdpass, FdpassAcceptor, FdpassAcceptor) {
+        let mut m = Fdpass::new();
+        m.prepare(&[]).expect("prepare");
+        let mut take = |s: usize| {
+            m.prepare_slot(s, &[]).expect("slot");
+            FdpassAcceptor::from_channel(
+                m.slots[s]
+                    .as_mut()
+                    .and_then(|c| c.worker.take())
+                    .expect("end"),
+            )
+        };
+        let (w0, w1) = (take(0), take(1));
+        (m, w0, w1)
+    }
+
     #[test]
     fn the_master_hands_connections_only_to_idle_workers_round_robin() {
         let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-        let mut m = Fdpass::new();
-        let (w0, w1) = {
-            m.prepare_slot(0, &[]).expect("slot 0");
-            m.prepare_slot(1, &[]).expect("slot 1");
-            let take = |m: &mut Fdpass, s: usize| {
-                FdpassAcceptor::from_channel(
-                    m.slots[s]
-                        .as_mut()
-                        .and_then(|c| c.worker.take())
-                        .expect("end"),
-                )
-            };
-            (take(&mut m, 0), take(&mut m, 1))
-        };
-        let (mut w0, mut w1) = (w0, w1);
+        let (mut m, mut w0, mut w1) = master_with_two_workers();
         let l = TcpListener::bind("127.0.0.1:0").expect("bind");
         let conn = || {
             let _c = TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
@@ -546,5 +705,72 @@ mod tests {
             m.master_fds().len() == 2,
             "listeners are not polled while nobody is idle"
         );
+    }
+
+    /// A worker killed with a connection still in its channel (it never took
+    /// it) loses nothing: the master hands its copy to another worker, and
+    /// the client is served. One that took it (counted) loses only that one.
+    #[test]
+    fn a_connection_the_dead_worker_never_took_goes_to_another_worker() {
+        use std::io::{Read, Write};
+        let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        let (mut m, mut w0, mut w1) = master_with_two_workers();
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let mut client = TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
+        client.write_all(b"ping").expect("send");
+        // Only worker 0 is idle: the connection is sent to it.
+        w0.init().expect("idle");
+        let fd0 = m.slots[0].as_ref().expect("ch").master.as_raw_fd();
+        m.master_ready(fd0);
+        m.dispatch(Socket::from(l.accept().expect("accept").0));
+        assert!(m.slots[0].as_ref().expect("ch").held.is_some());
+        // Worker 0 dies without receiving it: its end closes.
+        drop(w0);
+        m.master_ready(fd0);
+        assert_eq!((m.rescued, m.lost), (1, 0));
+        assert_eq!(m.pending.len(), 1, "kept for the next idle worker");
+        w1.init().expect("idle");
+        let fd1 = m.slots[1].as_ref().expect("ch").master.as_raw_fd();
+        m.master_ready(fd1);
+        assert!(m.pending.is_empty());
+        let Accepted::Connection(mut c) = w1.receive(true).expect("w1") else {
+            panic!("worker 1 got nothing");
+        };
+        let mut buf = [0u8; 4];
+        c.read_exact(&mut buf).expect("the request is intact");
+        assert_eq!(&buf, b"ping");
+        c.write_all(b"pong").expect("reply");
+        // The worker loop calls this before closing: the master still holds
+        // its copy, so without it the client would not see the end.
+        w1.closing(&c);
+        drop(c);
+        client
+            .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .expect("timeout");
+        let mut reply = Vec::new();
+        client.read_to_end(&mut reply).expect("read");
+        assert_eq!(reply, b"pong");
+        // A connection worker 1 counted as received is its own: if it dies
+        // now, that one is lost (and not sent twice).
+        let mut client2 = TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
+        w1.done();
+        m.master_ready(fd1);
+        m.dispatch(Socket::from(l.accept().expect("accept").0));
+        // (This test's acceptors have no counter: count for worker 1 what a
+        // forked worker counts itself, both connections it received.)
+        let (cell, sent) = m.slots[1].as_ref().map(|c| (c.cell, c.sent)).expect("ch");
+        assert_eq!(sent, 2);
+        m.receipts.as_ref().expect("map").as_slice_of::<AtomicU64>()[cell]
+            .store(sent, Ordering::Release);
+        drop(w1);
+        m.master_ready(fd1);
+        assert_eq!((m.rescued, m.lost), (1, 1));
+        assert!(m.pending.is_empty());
+        client2
+            .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .expect("timeout");
+        let mut rest = Vec::new();
+        let _ = client2.read_to_end(&mut rest);
+        assert!(rest.is_empty(), "closed, not served");
     }
 }
