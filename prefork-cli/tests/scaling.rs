@@ -188,3 +188,34 @@ fn step_scenario_self_sizing_pool_beats_a_fixed_min_pool_and_returns_to_min() {
     assert!(a < f, "p99 self-sizing {a} µs vs fixed MIN {f} µs");
     assert!(!auto.latency_timeline.is_empty());
 }
+
+/// The status socket shows the range; the table says so in one line.
+#[test]
+fn status_shows_the_range_of_a_self_sizing_pool() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let sock = format!("unix:{}", dir.path().join("status.sock").display());
+    let mut s = start(
+        "blocking",
+        &["--workers", "2:5", "--spare", "0", "--status", &sock],
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_prefork"))
+        .args(["status", &sock, "--json"])
+        .output()
+        .expect("prefork status");
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(doc["scale"]["min"], 2, "{doc}");
+    assert_eq!(doc["scale"]["max"], 5, "{doc}");
+    assert_eq!(doc["scale"]["spare"], 0, "{doc}");
+    assert_eq!(doc["scale"]["window_s"], 10.0, "{doc}");
+    assert_eq!(doc["totals"]["target"], 2, "{doc}");
+    let table = std::process::Command::new(env!("CARGO_BIN_EXE_prefork"))
+        .args(["status", &sock])
+        .output()
+        .expect("prefork status");
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        text.contains("pool sizes itself: 2 to 5 workers, 0 spare, window 10.0s, stall 1.0s"),
+        "{text}"
+    );
+    assert_eq!(s.stop(T).and_then(|st| st.code()), Some(0));
+}
