@@ -180,7 +180,8 @@ fn a_busy_pool_with_a_waiting_connection_grows(#[case] strategy: &str) {
             s.log()
         );
     }
-    assert!(s.log().contains("scale up: 1 -> 2 workers"), "{}", s.log());
+    // (The log is read by another thread: wait for the line.)
+    assert!(s.wait_log("scale up: 1 -> 2 workers", T), "{}", s.log());
     assert_eq!(slow.join().expect("slow").expect("slow served").status, 200);
     assert_eq!(s.stop(T).and_then(|st| st.code()), Some(0));
 }

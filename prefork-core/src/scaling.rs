@@ -6,8 +6,9 @@
 //! [`Scaler::decide`] answers with a [`Decision`]. It never reads a clock or
 //! makes a syscall, so proptest drives it with a simulated load and clock.
 //!
-//! * **Shrink** when the idle count stayed above `spare` at every sample of
-//!   a whole window (the minimum over the window is above the target), the
+//! * **Shrink** when the idle count stayed above `spare`, with no connection
+//!   waiting, at every sample of a whole window (the minimum over the window
+//!   is above the target), the
 //!   worker that would leave is idle, and nothing was scaled within the
 //!   window: one worker per window at most, never below `min`.
 //! * **Grow** when connections wait and no worker is idle for
@@ -217,7 +218,9 @@ impl Scaler {
         } else {
             None
         };
-        if s.idle > cfg.spare {
+        // A connection waiting means the pool is not too big, even with idle
+        // workers (with reuseport it waits in a busy worker's own queue).
+        if s.idle > cfg.spare && !s.backlog {
             if self.surplus_since.is_none() {
                 self.surplus_since = Some(now);
                 self.min_idle = s.idle;

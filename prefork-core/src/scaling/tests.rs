@@ -429,3 +429,42 @@ fn the_pool_never_shrinks_while_workers_are_starting_or_the_top_one_is_busy() {
         Decision::Shrink { min_idle: 3, .. }
     ));
 }
+
+#[test]
+fn no_shrink_while_connections_wait_even_with_idle_workers() {
+    // reuseport: connections queue in a busy worker's own socket while
+    // others are idle. The pool is not too big.
+    let cfg = ScaleConfig {
+        min: 1,
+        max: 8,
+        spare: 1,
+        window: Duration::from_secs(1),
+        stall: Duration::from_secs(60),
+    };
+    let mut s = Scaler::new(cfg);
+    let at = |ms: u64| MonoTime::from_nanos(ms * MS);
+    let waiting = Sample {
+        size: 4,
+        idle: 3,
+        backlog: true,
+        activity: true,
+        top_idle: true,
+        ..Sample::default()
+    };
+    for t in (0..5_000).step_by(50) {
+        assert_eq!(s.decide(&waiting, at(t)), Decision::Hold);
+    }
+    // One sample with a connection waiting restarts the window.
+    let quiet = Sample {
+        backlog: false,
+        ..waiting
+    };
+    assert_eq!(s.decide(&quiet, at(5_000)), Decision::Hold);
+    assert_eq!(s.decide(&waiting, at(5_500)), Decision::Hold);
+    assert_eq!(s.decide(&quiet, at(6_000)), Decision::Hold);
+    assert_eq!(s.decide(&quiet, at(6_900)), Decision::Hold);
+    assert!(matches!(
+        s.decide(&quiet, at(7_000)),
+        Decision::Shrink { .. }
+    ));
+}
