@@ -769,8 +769,9 @@ enum Flow {
     Child(WorkerSetup),
 }
 
-/// Does any of `fds` have a connection waiting, and how many wait in all
-/// (TCP only; `None` when no fd is TCP).
+/// Does any of `fds` have a connection waiting, and if so how many wait in
+/// all (TCP only; `None` when none wait or no fd is TCP). The count is only
+/// for the log line of a grow, so TCP_INFO is read only when some wait.
 fn probe_backlog(fds: &[BorrowedFd<'_>]) -> (bool, Option<u32>) {
     let mut polled: Vec<PollFd<'_>> = fds
         .iter()
@@ -786,13 +787,16 @@ fn probe_backlog(fds: &[BorrowedFd<'_>]) -> (bool, Option<u32>) {
             }
         }
     };
+    if !backlog {
+        return (false, None);
+    }
     let mut queued = None;
     for fd in fds {
         if let Ok((q, _)) = sys::tcp_accept_queue(*fd) {
             queued = Some(queued.unwrap_or(0) + q);
         }
     }
-    (backlog, queued)
+    (true, queued)
 }
 
 /// "30s", "2.5s".

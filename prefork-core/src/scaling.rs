@@ -96,8 +96,6 @@ pub enum GrowReason {
     Saturated(Duration),
     /// Connections waited with no worker changing state for this long.
     Stalled(Duration),
-    /// The pool is below `min` (the range was moved up).
-    BelowMin,
 }
 
 /// What to do with the pool now.
@@ -169,7 +167,8 @@ impl Scaler {
         &self.cfg
     }
 
-    /// Moves the range (TTIN/TTOU); the caller keeps `min` ≤ `max`.
+    /// Moves the range (TTIN/TTOU). The caller moves the pool with it, so
+    /// the size stays within the range; the policy never has to restore it.
     pub fn set_range(&mut self, min: usize, max: usize) {
         self.cfg.min = min;
         self.cfg.max = max.max(min);
@@ -243,15 +242,6 @@ impl Scaler {
                 return self.grow(s.size, reason, now);
             }
         }
-        if s.size < cfg.min && settled {
-            // Below the floor (the range moved up): back to it in one step.
-            self.last_grow = Some(now);
-            return Decision::Grow {
-                by: cfg.min - s.size,
-                reason: GrowReason::BelowMin,
-            };
-        }
-
         let hold = self.hold();
         let recent = |t: Option<MonoTime>| t.is_some_and(|t| now.saturating_since(t) < hold);
         let surplus_held = self

@@ -154,7 +154,6 @@ impl std::fmt::Display for ScaleEvent {
                         "{queued}, no worker changed state for {:.2}s)",
                         d.as_secs_f64()
                     ),
-                    GrowReason::BelowMin => write!(f, "below the minimum)"),
                 }?;
                 if let Some(hold) = self.flap_hold {
                     write!(

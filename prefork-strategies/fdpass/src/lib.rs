@@ -82,6 +82,12 @@ struct Channel {
     eof: bool,
 }
 
+/// How many connections the worker of receipt `cell` counted as received.
+fn receipt_count(map: Option<&SharedMap>, cell: usize) -> u64 {
+    map.and_then(|m| m.as_slice_of::<AtomicU64>().get(cell))
+        .map_or(0, |c| c.load(Ordering::Acquire))
+}
+
 /// A channel: the current one of a slot, or a replaced one.
 #[derive(Debug, Clone, Copy)]
 enum Which {
@@ -183,46 +189,23 @@ impl Fdpass {
         }
     }
 
-    /// How many connections the worker of `cell` counted as received.
-    fn received(&self, cell: usize) -> u64 {
-        self.receipts
-            .as_ref()
-            .and_then(|m| m.as_slice_of::<AtomicU64>().get(cell))
-            .map_or(0, |c| c.load(Ordering::Acquire))
-    }
-
-    /// Reads everything on the channel of `slot` (`old` = a replaced one,
-    /// by index into `self.old`).
+    /// Reads everything on a channel: `D` reports, or the EOF that says its
+    /// worker is gone (then a connection it never took is handed on).
     fn read_channel(&mut self, which: Which) {
-        let received = |me: &Self, cell| me.received(cell);
-        loop {
-            let ch = match which {
-                Which::Slot(i) => self.slots.get(i).and_then(Option::as_ref),
-                Which::Old(i) => self.old.get(i),
-            };
-            let Some(ch) = ch else { return };
-            if ch.eof {
-                return;
-            }
-            let got = sys::recv_with_fds(ch.master.as_fd(), true);
-            let cell = ch.cell;
-            let count = received(self, cell);
-            let Some(ch) = (match which {
-                Which::Slot(i) => self.slots.get_mut(i).and_then(Option::as_mut),
-                Which::Old(i) => self.old.get_mut(i),
-            }) else {
-                return;
-            };
-            match got {
+        let ch = match which {
+            Which::Slot(i) => self.slots.get_mut(i).and_then(Option::as_mut),
+            Which::Old(i) => self.old.get_mut(i),
+        };
+        let Some(ch) = ch else { return };
+        while !ch.eof {
+            match sys::recv_with_fds(ch.master.as_fd(), true) {
                 Ok(Some(msg)) => {
                     // Workers send no descriptors; any that came are closed
                     // with `msg`.
                     if msg.data == IDLE && msg.fds.is_empty() {
                         ch.outstanding = false;
                         ch.held = None; // served: the worker had it
-                        if !ch.closed {
-                            ch.idle = true;
-                        }
+                        ch.idle = !ch.closed;
                     } else {
                         tracing::warn!("fdpass: a worker sent a malformed message; ignored");
                     }
@@ -235,11 +218,9 @@ impl Fdpass {
                     ch.idle = false;
                     ch.closed = true;
                     ch.eof = true;
-                    let outstanding = std::mem::take(&mut ch.outstanding);
-                    let held = ch.held.take();
-                    let short = count < ch.sent;
-                    match held {
-                        Some(conn) if short => {
+                    let took = receipt_count(self.receipts.as_ref(), ch.cell) >= ch.sent;
+                    match ch.held.take() {
+                        Some(conn) if !took => {
                             // It died before taking it: nothing was read.
                             self.rescued += 1;
                             tracing::info!(
@@ -247,14 +228,14 @@ impl Fdpass {
                             );
                             self.pending.push_front(conn);
                         }
-                        _ if outstanding => {
+                        _ if ch.outstanding => {
                             self.lost += 1;
                             tracing::warn!("fdpass: a worker died holding a connection");
                         }
                         _ => {}
                     }
-                    self.free.push(cell);
-                    return;
+                    ch.outstanding = false;
+                    self.free.push(ch.cell);
                 }
             }
         }
@@ -262,14 +243,10 @@ impl Fdpass {
 
     /// Closes the master's copies the workers have counted as received.
     fn release_received(&mut self) {
-        let Some(map) = &self.receipts else { return };
-        let cells = map.as_slice_of::<AtomicU64>();
+        let map = self.receipts.as_ref();
         let chans = self.slots.iter_mut().flatten().chain(self.old.iter_mut());
         for ch in chans.filter(|c| c.held.is_some()) {
-            if cells
-                .get(ch.cell)
-                .is_some_and(|c| c.load(Ordering::Acquire) >= ch.sent)
-            {
+            if receipt_count(map, ch.cell) >= ch.sent {
                 ch.held = None;
             }
         }
