@@ -36,7 +36,7 @@ fn f2_a_killed_worker_loses_only_the_connection_it_held() {
         .expect("busy worker");
     // The five are connected (the kernel completed their handshakes) before the kill.
     assert!(wait_until(T, || {
-        let q = prefork_core_queue(s.addr());
+        let q = accept_queue(s.addr());
         q >= 5
     }));
     kill(Pid::from_raw(victim), Signal::SIGKILL).expect("kill");
@@ -50,28 +50,16 @@ fn f2_a_killed_worker_loses_only_the_connection_it_held() {
     assert!(s.wait_log("died holding a connection", T), "{}", s.log());
 }
 
-/// Connections waiting in the accept queue of the listener at `addr`
-/// (TCP_INFO through a status-less probe: /proc/net/tcp rx_queue of the
-/// LISTEN socket holds the accept queue length).
-fn prefork_core_queue(addr: &str) -> u64 {
+/// Connections waiting in the accept queue of the listener at `addr`.
+fn accept_queue(addr: &str) -> u64 {
     let port: u16 = addr
         .rsplit(':')
         .next()
         .and_then(|p| p.parse().ok())
         .expect("port");
-    let table = std::fs::read_to_string("/proc/net/tcp").expect("tcp");
-    table
-        .lines()
-        .skip(1)
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            let p = u16::from_str_radix(f.get(1)?.rsplit(':').next()?, 16).ok()?;
-            if p != port || *f.get(3)? != "0A" {
-                return None;
-            }
-            let rx = f.get(4)?.split(':').nth(1)?;
-            u64::from_str_radix(rx, 16).ok()
-        })
+    prefork_testkit::procs::tcp_listeners(port)
+        .iter()
+        .map(|r| r.accept_queue)
         .sum()
 }
 

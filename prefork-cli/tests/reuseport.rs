@@ -10,17 +10,11 @@ use common::*;
 use prefork_testkit::load::{self, LoadConfig, Progress, Target};
 use prefork_testkit::procs::socket_inodes;
 
-/// Inodes of the sockets listening on 127.0.0.1:`port` (/proc/net/tcp).
+/// Inodes of the sockets listening on 127.0.0.1:`port`.
 fn listening_inodes(port: u16) -> Vec<u64> {
-    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
-    table
-        .lines()
-        .skip(1)
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            let local_port = u16::from_str_radix(f.get(1)?.rsplit(':').next()?, 16).ok()?;
-            (local_port == port && *f.get(3)? == "0A").then(|| f.get(9)?.parse().ok())?
-        })
+    prefork_testkit::procs::tcp_listeners(port)
+        .iter()
+        .map(|r| r.inode)
         .collect()
 }
 

@@ -10,29 +10,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use rstest::rstest;
 
-/// `clients` threads each GET `path` `each` times in a row; returns the
-/// number of requests that did not get a 200.
-fn load(addr: &str, path: &str, clients: usize, each: usize) -> std::thread::JoinHandle<usize> {
-    let addr = addr.to_string();
-    let path = path.to_string();
-    std::thread::spawn(move || {
-        let threads: Vec<_> = (0..clients)
-            .map(|_| {
-                let (addr, path) = (addr.clone(), path.clone());
-                std::thread::spawn(move || {
-                    (0..each)
-                        .filter(|_| !matches!(http_get(&addr, &path, T), Ok(r) if r.status == 200))
-                        .count()
-                })
-            })
-            .collect();
-        threads
-            .into_iter()
-            .map(|t| t.join().expect("client thread"))
-            .sum()
-    })
-}
-
 #[rstest]
 #[case::blocking("blocking")]
 #[case::mutex("mutex")]
@@ -58,7 +35,10 @@ fn the_pool_grows_under_a_burst_and_shrinks_back_to_min_losing_nothing(#[case] s
     assert_eq!(s.workers().len(), 1, "starts at MIN");
     // 8 clients keep 8 slow requests in flight: one worker cannot keep up.
     let t0 = Instant::now();
-    let burst = load(s.addr(), "/sleep/150", 8, 8);
+    let slow_clients = {
+        let addr = s.addr().to_string();
+        std::thread::spawn(move || burst_path(&addr, "/sleep/150", 8, 8).1)
+    };
     assert!(
         s.wait_log("scale up: 1 -> 2 workers (", T),
         "no grow: {}",
@@ -66,7 +46,7 @@ fn the_pool_grows_under_a_burst_and_shrinks_back_to_min_losing_nothing(#[case] s
     );
     let first_grow = t0.elapsed();
     assert!(s.wait_workers(4, T), "never reached MAX: {}", s.log());
-    let failed = burst.join().expect("load");
+    let failed = slow_clients.join().expect("load");
     assert_eq!(failed, 0, "requests lost during the burst: {}", s.log());
     // The burst is over: one worker per window leaves, down to MIN, while
     // a light stream of requests checks that retiring loses nothing (for
@@ -130,15 +110,10 @@ fn the_pool_grows_under_a_burst_and_shrinks_back_to_min_losing_nothing(#[case] s
     assert!(!log.contains("died"), "{log}");
     assert!(!log.contains("did not stop in time"), "{log}");
     // The pool that is left serves.
-    let (served, failed) = burst_ok(s.addr());
-    assert_eq!((served, failed), (20, 0), "{}", s.log());
+    let (served, failed) = burst(s.addr(), 4, 5);
+    assert_eq!((served.len(), failed), (20, 0), "{}", s.log());
     eprintln!("{strategy}: first grow {first_grow:?} after the burst began");
     assert_eq!(s.stop(T).and_then(|st| st.code()), Some(0));
-}
-
-fn burst_ok(addr: &str) -> (usize, usize) {
-    let (seen, failed) = burst(addr, 4, 5);
-    (seen.len(), failed)
 }
 
 /// One worker asleep on a request and a connection waiting: the pool grows,

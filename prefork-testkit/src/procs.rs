@@ -91,6 +91,36 @@ pub fn socket_inodes(pid: i32) -> Vec<u64> {
         .collect()
 }
 
+/// A TCP socket listening on a port (a row of /proc/net/tcp in state LISTEN).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcpListenRow {
+    /// Its inode (to find which process holds it).
+    pub inode: u64,
+    /// For a listening socket, the rx_queue column is its accept queue:
+    /// connections waiting to be accepted.
+    pub accept_queue: u64,
+}
+
+/// Every IPv4 socket listening on `port` (SO_REUSEPORT gives several).
+pub fn tcp_listeners(port: u16) -> Vec<TcpListenRow> {
+    fs::read_to_string("/proc/net/tcp")
+        .unwrap_or_default()
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let local_port = u16::from_str_radix(f.get(1)?.rsplit(':').next()?, 16).ok()?;
+            if local_port != port || *f.get(3)? != "0A" {
+                return None;
+            }
+            Some(TcpListenRow {
+                inode: f.get(9)?.parse().ok()?,
+                accept_queue: u64::from_str_radix(f.get(4)?.split(':').nth(1)?, 16).ok()?,
+            })
+        })
+        .collect()
+}
+
 /// Inodes of the SOCK_SEQPACKET Unix sockets on this machine
 /// (/proc/net/unix, Type 0005): master-worker channels, never connections.
 pub fn seqpacket_inodes() -> Vec<u64> {

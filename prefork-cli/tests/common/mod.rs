@@ -54,14 +54,24 @@ pub fn who(addr: &str) -> (usize, i32) {
 /// connection per request). Returns (slot, pid) of every answer and the
 /// number of requests that failed.
 pub fn burst(addr: &str, clients: usize, each: usize) -> (Vec<(usize, i32)>, usize) {
+    burst_path(addr, "/", clients, each)
+}
+
+/// [`burst`] with another path (e.g. `/sleep/150`).
+pub fn burst_path(
+    addr: &str,
+    path: &str,
+    clients: usize,
+    each: usize,
+) -> (Vec<(usize, i32)>, usize) {
     let threads: Vec<_> = (0..clients)
         .map(|_| {
-            let addr = addr.to_string();
+            let (addr, path) = (addr.to_string(), path.to_string());
             std::thread::spawn(move || {
                 let mut seen = Vec::with_capacity(each);
                 let mut failed = 0;
                 for _ in 0..each {
-                    match http_get(&addr, "/", T) {
+                    match http_get(&addr, &path, T) {
                         Ok(r) if r.status == 200 => seen
                             .push((r.worker_slot().expect("slot"), r.worker_pid().expect("pid"))),
                         _ => failed += 1,

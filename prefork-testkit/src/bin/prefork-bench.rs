@@ -343,14 +343,10 @@ fn compare(cli: &Cli, dir: &std::path::Path) -> Result<(), String> {
         let j = serde_json::json!({ "load": {
             "workers": load.workers, "connections": load.connections, "threads": load.threads,
             "duration_s": load.duration.as_secs_f64(), "repeat": cli.repeat }, "results": aggs, "runs": results });
-        std::fs::write(
-            p,
-            serde_json::to_string_pretty(&j).map_err(|e| e.to_string())?,
-        )
-        .map_err(|e| format!("{}: {e}", p.display()))?;
+        write_json(p, &j)?;
     }
     if let Some(p) = &cli.svg {
-        std::fs::write(p, bench::svg(&aggs)).map_err(|e| format!("{}: {e}", p.display()))?;
+        write_file(p, bench::svg(&aggs))?;
     }
     Ok(())
 }
@@ -399,16 +395,25 @@ fn step_runs(cli: &Cli, dir: &std::path::Path) -> Result<(), String> {
     }
     print!("{}", step::markdown(&cfg, &results));
     if let Some(p) = &cli.json {
-        std::fs::write(
-            p,
-            serde_json::to_string_pretty(&results).map_err(|e| e.to_string())?,
-        )
-        .map_err(|e| format!("{}: {e}", p.display()))?;
+        write_json(p, &results)?;
     }
     if let Some(p) = &cli.svg {
-        std::fs::write(p, step::svg(&results)).map_err(|e| format!("{}: {e}", p.display()))?;
+        write_file(p, step::svg(&results))?;
     }
     Ok(())
+}
+
+/// Writes `text` to `path`; the error names the path.
+fn write_file(path: &std::path::Path, text: String) -> Result<(), String> {
+    std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Writes `value` to `path` as pretty JSON.
+fn write_json(path: &std::path::Path, value: &impl serde::Serialize) -> Result<(), String> {
+    write_file(
+        path,
+        serde_json::to_string_pretty(value).map_err(|e| e.to_string())?,
+    )
 }
 
 fn fault_runs(cli: &Cli, dir: &std::path::Path) -> Result<(), String> {
@@ -481,11 +486,7 @@ fn fault_runs(cli: &Cli, dir: &std::path::Path) -> Result<(), String> {
         );
     }
     if let Some(p) = &cli.json {
-        std::fs::write(
-            p,
-            serde_json::to_string_pretty(&rows).map_err(|e| e.to_string())?,
-        )
-        .map_err(|e| format!("{}: {e}", p.display()))?;
+        write_json(p, &rows)?;
     }
     Ok(())
 }
