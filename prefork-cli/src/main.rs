@@ -182,6 +182,13 @@ struct Cli {
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(i32).range(1..=65535))]
     backlog: i32,
 
+    /// TCP_DEFER_ACCEPT: accept a TCP connection only when its first bytes
+    /// arrive, so no worker wakes for, or is held by, a client that has sent
+    /// nothing (one that never sends is accepted about SECS later). 0 turns
+    /// it off. [default: 1 for the http app, as Unicorn; 0 for the others]
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u32).range(0..=3600))]
+    defer_accept: Option<u32>,
+
     /// File mode of Unix socket files, in octal (e.g. 660).
     #[arg(long, value_name = "OCTAL", value_parser = parse_mode)]
     unix_mode: Option<u32>,
@@ -393,6 +400,12 @@ fn main() -> ExitCode {
     if (cli.lock.is_some() || cli.lock_always) && cli.strategy != StrategyName::Mutex {
         return fail("--lock and --lock-always apply only to --strategy mutex", 2);
     }
+    if cli.app == AppName::Hello && cli.defer_accept.unwrap_or(0) > 0 {
+        return fail(
+            "--defer-accept: the hello app speaks first and its clients send nothing, so every connection would wait that long to be accepted",
+            2,
+        );
+    }
     let fixed = cli.workers.map_or(true, |(min, max)| min == max);
     if fixed && (cli.spare.is_some() || cli.scale_window.is_some() || cli.scale_stall.is_some()) {
         return fail(
@@ -434,6 +447,10 @@ fn main() -> ExitCode {
         bind_options: BindOptions {
             backlog: cli.backlog,
             unix_mode: cli.unix_mode,
+            // The client speaks first in HTTP; with the others it may not.
+            defer_accept: cli
+                .defer_accept
+                .unwrap_or(if cli.app == AppName::Http { 1 } else { 0 }),
             ..BindOptions::default()
         },
         socket_activation: true,

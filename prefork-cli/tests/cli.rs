@@ -39,6 +39,8 @@ fn run(args: &[&str]) -> (Option<i32>, String) {
 #[case::bad_app(&["--app", "wsgi"], "[possible values: hello, echo, http]")]
 #[case::bad_log_level(&["--log-level", "loud=["], "--log-level")]
 #[case::lock_without_mutex(&["--lock", "flock"], "apply only to --strategy mutex")]
+#[case::defer_with_hello(&["--app", "hello", "--defer-accept", "1"], "--defer-accept: the hello app speaks first")]
+#[case::defer_too_long(&["--defer-accept", "7200"], "'--defer-accept <SECS>': 7200 is not in 0..=3600")]
 #[case::bad_lock(&["--strategy", "mutex", "--lock", "spin"], "[possible values: flock, fcntl, sysvsem, pthread]")]
 fn usage_errors_exit_2_with_one_line(#[case] args: &[&str], #[case] needle: &str) {
     let (code, err) = run(args);

@@ -108,6 +108,58 @@ fn hello_and_echo_apps(#[case] strategy: &str) {
     assert!(rest.is_empty());
 }
 
+/// The http app defers accept (TCP_DEFER_ACCEPT, 1 s by default): a client
+/// that connects and sends nothing does not hold the only worker, so a
+/// request right behind it is answered at once, and the silent client is
+/// still accepted later (and cut with 408 at the header deadline). With
+/// `--defer-accept 0` the worker takes the silent connection first and the
+/// request waits for that deadline.
+#[rstest]
+#[case::blocking("blocking")]
+#[case::mutex("mutex")]
+#[case::fdpass("fdpass")]
+#[case::reuseport("reuseport")]
+fn a_client_that_sends_nothing_holds_no_worker(#[case] strategy: &str) {
+    // Returns how long the GET took, and whether it was answered before the
+    // silent client was.
+    let silent_then_get = |extra: &[&str]| {
+        let mut args = vec!["--workers", "1", "--header-timeout", "2"];
+        args.extend_from_slice(extra);
+        let s = start(strategy, &args);
+        let mut silent = TcpStream::connect(s.addr()).expect("connect");
+        silent.set_read_timeout(Some(T)).expect("timeout");
+        let reader = std::thread::spawn(move || {
+            let mut reply = Vec::new();
+            silent
+                .read_to_end(&mut reply)
+                .expect("the silent client's answer");
+            (Instant::now(), String::from_utf8_lossy(&reply).into_owned())
+        });
+        let t0 = Instant::now();
+        let r = http_get(s.addr(), "/", T).expect("GET behind the silent client");
+        let answered = Instant::now();
+        assert_eq!(r.status, 200);
+        let (silent_answered, head) = reader.join().expect("reader");
+        assert!(
+            head.starts_with("HTTP/1.1 408"),
+            "silent client got {head:?}"
+        );
+        (answered - t0, answered < silent_answered)
+    };
+    let (_, first) = silent_then_get(&[]);
+    assert!(
+        first,
+        "with the default, the request should be answered before the silent client \
+         is even accepted"
+    );
+    let (waited, _) = silent_then_get(&["--defer-accept", "0"]);
+    assert!(
+        waited >= Duration::from_millis(1500),
+        "without deferring, the worker should hold the silent client to the 2 s header \
+         deadline first, but the request took only {waited:?}"
+    );
+}
+
 #[rstest]
 #[case::blocking("blocking")]
 #[case::mutex("mutex")]

@@ -135,6 +135,12 @@ pub struct BindOptions {
     pub unix_mode: Option<u32>,
     /// SO_RCVTIMEO: the worker's accept tick and a connection's read timeout.
     pub accept_tick: Duration,
+    /// TCP_DEFER_ACCEPT in seconds on the TCP sockets bound here (0: off).
+    /// A connection is accepted only once its first bytes arrive, so no
+    /// worker wakes for, or waits on, a client that has sent nothing yet.
+    /// Only for protocols where the client speaks first (HTTP); a client
+    /// that sends nothing is accepted about this many seconds late.
+    pub defer_accept: u32,
 }
 
 impl Default for BindOptions {
@@ -144,6 +150,7 @@ impl Default for BindOptions {
             reuse_port: false,
             unix_mode: None,
             accept_tick: DEFAULT_ACCEPT_TICK,
+            defer_accept: 0,
         }
     }
 }
@@ -271,6 +278,9 @@ pub fn bind_tcp(sa: SocketAddr, spec: &BindSpec, opts: &BindOptions) -> Result<L
     }
     socket.bind(&SockAddr::from(sa)).map_err(err)?;
     socket.listen(opts.backlog).map_err(err)?;
+    if opts.defer_accept > 0 {
+        crate::sys::set_tcp_defer_accept(socket.as_fd(), opts.defer_accept).map_err(err)?;
+    }
     socket
         .set_read_timeout(Some(opts.accept_tick))
         .map_err(err)?;
@@ -551,6 +561,47 @@ mod tests {
         assert_eq!(
             ls[0].socket().read_timeout().expect("rcvtimeo"),
             Some(DEFAULT_ACCEPT_TICK)
+        );
+    }
+
+    /// With TCP_DEFER_ACCEPT a connection that has sent nothing is not
+    /// acceptable; its first byte makes it so. Without it, the handshake
+    /// alone does.
+    #[test]
+    fn defer_accept_holds_a_connection_until_its_first_byte() {
+        use std::io::Write;
+        let readable = |l: &Listener, ms: u16| {
+            let mut fds = [nix::poll::PollFd::new(
+                l.as_fd(),
+                nix::poll::PollFlags::POLLIN,
+            )];
+            nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(ms)).expect("poll") == 1
+        };
+        let specs = [BindSpec::parse("127.0.0.1:0").expect("spec")];
+        let plain = bind_all(&specs, &BindOptions::default()).expect("bind");
+        assert_eq!(sys::tcp_defer_accept(plain[0].as_fd()).expect("get"), 0);
+        let _quiet = std::net::TcpStream::connect(plain[0].addr().to_string()).expect("connect");
+        assert!(
+            readable(&plain[0], 5000),
+            "no defer: the handshake is enough"
+        );
+
+        let opts = BindOptions {
+            defer_accept: 5,
+            ..BindOptions::default()
+        };
+        let deferred = bind_all(&specs, &opts).expect("bind");
+        assert!(sys::tcp_defer_accept(deferred[0].as_fd()).expect("get") > 0);
+        let mut quiet =
+            std::net::TcpStream::connect(deferred[0].addr().to_string()).expect("connect");
+        assert!(
+            !readable(&deferred[0], 300),
+            "a connection that sent nothing must not be acceptable yet"
+        );
+        quiet.write_all(b"G").expect("write");
+        assert!(
+            readable(&deferred[0], 5000),
+            "its first byte makes it acceptable"
         );
     }
 

@@ -37,7 +37,7 @@ http {
     scgi_temp_path $dir/scgi;
     keepalive_timeout 5;
     server {
-        listen 127.0.0.1:$port backlog=1024;
+        listen 127.0.0.1:$port backlog=1024 deferred;
         location / {
             add_header X-Worker "0/0";
             default_type text/plain;

@@ -287,25 +287,61 @@ impl Drop for SharedMap {
     }
 }
 
-/// Accept queue of a listening TCP socket from TCP_INFO: (connections
-/// waiting to be accepted, the backlog limit).
-pub fn tcp_accept_queue(fd: BorrowedFd<'_>) -> io::Result<(u32, u32)> {
-    // SAFETY: tcp_info is plain data; all-zero is a valid value.
-    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-    // SAFETY: the pointer and length describe `info`, which outlives the call.
+/// Sets TCP_DEFER_ACCEPT on a listening TCP socket: a connection becomes
+/// acceptable only when its first data arrives (or, for a client that sends
+/// nothing, about `secs` later). 0 turns it off.
+pub fn set_tcp_defer_accept(fd: BorrowedFd<'_>, secs: u32) -> io::Result<()> {
+    let v = libc::c_int::try_from(secs).unwrap_or(libc::c_int::MAX);
+    // SAFETY: the pointer and length describe `v`, which outlives the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_DEFER_ACCEPT,
+            (&v as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// getsockopt(IPPROTO_TCP, `opt`) into `out`. Only for plain C data (an
+/// int, `tcp_info`), for which any bytes the kernel writes are valid.
+fn tcp_getsockopt<T>(fd: BorrowedFd<'_>, opt: libc::c_int, out: &mut T) -> io::Result<()> {
+    let mut len = std::mem::size_of::<T>() as libc::socklen_t;
+    // SAFETY: the pointer and length describe `*out`, which outlives the
+    // call; the kernel writes at most `len` bytes; callers pass plain data.
     let rc = unsafe {
         libc::getsockopt(
             fd.as_raw_fd(),
             libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            (&mut info as *mut libc::tcp_info).cast(),
+            opt,
+            (out as *mut T).cast(),
             &mut len,
         )
     };
     if rc < 0 {
         return Err(io::Error::last_os_error());
     }
+    Ok(())
+}
+
+/// Reads TCP_DEFER_ACCEPT (seconds, as the kernel rounds them; 0 when off).
+pub fn tcp_defer_accept(fd: BorrowedFd<'_>) -> io::Result<u32> {
+    let mut v: libc::c_int = 0;
+    tcp_getsockopt(fd, libc::TCP_DEFER_ACCEPT, &mut v)?;
+    Ok(u32::try_from(v).unwrap_or(0))
+}
+
+/// Accept queue of a listening TCP socket from TCP_INFO: (connections
+/// waiting to be accepted, the backlog limit).
+pub fn tcp_accept_queue(fd: BorrowedFd<'_>) -> io::Result<(u32, u32)> {
+    // SAFETY: tcp_info is plain data; all-zero is a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    tcp_getsockopt(fd, libc::TCP_INFO, &mut info)?;
     // For a listener, Linux reports the accept queue in tcpi_unacked and
     // the backlog in tcpi_sacked.
     Ok((info.tcpi_unacked, info.tcpi_sacked))

@@ -95,6 +95,9 @@ impl Reuseport {
         }
         socket.bind(&SockAddr::from(sa))?;
         socket.listen(self.opts.backlog)?;
+        if self.opts.defer_accept > 0 {
+            prefork_core::sys::set_tcp_defer_accept(socket.as_fd(), self.opts.defer_accept)?;
+        }
         socket.set_read_timeout(Some(self.opts.accept_tick))?;
         socket.set_nonblocking(self.addrs.len() > 1)?;
         Ok(Listener::from_socket(socket, ListenAddr::Tcp(sa)))
@@ -162,6 +165,18 @@ impl AcceptStrategy for Reuseport {
             .first()
             .and_then(|l| l.socket().read_timeout().ok().flatten())
             .unwrap_or(prefork_core::listener::DEFAULT_ACCEPT_TICK);
+        // Every slot's socket has the bound one's backlog and defers accept
+        // as it does.
+        if let Some((_, backlog)) = listeners
+            .first()
+            .and_then(|l| prefork_core::sys::tcp_accept_queue(l.as_fd()).ok())
+        {
+            self.opts.backlog = i32::try_from(backlog).unwrap_or(i32::MAX).max(1);
+        }
+        self.opts.defer_accept = listeners
+            .first()
+            .and_then(|l| prefork_core::sys::tcp_defer_accept(l.as_fd()).ok())
+            .unwrap_or(0);
         ListenerSet::set_nonblocking(listeners, listeners.len() > 1)
             .map_err(|e| strategy_err(format!("O_NONBLOCK on the listeners: {e}")))?;
         self.slots.push(slot0);
@@ -297,6 +312,34 @@ impl WorkerAcceptor for ReuseportAcceptor {
 mod tests {
     use super::*;
     use std::net::TcpStream;
+
+    /// `--backlog` and `--defer-accept` reach every slot's socket, not only
+    /// the one the master bound.
+    #[test]
+    fn slot_sockets_copy_the_bound_sockets_backlog_and_defer_accept() {
+        let opts = BindOptions {
+            backlog: 77,
+            reuse_port: true,
+            defer_accept: 3,
+            ..BindOptions::default()
+        };
+        let spec = prefork_core::BindSpec::parse("127.0.0.1:0").expect("spec");
+        let bound = prefork_core::listener::bind_all(&[spec], &opts).expect("bind");
+        let mut r = Reuseport::new();
+        r.prepare(&bound).expect("prepare");
+        r.prepare_slot(2, &bound).expect("slots");
+        assert_eq!(r.sockets(), 3);
+        let want_defer = prefork_core::sys::tcp_defer_accept(bound[0].as_fd()).expect("get");
+        assert!(want_defer > 0);
+        for l in r.slots.iter().flatten() {
+            let (_, backlog) = prefork_core::sys::tcp_accept_queue(l.as_fd()).expect("tcp_info");
+            assert_eq!(backlog, 77);
+            assert_eq!(
+                prefork_core::sys::tcp_defer_accept(l.as_fd()).expect("get"),
+                want_defer
+            );
+        }
+    }
 
     #[test]
     fn steering_program_sends_every_connection_to_the_live_sockets() {
