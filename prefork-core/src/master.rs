@@ -149,6 +149,8 @@ pub struct Master<S: AcceptStrategy, A: App> {
     watch: bool,
     /// The pool sizes itself: sample it at this time next.
     next_sample: Option<MonoTime>,
+    /// When the master last reaped (see [`MAX_SLEEP`]).
+    last_reap: MonoTime,
     status: Option<crate::status_server::StatusServer>,
     started: MonoTime,
     /// Connections served by workers already reaped.
@@ -268,6 +270,7 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
             max_requests: cfg.max_requests.map(|n| (n, cfg.max_requests_jitter)),
             watch: cfg.timeout.is_some() || cfg.max_requests.is_some() || cfg.scale.is_some(),
             next_sample: cfg.scale.map(|_| MonoTime::now()),
+            last_reap: MonoTime::now(),
             status,
             started: MonoTime::now(),
             retired_requests: 0,
@@ -288,11 +291,17 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
         let mut announced = false;
         let mut signals = Vec::new();
         loop {
-            let slept = self.wait(&mut signals);
+            let (slept, pipe_ready) = self.wait(&mut signals);
             for sig in signals.drain(..) {
                 self.handle_signal(sig);
             }
-            self.reap_children();
+            // A SIGCHLD always leaves the self-pipe readable; a busy turn
+            // without it (fdpass wakes for every connection) skips the
+            // waitpid, but never for longer than MAX_SLEEP.
+            if pipe_ready || MonoTime::now().saturating_since(self.last_reap) >= MAX_SLEEP {
+                self.last_reap = MonoTime::now();
+                self.reap_children();
+            }
             self.observe_workers(slept);
             self.size_pool();
             for action in self.sup.actions(MonoTime::now()) {
@@ -318,8 +327,9 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
 
     /// Sleeps in poll(2) until a signal, a worker report, a strategy fd or
     /// the next deadline; reads what arrived. Returns how much longer than
-    /// planned the sleep took (a stopped or starved master).
-    fn wait(&mut self, signals: &mut Vec<Signal>) -> Duration {
+    /// planned the sleep took (a stopped or starved master), and whether the
+    /// self-pipe was readable (a signal came).
+    fn wait(&mut self, signals: &mut Vec<Signal>) -> (Duration, bool) {
         let start = MonoTime::now();
         let mut timeout = self.sup.next_deadline().map(|t| t.saturating_since(start));
         let mut cap = if self.watch { OBSERVE_TICK } else { MAX_SLEEP };
@@ -361,20 +371,24 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
         let overslept = timeout.map_or(Duration::ZERO, |t| {
             MonoTime::now().saturating_since(start).saturating_sub(t)
         });
-        self.self_pipe.drain(signals);
+        let pipe_fd = self.self_pipe.read_fd().as_raw_fd();
+        let pipe_ready = ready
+            .iter()
+            .any(|&(owner, raw)| owner.is_none() && raw == pipe_fd);
+        if pipe_ready {
+            self.self_pipe.drain(signals);
+        }
         let mut msgs = Vec::new();
         let status_fd = self.status.as_ref().map(|s| s.as_fd().as_raw_fd());
         for (owner, raw) in ready {
             match owner {
                 Some(pid) => self.read_status(pid, &mut msgs),
                 None if Some(raw) == status_fd => self.serve_status(),
-                None if raw != self.self_pipe.read_fd().as_raw_fd() => {
-                    self.strategy.master_ready(raw)
-                }
+                None if raw != pipe_fd => self.strategy.master_ready(raw),
                 None => {}
             }
         }
-        overslept
+        (overslept, pipe_ready)
     }
 
     /// Feeds every worker's busy/idle state to the supervisor; tells it when

@@ -109,9 +109,10 @@ pub struct FaultResult {
     pub zombies: usize,
 }
 
-/// The syscalls a worker waits in when it holds no connection.
+/// The syscalls a worker waits in when it holds no connection (recvmsg:
+/// an fdpass worker waiting on its channel).
 fn idle_syscalls() -> Vec<i64> {
-    let mut v = vec![libc::SYS_accept4, libc::SYS_accept];
+    let mut v = vec![libc::SYS_accept4, libc::SYS_accept, libc::SYS_recvmsg];
     v.extend(poll_syscalls());
     v
 }

@@ -37,15 +37,18 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use nix::poll::{PollFd, PollFlags};
 use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
-use prefork_core::clock::poll_timeout;
+use prefork_core::clock::{poll_timeout, MonoTime};
 use prefork_core::sys::SharedMap;
 use prefork_core::{
     AcceptContext, AcceptStrategy, Accepted, Connection, Error, Listener, Result, WorkerAcceptor,
 };
-use socket2::{Domain, Socket, Type};
+use socket2::{Socket, Type};
 
-/// "Here is a connection" (master → worker), with one descriptor.
-const CONN: &[u8] = b"C";
+/// "Here is a connection" (master → worker), with one descriptor: `C` for
+/// TCP or `U` for Unix, then the index of its listener (u16, little
+/// endian), so the worker needs no syscall to learn either.
+const CONN_TCP: u8 = b'C';
+const CONN_UNIX: u8 = b'U';
 /// "I am idle" (worker → master): after boot and after each connection.
 const IDLE: &[u8] = b"D";
 
@@ -56,25 +59,40 @@ fn strategy_err(reason: String) -> Error {
     }
 }
 
-/// Receipt counters: one per channel alive at once (a full pool, its
+/// Counter cells: one per channel alive at once (a full pool, its
 /// replacements during a reload, and those still stopping).
 const CELLS: usize = 4 * prefork_core::supervisor::MAX_WORKERS;
+
+/// The shared map, as u64 atomics: per cell, connections the worker counted
+/// as received (`RECEIVED + cell`) and connections it finished (`FINISHED +
+/// cell`); then one flag, set while the master waits for an idle worker.
+const RECEIVED: usize = 0;
+const FINISHED: usize = CELLS;
+const WAITING: usize = 2 * CELLS;
+const MAP_WORDS: usize = 2 * CELLS + 1;
+
+/// One counter of the shared map (0 without one).
+fn shared(map: Option<&SharedMap>, index: usize) -> u64 {
+    map.and_then(|m| m.as_slice_of::<AtomicU64>().get(index))
+        .map_or(0, |c| c.load(Ordering::SeqCst))
+}
 
 #[derive(Debug)]
 struct Channel {
     master: OwnedFd,
     /// The worker's end, until the worker takes it after fork.
     worker: Option<OwnedFd>,
-    /// Its receipt counter in the shared map.
+    /// Its counters in the shared map.
     cell: usize,
     /// Connections sent on it.
     sent: u64,
-    idle: bool,
-    /// A connection was sent and no `D` came back yet.
-    outstanding: bool,
+    /// Its worker said it is ready (its first `D`).
+    booted: bool,
+    /// `D` reports after the first: each follows a finished connection.
+    reports: u64,
     /// The master's copy of the last connection sent, kept until the worker
     /// counted it as received.
-    held: Option<Socket>,
+    held: Option<Conn>,
     /// The slot retired, or the channel was replaced or failed: never send
     /// on it again (it is still read until EOF).
     closed: bool,
@@ -82,10 +100,38 @@ struct Channel {
     eof: bool,
 }
 
-/// How many connections the worker of receipt `cell` counted as received.
-fn receipt_count(map: Option<&SharedMap>, cell: usize) -> u64 {
-    map.and_then(|m| m.as_slice_of::<AtomicU64>().get(cell))
-        .map_or(0, |c| c.load(Ordering::Acquire))
+/// A connection the master accepted, and the listener it came in on.
+#[derive(Debug)]
+struct Conn {
+    sock: Socket,
+    listener: u16,
+    unix: bool,
+}
+
+impl Conn {
+    fn message(&self) -> [u8; 3] {
+        let [lo, hi] = self.listener.to_le_bytes();
+        [if self.unix { CONN_UNIX } else { CONN_TCP }, lo, hi]
+    }
+}
+
+impl Channel {
+    /// Connections its worker finished: its shared counter, or the `D`
+    /// reports when they are ahead (a worker without the shared map).
+    fn finished(&self, map: Option<&SharedMap>) -> u64 {
+        shared(map, FINISHED + self.cell).max(self.reports)
+    }
+
+    /// Its worker has taken every connection sent (it counts one before
+    /// reading a byte of it, and finishing implies taking).
+    fn took_all(&self, map: Option<&SharedMap>) -> bool {
+        shared(map, RECEIVED + self.cell) >= self.sent || self.finished(map) >= self.sent
+    }
+
+    /// Ready, not closed, and done with everything sent to it.
+    fn idle(&self, map: Option<&SharedMap>) -> bool {
+        self.booted && !self.closed && self.finished(map) >= self.sent
+    }
 }
 
 /// A channel: the current one of a slot, or a replaced one.
@@ -98,21 +144,30 @@ enum Which {
 /// The fdpass strategy (master side).
 #[derive(Debug, Default)]
 pub struct Fdpass {
-    /// The master's polling copies of the listeners (same descriptions).
-    listeners: Vec<Socket>,
+    /// The master's polling copies of the listeners (same descriptions),
+    /// and whether each is a Unix socket.
+    listeners: Vec<(Socket, bool)>,
+    /// Per listener: poll(2) said readable and accept(2) has not yet found
+    /// it empty. Only these are tried, so an idle listener costs no
+    /// accept(2) per connection of another.
+    readable: Vec<bool>,
+    /// accept(2) hit the descriptor limit: the listeners are left alone
+    /// until then, instead of spinning on a readable listener (the master
+    /// wakes at least once a second, so it resumes within one).
+    accept_paused_until: Option<MonoTime>,
     slots: Vec<Option<Channel>>,
     /// Channels replaced in their slot (a reload, a respawn) whose worker may
     /// still be alive: read until EOF.
     old: Vec<Channel>,
-    /// Receipt counters, shared with the workers.
+    /// Counters shared with the workers (see [`RECEIVED`]).
     receipts: Option<SharedMap>,
-    /// Free receipt cells.
+    /// Free counter cells.
     free: Vec<usize>,
     /// Where the search for an idle worker starts (round robin).
     next: usize,
     /// Accepted but not yet handed over (a send failed): bounded by the
     /// number of slots, because the master accepts only for idle workers.
-    pending: VecDeque<Socket>,
+    pending: VecDeque<Conn>,
     /// Connections handed over, those lost in a dead worker's hands, and
     /// those handed again after a worker died before taking them.
     passed: u64,
@@ -126,25 +181,66 @@ impl Fdpass {
         Fdpass::default()
     }
 
+    fn accept_paused(&self) -> bool {
+        self.accept_paused_until
+            .is_some_and(|t| MonoTime::now() < t)
+    }
+
     fn any_idle(&self) -> bool {
-        self.slots.iter().flatten().any(|c| c.idle && !c.closed)
+        let map = self.receipts.as_ref();
+        self.slots.iter().flatten().any(|c| c.idle(map))
+    }
+
+    /// Tells the workers whether the master waits for one of them to be
+    /// idle. While it does not, a worker that finishes a connection only
+    /// counts it in shared memory and sends no `D`, which saves a wakeup of
+    /// the master per connection. The flag is set before the idle counters
+    /// are read again, and a worker counts before it reads the flag (both
+    /// sequentially consistent), so a worker going idle is either seen
+    /// here or sends its `D`.
+    fn set_waiting(&self, on: bool) {
+        if let Some(flag) = self
+            .receipts
+            .as_ref()
+            .and_then(|m| m.as_slice_of::<AtomicU64>().get(WAITING))
+        {
+            flag.store(u64::from(on), Ordering::SeqCst);
+        }
+    }
+
+    /// After each turn: hand on what can be handed on; then either some
+    /// worker is idle and nothing is pending (the listeners are polled, no
+    /// `D` is needed), or the flag is up and the next idle worker says so.
+    fn settle(&mut self) {
+        loop {
+            self.release_received();
+            self.deliver_pending();
+            self.accept_ready();
+            if self.pending.is_empty() && self.any_idle() {
+                self.set_waiting(false);
+                return;
+            }
+            self.set_waiting(true);
+            if !self.any_idle() {
+                return;
+            }
+            // A worker went idle before it could see the flag: again.
+        }
     }
 
     /// Hands `conn` to an idle worker, or keeps it for the next one.
-    fn dispatch(&mut self, conn: Socket) {
+    fn dispatch(&mut self, conn: Conn) {
         let n = self.slots.len();
         for k in 0..n {
             let i = (self.next + k) % n;
             let Some(ch) = self.slots[i].as_mut() else {
                 continue;
             };
-            if !ch.idle || ch.closed {
+            if !ch.idle(self.receipts.as_ref()) {
                 continue;
             }
-            match sys::send_with_fds(ch.master.as_fd(), CONN, &[conn.as_raw_fd()]) {
+            match sys::send_with_fds(ch.master.as_fd(), &conn.message(), &[conn.sock.as_raw_fd()]) {
                 Ok(()) => {
-                    ch.idle = false;
-                    ch.outstanding = true;
                     ch.sent += 1;
                     // Kept until the worker counts it received (see above).
                     ch.held = Some(conn);
@@ -154,7 +250,6 @@ impl Fdpass {
                 }
                 Err(e) => {
                     tracing::warn!("fdpass: sending to worker {i} failed: {e}; trying another");
-                    ch.idle = false;
                     ch.closed = true;
                 }
             }
@@ -163,34 +258,60 @@ impl Fdpass {
     }
 
     fn accept_ready(&mut self) {
-        // Accept only as many as there are idle workers.
+        // Accept only as many as there are idle workers, from the listeners
+        // poll(2) found readable, each until it is empty.
+        if self.accept_paused() {
+            return;
+        }
         while self.pending.is_empty() && self.any_idle() {
             let mut got = None;
-            for l in &self.listeners {
+            for (i, (l, unix)) in self.listeners.iter().enumerate() {
+                if !self.readable.get(i).copied().unwrap_or(false) {
+                    continue;
+                }
                 match l.accept() {
-                    Ok((s, _)) => {
-                        got = Some(s);
+                    Ok((sock, _)) => {
+                        got = Some(Conn {
+                            sock,
+                            listener: u16::try_from(i).unwrap_or(u16::MAX),
+                            unix: *unix,
+                        });
+                        break;
+                    }
+                    Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => {
+                        got = None; // gone before it was taken; try again
                         break;
                     }
                     Err(e)
                         if e.raw_os_error() == Some(libc::EMFILE)
                             || e.raw_os_error() == Some(libc::ENFILE) =>
                     {
-                        tracing::warn!("fdpass: accept failed: {e}");
+                        tracing::warn!("fdpass: accept failed: {e}; pausing accept for 100 ms");
+                        self.accept_paused_until =
+                            Some(MonoTime::now() + std::time::Duration::from_millis(100));
                         return;
                     }
-                    Err(_) => {} // EAGAIN, ECONNABORTED: next listener
+                    Err(_) => {
+                        // EAGAIN: empty until poll(2) says otherwise.
+                        if let Some(r) = self.readable.get_mut(i) {
+                            *r = false;
+                        }
+                    }
                 }
             }
             match got {
                 Some(s) => self.dispatch(s),
+                None if self.readable.iter().any(|&r| r) => {}
                 None => return,
             }
         }
     }
 
-    /// Reads everything on a channel: `D` reports, or the EOF that says its
-    /// worker is gone (then a connection it never took is handed on).
+    /// Reads one message from a ready channel: a `D` report, or the EOF that
+    /// says its worker is gone (then a connection it never took is handed
+    /// on). One per readiness saves the recvmsg that would only find the
+    /// channel empty; poll(2) is level-triggered, so anything more is read
+    /// on the next turn.
     fn read_channel(&mut self, which: Which) {
         let ch = match which {
             Which::Slot(i) => self.slots.get_mut(i).and_then(Option::as_mut),
@@ -203,22 +324,25 @@ impl Fdpass {
                     // Workers send no descriptors; any that came are closed
                     // with `msg`.
                     if msg.data == IDLE && msg.fds.is_empty() {
-                        ch.outstanding = false;
-                        ch.held = None; // served: the worker had it
-                        ch.idle = !ch.closed;
+                        if ch.booted {
+                            ch.reports += 1;
+                        }
+                        ch.booted = true;
                     } else {
                         tracing::warn!("fdpass: a worker sent a malformed message; ignored");
                     }
+                    return;
                 }
                 Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EINTR)) => {
-                    return; // read everything there was
+                    return;
                 }
                 // EOF, or a reset: the worker is gone.
                 Ok(None) | Err(_) => {
-                    ch.idle = false;
                     ch.closed = true;
                     ch.eof = true;
-                    let took = receipt_count(self.receipts.as_ref(), ch.cell) >= ch.sent;
+                    let map = self.receipts.as_ref();
+                    let took = ch.took_all(map);
+                    let outstanding = ch.finished(map) < ch.sent;
                     match ch.held.take() {
                         Some(conn) if !took => {
                             // It died before taking it: nothing was read.
@@ -228,13 +352,12 @@ impl Fdpass {
                             );
                             self.pending.push_front(conn);
                         }
-                        _ if ch.outstanding => {
+                        _ if outstanding => {
                             self.lost += 1;
                             tracing::warn!("fdpass: a worker died holding a connection");
                         }
                         _ => {}
                     }
-                    ch.outstanding = false;
                     self.free.push(ch.cell);
                 }
             }
@@ -246,7 +369,7 @@ impl Fdpass {
         let map = self.receipts.as_ref();
         let chans = self.slots.iter_mut().flatten().chain(self.old.iter_mut());
         for ch in chans.filter(|c| c.held.is_some()) {
-            if receipt_count(map, ch.cell) >= ch.sent {
+            if ch.took_all(map) {
                 ch.held = None;
             }
         }
@@ -282,11 +405,14 @@ impl AcceptStrategy for Fdpass {
                 .map_err(|e| strategy_err(format!("dup() of {}: {e}", l.addr())))?;
             dup.set_nonblocking(true)
                 .map_err(|e| strategy_err(format!("O_NONBLOCK on {}: {e}", l.addr())))?;
-            self.listeners.push(dup);
+            self.listeners.push((dup, l.is_unix()));
+            self.readable.push(false);
         }
-        let map = SharedMap::new(CELLS * std::mem::size_of::<AtomicU64>())
-            .map_err(|e| Error::sys("mmap() for the fdpass receipt counters", e))?;
+        let map = SharedMap::new(MAP_WORDS * std::mem::size_of::<AtomicU64>())
+            .map_err(|e| Error::sys("mmap() for the fdpass counters", e))?;
         self.receipts = Some(map);
+        // Until the first turn, every worker reports when it is idle.
+        self.set_waiting(true);
         self.free = (0..CELLS).rev().collect();
         Ok(())
     }
@@ -308,12 +434,12 @@ impl AcceptStrategy for Fdpass {
             .free
             .pop()
             .ok_or_else(|| strategy_err(format!("no free receipt counter for slot {slot}")))?;
-        if let Some(c) = self
-            .receipts
-            .as_ref()
-            .and_then(|m| m.as_slice_of::<AtomicU64>().get(cell))
-        {
-            c.store(0, Ordering::Release);
+        if let Some(words) = self.receipts.as_ref().map(|m| m.as_slice_of::<AtomicU64>()) {
+            for i in [RECEIVED + cell, FINISHED + cell] {
+                if let Some(c) = words.get(i) {
+                    c.store(0, Ordering::SeqCst);
+                }
+            }
         }
         // An earlier worker of the slot (a reload, or one that died and is
         // not yet seen gone) keeps its channel until its EOF: it may still
@@ -323,14 +449,13 @@ impl AcceptStrategy for Fdpass {
             worker: Some(worker),
             cell,
             sent: 0,
-            idle: false,
-            outstanding: false,
+            booted: false,
+            reports: 0,
             held: None,
             closed: false,
             eof: false,
         });
         if let Some(mut prev) = previous {
-            prev.idle = false;
             prev.closed = true;
             if !prev.eof {
                 self.old.push(prev);
@@ -365,6 +490,7 @@ impl AcceptStrategy for Fdpass {
             closed: false,
             rejected: 0,
             receipt: self.receipts.take().map(|m| (m, cell)),
+            rcvtimeo: None,
         })
     }
 
@@ -379,9 +505,17 @@ impl AcceptStrategy for Fdpass {
             .filter(|c| !c.eof)
             .map(|c| c.master.as_fd())
             .collect();
-        // No idle worker: leave connections in the kernel's backlog.
-        if self.pending.is_empty() && self.any_idle() {
-            fds.extend(self.listeners.iter().map(AsFd::as_fd));
+        // No idle worker: leave connections in the kernel's backlog, and
+        // have the next idle worker say so (a retirement since the last turn
+        // may have taken the last idle one). Read the counters again after
+        // raising the flag: a worker that went idle just before is seen.
+        let mut idle = self.any_idle();
+        if !idle {
+            self.set_waiting(true);
+            idle = self.any_idle();
+        }
+        if self.pending.is_empty() && idle && !self.accept_paused() {
+            fds.extend(self.listeners.iter().map(|(l, _)| l.as_fd()));
         }
         fds
     }
@@ -401,10 +535,10 @@ impl AcceptStrategy for Fdpass {
         if let Some(w) = which {
             self.read_channel(w);
             self.old.retain(|c| !c.eof);
+        } else if let Some(i) = self.listeners.iter().position(|(l, _)| l.as_raw_fd() == fd) {
+            self.readable[i] = true;
         }
-        self.release_received();
-        self.deliver_pending();
-        self.accept_ready();
+        self.settle();
     }
 
     // worker_exited is not used: a slot may hold two workers during a
@@ -414,7 +548,6 @@ impl AcceptStrategy for Fdpass {
 
     fn slot_retired(&mut self, slot: usize) {
         if let Some(ch) = self.slots.get_mut(slot).and_then(Option::as_mut) {
-            ch.idle = false;
             ch.closed = true;
         }
     }
@@ -436,8 +569,11 @@ pub struct FdpassAcceptor {
     /// The master closed the channel (a reload gave the slot to a new worker).
     closed: bool,
     rejected: u64,
-    /// This worker's receipt counter (absent for a bare channel in tests).
+    /// The shared counters and this worker's cell (absent for a bare
+    /// channel in tests: then every `D` is sent).
     receipt: Option<(SharedMap, usize)>,
+    /// SO_RCVTIMEO set on the channel (the accept tick).
+    rcvtimeo: Option<std::time::Duration>,
 }
 
 impl FdpassAcceptor {
@@ -448,6 +584,7 @@ impl FdpassAcceptor {
             closed: false,
             rejected: 0,
             receipt: None,
+            rcvtimeo: None,
         }
     }
 
@@ -474,8 +611,11 @@ impl FdpassAcceptor {
             }
             Err(e) => return Err(e),
         };
-        let well_formed =
-            !msg.truncated && !msg.foreign_cmsg && msg.data == CONN && msg.fds.len() == 1;
+        let (kind, listener) = match msg.data.as_slice() {
+            &[k @ (CONN_TCP | CONN_UNIX), lo, hi] => (k, u16::from_le_bytes([lo, hi])),
+            _ => (0, 0),
+        };
+        let well_formed = kind != 0 && !msg.truncated && !msg.foreign_cmsg && msg.fds.len() == 1;
         if !well_formed {
             return Ok(self.reject(format!(
                 "{} descriptors, {} payload bytes{}",
@@ -488,18 +628,18 @@ impl FdpassAcceptor {
             return Ok(self.reject("no descriptor".into()));
         };
         let sock = Socket::from(fd);
-        let unix = match (sock.r#type(), sock.domain()) {
-            (Ok(t), Ok(d)) if t == Type::STREAM => d == Domain::UNIX,
-            _ => return Ok(self.reject("the descriptor is not a stream socket".into())),
-        };
+        // One getsockopt(SO_TYPE): it fails for anything but a socket.
+        if !matches!(sock.r#type(), Ok(t) if t == Type::STREAM) {
+            return Ok(self.reject("the descriptor is not a stream socket".into()));
+        }
         // Counted before a byte is read: from here on the master must not
         // hand this connection to anyone else.
-        if let Some((map, cell)) = &self.receipt {
-            if let Some(c) = map.as_slice_of::<AtomicU64>().get(*cell) {
-                c.fetch_add(1, Ordering::AcqRel);
-            }
-        }
-        Ok(Accepted::Connection(Connection::from_socket(sock, unix, 0)))
+        self.count(RECEIVED);
+        Ok(Accepted::Connection(Connection::from_socket(
+            sock,
+            kind == CONN_UNIX,
+            usize::from(listener),
+        )))
     }
 
     fn reject(&mut self, why: String) -> Accepted {
@@ -510,9 +650,39 @@ impl FdpassAcceptor {
                 self.rejected
             );
         }
-        // Tell the master this worker is still idle.
-        let _ = sys::send_with_fds(self.chan.as_fd(), IDLE, &[]);
+        // Whatever came is dealt with: the master may drop its copy, and
+        // this worker is idle again.
+        self.count(RECEIVED);
+        self.finished();
         Accepted::Idle
+    }
+
+    /// Adds one to this worker's counter `base + cell`.
+    fn count(&self, base: usize) {
+        if let Some((map, cell)) = &self.receipt {
+            if let Some(c) = map.as_slice_of::<AtomicU64>().get(base + *cell) {
+                c.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    }
+
+    /// One connection finished: counted, and reported with a `D` only if
+    /// the master waits for an idle worker (see `Fdpass::set_waiting`).
+    fn finished(&mut self) {
+        self.count(FINISHED);
+        if self.closed {
+            return;
+        }
+        let tell = match &self.receipt {
+            Some((map, _)) => map
+                .as_slice_of::<AtomicU64>()
+                .get(WAITING)
+                .map_or(true, |w| w.load(Ordering::SeqCst) != 0),
+            None => true,
+        };
+        if tell {
+            let _ = sys::send_with_fds(self.chan.as_fd(), IDLE, &[]);
+        }
     }
 }
 
@@ -522,24 +692,22 @@ impl WorkerAcceptor for FdpassAcceptor {
     }
 
     fn accept(&mut self, ctx: &AcceptContext<'_>) -> io::Result<Accepted> {
-        let mut fds = vec![PollFd::new(ctx.master_alive, PollFlags::POLLIN)];
-        if !self.closed {
-            fds.push(PollFd::new(self.chan.as_fd(), PollFlags::POLLIN));
+        if self.closed {
+            // Nothing more will come: wait for the master's word, or its end.
+            let mut fds = [PollFd::new(ctx.master_alive, PollFlags::POLLIN)];
+            return match nix::poll::poll(&mut fds, poll_timeout(Some(ctx.tick))) {
+                Ok(_) | Err(nix::Error::EINTR) => Ok(Accepted::Idle),
+                Err(e) => Err(e.into()),
+            };
         }
-        match nix::poll::poll(&mut fds, poll_timeout(Some(ctx.tick))) {
-            Ok(0) | Err(nix::Error::EINTR) => return Ok(Accepted::Idle),
-            Ok(_) => {}
-            Err(e) => return Err(e.into()),
+        // Block in recvmsg(2) itself, at most a tick (SO_RCVTIMEO; a signal
+        // interrupts it). The master's death needs no poll: only the master
+        // holds the other end, so its death is this channel's EOF.
+        if self.rcvtimeo != Some(ctx.tick) {
+            socket2::SockRef::from(&self.chan).set_read_timeout(Some(ctx.tick))?;
+            self.rcvtimeo = Some(ctx.tick);
         }
-        let chan_ready = fds
-            .get(1)
-            .and_then(PollFd::revents)
-            .is_some_and(|r| !r.is_empty());
-        drop(fds);
-        if chan_ready {
-            return self.receive(true);
-        }
-        Ok(Accepted::Idle)
+        self.receive(false)
     }
 
     fn closing(&mut self, conn: &Connection) {
@@ -548,9 +716,7 @@ impl WorkerAcceptor for FdpassAcceptor {
     }
 
     fn done(&mut self) {
-        if !self.closed {
-            let _ = sys::send_with_fds(self.chan.as_fd(), IDLE, &[]);
-        }
+        self.finished();
     }
 
     fn drain(&mut self, _ctx: &AcceptContext<'_>) -> io::Result<Accepted> {
@@ -566,6 +732,16 @@ impl WorkerAcceptor for FdpassAcceptor {
 mod tests {
     use super::*;
     use std::net::{TcpListener, TcpStream};
+
+    const CONN: &[u8] = b"C\0\0";
+
+    fn tcp(sock: impl Into<Socket>) -> Conn {
+        Conn {
+            sock: sock.into(),
+            listener: 0,
+            unix: false,
+        }
+    }
 
     fn pair() -> (OwnedFd, OwnedFd) {
         socketpair(
@@ -626,6 +802,31 @@ mod tests {
         }
     }
 
+    /// The message names the connection's listener and its kind: a Unix
+    /// connection from listener 2 arrives as one (other strategies report
+    /// the listener index too).
+    #[test]
+    fn the_listener_index_and_kind_travel_with_the_connection() {
+        let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        let (master, worker) = pair();
+        let mut w = FdpassAcceptor::from_channel(worker);
+        let (a, _b) = std::os::unix::net::UnixStream::pair().expect("pair");
+        let conn = Conn {
+            sock: Socket::from(OwnedFd::from(a)),
+            listener: 2,
+            unix: true,
+        };
+        sys::send_with_fds(master.as_fd(), &conn.message(), &[conn.sock.as_raw_fd()])
+            .expect("send");
+        match w.receive(true).expect("receive") {
+            Accepted::Connection(c) => {
+                assert_eq!(c.listener(), 2);
+                assert!(matches!(c.stream(), prefork_core::Stream::Unix(_)));
+            }
+            Accepted::Idle => panic!("rejected"),
+        }
+    }
+
     /// A master side with slots 0 and 1, and the two workers' sides on
     /// their channels (no fork).
     fn master_with_two_workers() -> (Fdpass, FdpassAcceptor, FdpassAcceptor) {
@@ -654,7 +855,7 @@ mod tests {
             Socket::from(l.accept().expect("accept").0)
         };
         // Nobody idle yet: kept, not sent.
-        m.dispatch(conn());
+        m.dispatch(tcp(conn()));
         assert_eq!(m.pending.len(), 1);
         w0.init().expect("idle");
         w1.init().expect("idle");
@@ -666,7 +867,7 @@ mod tests {
             m.pending.is_empty(),
             "the kept connection went to the first idle worker"
         );
-        m.dispatch(conn());
+        m.dispatch(tcp(conn()));
         assert!(matches!(
             w0.receive(true).expect("w0"),
             Accepted::Connection(_)
@@ -676,7 +877,7 @@ mod tests {
             Accepted::Connection(_)
         ));
         // Both busy: the next one waits.
-        m.dispatch(conn());
+        m.dispatch(tcp(conn()));
         assert_eq!(m.pending.len(), 1);
         assert!(
             m.master_fds().len() == 2,
@@ -699,7 +900,7 @@ mod tests {
         w0.init().expect("idle");
         let fd0 = m.slots[0].as_ref().expect("ch").master.as_raw_fd();
         m.master_ready(fd0);
-        m.dispatch(Socket::from(l.accept().expect("accept").0));
+        m.dispatch(tcp(l.accept().expect("accept").0));
         assert!(m.slots[0].as_ref().expect("ch").held.is_some());
         // Worker 0 dies without receiving it: its end closes.
         drop(w0);
@@ -732,7 +933,7 @@ mod tests {
         let mut client2 = TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
         w1.done();
         m.master_ready(fd1);
-        m.dispatch(Socket::from(l.accept().expect("accept").0));
+        m.dispatch(tcp(l.accept().expect("accept").0));
         // (This test's acceptors have no counter: count for worker 1 what a
         // forked worker counts itself, both connections it received.)
         let (cell, sent) = m.slots[1].as_ref().map(|c| (c.cell, c.sent)).expect("ch");
