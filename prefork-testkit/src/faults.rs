@@ -29,7 +29,8 @@ pub enum Fault {
     /// L3: SIGKILL every worker at once, every second.
     KillAll,
     /// L17: SIGKILL the holder of the mutex strategy's lock every 100 ms
-    /// (the one worker waiting in poll(2) over the listeners).
+    /// (the one worker waiting in poll(2) over the listeners, or in
+    /// accept(2) on a single one; the others wait on the lock).
     KillLockHolder,
 }
 
@@ -261,8 +262,8 @@ fn inject(master: i32, fault: Fault, workers: usize, done: &AtomicBool) -> (u64,
                 }
             }
             Fault::KillLockHolder => {
-                let polling = poll_syscalls();
-                if let Some(&w) = pool.iter().find(|&&w| kill_if_idle(master, w, &polling)) {
+                let holding = idle_syscalls();
+                if let Some(&w) = pool.iter().find(|&&w| kill_if_idle(master, w, &holding)) {
                     count += 1;
                     note_recovery(master, &[w], pool.len(), &mut max_recovery);
                 }

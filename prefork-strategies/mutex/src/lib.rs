@@ -223,9 +223,11 @@ impl AcceptStrategy for Mutex {
 
     fn prepare(&mut self, listeners: &[Listener]) -> Result<()> {
         self.locking = listeners.len() > 1 || self.lock_always;
-        // The lock holder polls, so listeners are non-blocking whenever the
-        // lock is used (or there are several); alone, a worker blocks in accept.
-        ListenerSet::set_nonblocking(listeners, self.locking || listeners.len() > 1)
+        // With several listeners the holder polls them, so they are
+        // non-blocking. A single one stays blocking even under the lock: the
+        // holder blocks in accept(2) itself (SO_RCVTIMEO bounds it to a
+        // tick), which saves a poll(2) per connection.
+        ListenerSet::set_nonblocking(listeners, listeners.len() > 1)
             .map_err(|e| strategy_err(format!("O_NONBLOCK on the listeners: {e}")))?;
         if !self.locking {
             tracing::info!(
@@ -474,7 +476,11 @@ impl WorkerAcceptor for MutexAcceptor {
             self.release()?;
             return Ok(Accepted::Idle);
         }
-        let got = self.set.poll_and_accept(ctx);
+        let got = if self.set.len() == 1 {
+            self.set.accept_from(0)
+        } else {
+            self.set.poll_and_accept(ctx)
+        };
         self.release()?;
         got
     }
