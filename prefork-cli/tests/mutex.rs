@@ -114,6 +114,8 @@ fn no_semaphore_leaks_across_100_master_sigkills() {
             "mutex-sysvsem",
             &["--workers", "1", "--bind", "127.0.0.1:0"],
         );
+        // stderr is read by another thread: the line may trail the ready line.
+        assert!(s.wait_log("SysV semaphore id", T), "semaphore id logged");
         let line = s
             .log()
             .lines()

@@ -23,7 +23,8 @@ pub struct Received {
 }
 
 /// Wraps recvmsg(2) with MSG_CMSG_CLOEXEC (and MSG_DONTWAIT if `nonblocking`).
-/// Ok(None): EOF (the other end closed). EAGAIN comes back as an error.
+/// Ok(None): EOF (the other end closed). EAGAIN (and, when blocking, EINTR)
+/// comes back as an error.
 pub fn recv_with_fds(fd: BorrowedFd<'_>, nonblocking: bool) -> io::Result<Option<Received>> {
     let mut data = [0u8; 64];
     // u64 elements keep the control buffer aligned for cmsghdr.
@@ -48,7 +49,9 @@ pub fn recv_with_fds(fd: BorrowedFd<'_>, nonblocking: bool) -> io::Result<Option
             break n as usize;
         }
         let e = io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::EINTR) {
+        // A blocking wait interrupted by a signal returns, so that the
+        // worker sees a stop request at once; a non-blocking one retries.
+        if e.raw_os_error() != Some(libc::EINTR) || !nonblocking {
             return Err(e);
         }
     };
