@@ -110,17 +110,16 @@ pub struct FaultResult {
     pub zombies: usize,
 }
 
-/// The syscalls a worker waits in when it holds no connection (recvmsg:
-/// an fdpass worker waiting on its channel).
+/// The syscalls a worker waits in when it holds no connection: accept;
+/// poll (the mutex strategy's lock holder over several listeners); recvmsg
+/// (an fdpass worker waiting on its channel).
 fn idle_syscalls() -> Vec<i64> {
-    let mut v = vec![libc::SYS_accept4, libc::SYS_accept, libc::SYS_recvmsg];
-    v.extend(poll_syscalls());
-    v
-}
-
-/// poll(2) and ppoll(2): where the mutex strategy's lock holder waits.
-fn poll_syscalls() -> Vec<i64> {
-    let mut v = vec![libc::SYS_ppoll];
+    let mut v = vec![
+        libc::SYS_accept4,
+        libc::SYS_accept,
+        libc::SYS_recvmsg,
+        libc::SYS_ppoll,
+    ];
     #[cfg(target_arch = "x86_64")]
     v.push(libc::SYS_poll);
     v

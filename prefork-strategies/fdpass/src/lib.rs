@@ -317,49 +317,42 @@ impl Fdpass {
             Which::Slot(i) => self.slots.get_mut(i).and_then(Option::as_mut),
             Which::Old(i) => self.old.get_mut(i),
         };
-        let Some(ch) = ch else { return };
-        while !ch.eof {
-            match sys::recv_with_fds(ch.master.as_fd(), true) {
-                Ok(Some(msg)) => {
-                    // Workers send no descriptors; any that came are closed
-                    // with `msg`.
-                    if msg.data == IDLE && msg.fds.is_empty() {
-                        if ch.booted {
-                            ch.reports += 1;
-                        }
-                        ch.booted = true;
-                    } else {
-                        tracing::warn!("fdpass: a worker sent a malformed message; ignored");
+        let Some(ch) = ch.filter(|c| !c.eof) else {
+            return;
+        };
+        match sys::recv_with_fds(ch.master.as_fd(), true) {
+            // Workers send no descriptors; any that came are closed with `msg`.
+            Ok(Some(msg)) if msg.data == IDLE && msg.fds.is_empty() => {
+                if ch.booted {
+                    ch.reports += 1;
+                }
+                ch.booted = true;
+            }
+            Ok(Some(_)) => tracing::warn!("fdpass: a worker sent a malformed message; ignored"),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EINTR)) => {}
+            // EOF, or a reset: the worker is gone.
+            Ok(None) | Err(_) => {
+                ch.closed = true;
+                ch.eof = true;
+                let map = self.receipts.as_ref();
+                let took = ch.took_all(map);
+                let outstanding = ch.finished(map) < ch.sent;
+                match ch.held.take() {
+                    Some(conn) if !took => {
+                        // It died before taking it: nothing was read.
+                        self.rescued += 1;
+                        tracing::info!(
+                            "fdpass: a worker died before taking the connection sent to it; handing it to another"
+                        );
+                        self.pending.push_front(conn);
                     }
-                    return;
-                }
-                Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EINTR)) => {
-                    return;
-                }
-                // EOF, or a reset: the worker is gone.
-                Ok(None) | Err(_) => {
-                    ch.closed = true;
-                    ch.eof = true;
-                    let map = self.receipts.as_ref();
-                    let took = ch.took_all(map);
-                    let outstanding = ch.finished(map) < ch.sent;
-                    match ch.held.take() {
-                        Some(conn) if !took => {
-                            // It died before taking it: nothing was read.
-                            self.rescued += 1;
-                            tracing::info!(
-                                "fdpass: a worker died before taking the connection sent to it; handing it to another"
-                            );
-                            self.pending.push_front(conn);
-                        }
-                        _ if outstanding => {
-                            self.lost += 1;
-                            tracing::warn!("fdpass: a worker died holding a connection");
-                        }
-                        _ => {}
+                    _ if outstanding => {
+                        self.lost += 1;
+                        tracing::warn!("fdpass: a worker died holding a connection");
                     }
-                    self.free.push(ch.cell);
+                    _ => {}
                 }
+                self.free.push(ch.cell);
             }
         }
     }
