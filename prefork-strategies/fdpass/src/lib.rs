@@ -213,9 +213,12 @@ impl Fdpass {
     /// `D` is needed), or the flag is up and the next idle worker says so.
     fn settle(&mut self) {
         loop {
-            self.release_received();
             self.deliver_pending();
             self.accept_ready();
+            // After the hand-overs: the copy released is usually the last
+            // reference of a connection its worker already closed, and its
+            // teardown need not delay the next connection.
+            self.release_received();
             if self.pending.is_empty() && self.any_idle() {
                 self.set_waiting(false);
                 return;
@@ -876,6 +879,73 @@ mod tests {
             m.master_fds().len() == 2,
             "listeners are not polled while nobody is idle"
         );
+    }
+
+    /// accept(2) failing with EMFILE pauses accepting instead of spinning:
+    /// the listener leaves the poll set, the connection stays in the
+    /// kernel's backlog, and it is handed over once the pause is over.
+    #[test]
+    fn emfile_pauses_accept_and_loses_nothing() {
+        use nix::sys::resource::{getrlimit, setrlimit, Resource};
+        use std::io::{Read, Write};
+        let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        let std_l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = std_l.local_addr().expect("addr");
+        let listener =
+            Listener::from_socket(Socket::from(std_l), prefork_core::ListenAddr::Tcp(addr));
+        let mut m = Fdpass::new();
+        m.prepare(std::slice::from_ref(&listener)).expect("prepare");
+        m.prepare_slot(0, &[]).expect("slot");
+        let mut w0 = FdpassAcceptor::from_channel(
+            m.slots[0]
+                .as_mut()
+                .and_then(|c| c.worker.take())
+                .expect("end"),
+        );
+        w0.init().expect("idle");
+        let ch = m.slots[0].as_ref().expect("ch").master.as_raw_fd();
+        m.master_ready(ch);
+        let lfd = m.listeners[0].0.as_raw_fd();
+        assert!(
+            m.master_fds().iter().any(|f| f.as_raw_fd() == lfd),
+            "an idle worker: the listener is polled"
+        );
+        let mut client = TcpStream::connect(addr).expect("connect");
+        client.write_all(b"ping").expect("send");
+
+        // No descriptor left: the limit just above the highest one in use,
+        // and every free number below it taken.
+        let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit");
+        let highest = std::fs::read_dir("/proc/self/fd")
+            .expect("fds")
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u64>().ok())
+            .max()
+            .expect("some fd");
+        setrlimit(Resource::RLIMIT_NOFILE, highest + 1, hard).expect("setrlimit");
+        let mut fillers = Vec::new();
+        while let Ok(f) = std::fs::File::open("/dev/null") {
+            fillers.push(f);
+        }
+        m.master_ready(lfd);
+        let paused = m.accept_paused();
+        let polled = m.master_fds().iter().any(|f| f.as_raw_fd() == lfd);
+        drop(fillers);
+        setrlimit(Resource::RLIMIT_NOFILE, soft, hard).expect("restore");
+        assert!(paused, "EMFILE paused accepting");
+        assert!(!polled, "a paused listener is not polled (no spinning)");
+        assert_eq!(m.passed(), 0);
+
+        // The pause ends (at most 100 ms): the connection, still in the
+        // backlog, goes to the idle worker intact.
+        m.accept_paused_until = Some(MonoTime::now());
+        m.master_ready(lfd);
+        assert_eq!(m.passed(), 1);
+        let Accepted::Connection(mut c) = w0.receive(true).expect("w0") else {
+            panic!("worker 0 got nothing");
+        };
+        let mut buf = [0u8; 4];
+        c.read_exact(&mut buf).expect("the request is intact");
+        assert_eq!(&buf, b"ping");
     }
 
     /// A worker killed with a connection still in its channel (it never took
