@@ -136,8 +136,18 @@ pub fn build_c_anchor(dir: &Path) -> std::io::Result<PathBuf> {
 pub enum Scenario {
     /// Connection per request, as fast as possible.
     Hello,
-    /// 1% of requests are `/sleep/50`: tail latency behind a busy worker.
+    /// 1% of requests are `/sleep/50`, in open loop at a fixed rate: tail
+    /// latency when workers are busy, at the same offered load for every
+    /// server, counted from each request's due time (coordinated omission
+    /// corrected).
     Mixed,
+    /// The same mix in closed loop (`--connections` clients, each sending
+    /// its next request when the last is answered): throughput when
+    /// workers sleep. Its percentiles undercount stalls (a stalled client
+    /// sends nothing, so the requests it would have sent are never
+    /// measured), and a server that answers fast requests faster is sent
+    /// the slow ones more often; compare tails in `mixed`.
+    MixedClosed,
     /// Two listening ports at once, open loop at a fixed rate so that
     /// workers sit idle between connections: the thundering herd shows as
     /// wakeups per connection.
@@ -146,15 +156,32 @@ pub enum Scenario {
 
 impl Scenario {
     /// All of them.
-    pub const ALL: [Scenario; 3] = [Scenario::Hello, Scenario::Mixed, Scenario::MultiListener];
+    pub const ALL: [Scenario; 4] = [
+        Scenario::Hello,
+        Scenario::Mixed,
+        Scenario::MixedClosed,
+        Scenario::MultiListener,
+    ];
 
     /// Name in tables and on the command line.
     pub fn name(self) -> &'static str {
         match self {
             Scenario::Hello => "hello",
             Scenario::Mixed => "mixed",
+            Scenario::MixedClosed => "mixed-closed",
             Scenario::MultiListener => "multi-listener",
         }
+    }
+
+    /// Open loop: every server is offered the same load, so runs are
+    /// compared (and their median picked) by p99, not by requests/s.
+    pub fn open_loop(self) -> bool {
+        matches!(self, Scenario::Mixed | Scenario::MultiListener)
+    }
+
+    /// Needs the app's `/sleep/MS`.
+    fn slow(self) -> bool {
+        matches!(self, Scenario::Mixed | Scenario::MixedClosed)
     }
 
     /// Parses a name.
@@ -184,6 +211,8 @@ pub struct BenchLoad {
     pub duration: Duration,
     /// Connections per second in the multi-listener scenario.
     pub herd_rate: f64,
+    /// Requests per second in the mixed scenario.
+    pub mixed_rate: f64,
 }
 
 /// What one run measured.
@@ -260,7 +289,7 @@ pub fn run_one(
     load_cfg: &BenchLoad,
     dir: &Path,
 ) -> std::io::Result<RunResult> {
-    if scenario == Scenario::Mixed && !spec.has_sleep() {
+    if scenario.slow() && !spec.has_sleep() {
         return Err(std::io::Error::other("it does not implement /sleep/MS"));
     }
     let mut server = spec.start(load_cfg.workers, scenario.listeners(), dir)?;
@@ -282,7 +311,14 @@ pub fn run_one(
     load::run(&cfg, &Arc::new(Progress::default()))?;
     match scenario {
         Scenario::Hello => {}
-        Scenario::Mixed => cfg.slow = Some(("/sleep/50".into(), 0.01)),
+        Scenario::Mixed => {
+            cfg.slow = Some(("/sleep/50".into(), 0.01));
+            cfg.rate = Some(load_cfg.mixed_rate);
+            // Room for every request due while the workers sleep: a cap
+            // would hold requests back (still counted from their due time).
+            cfg.concurrency = cfg.concurrency.max(512);
+        }
+        Scenario::MixedClosed => cfg.slow = Some(("/sleep/50".into(), 0.01)),
         Scenario::MultiListener => {
             cfg.rate = Some(load_cfg.herd_rate);
             cfg.concurrency = cfg.concurrency.max(64);
@@ -312,8 +348,9 @@ pub fn run_one(
     })
 }
 
-/// The median run of several (by requests/s), with the spread of req/s and
-/// CPU across them.
+/// The median run of several (by requests/s; by p99 in open loop, where
+/// requests/s is the offered rate), with the spread of req/s and CPU
+/// across them.
 #[derive(Debug, Clone, Serialize)]
 pub struct Aggregate {
     /// The median run.
@@ -348,8 +385,18 @@ pub fn aggregate(results: &[RunResult]) -> Vec<Aggregate> {
     let mut out: Vec<Aggregate> = groups
         .into_values()
         .map(|mut runs| {
-            runs.sort_by(|a, b| a.load.rps.total_cmp(&b.load.rps));
-            let rps = (runs[0].load.rps, runs[runs.len() - 1].load.rps);
+            let open = Scenario::parse(runs[0].scenario).is_some_and(Scenario::open_loop);
+            if open {
+                runs.sort_by_key(|r| r.load.latency_us.p99);
+            } else {
+                runs.sort_by(|a, b| a.load.rps.total_cmp(&b.load.rps));
+            }
+            let rps = runs
+                .iter()
+                .map(|r| r.load.rps)
+                .fold((f64::INFINITY, 0.0_f64), |(lo, hi), x| {
+                    (lo.min(x), hi.max(x))
+                });
             let cpus: Vec<f64> = runs.iter().map(|r| r.cpu_us_per_req).collect();
             let cpu = (
                 cpus.iter().copied().fold(f64::INFINITY, f64::min),
@@ -594,6 +641,29 @@ mod tests {
         // Background, one bar per result in each of 2 panels, one legend box per server.
         assert!(chart.starts_with("<svg"));
         assert_eq!(chart.matches("<rect").count(), 1 + 3 * 2 + 2);
+    }
+
+    /// In open loop every run carries the offered rate: the median run is
+    /// the one with the median p99, and the ranges still span every run.
+    #[test]
+    fn open_loop_scenarios_take_the_median_by_p99() {
+        let with_p99 = |rps: f64, p99: u64| {
+            let mut r = result("mixed", "fdpass", rps);
+            r.load.latency_us.p99 = p99;
+            r
+        };
+        let rs = vec![
+            with_p99(2000.0, 900),
+            with_p99(1999.0, 700),
+            with_p99(2001.0, 800),
+        ];
+        let a = aggregate(&rs);
+        assert_eq!(a.len(), 1);
+        assert_eq!(a[0].median.load.latency_us.p99, 800);
+        assert_eq!(a[0].rps_range, (1999.0, 2001.0));
+        assert!(Scenario::Mixed.open_loop() && Scenario::MultiListener.open_loop());
+        assert!(!Scenario::Hello.open_loop() && !Scenario::MixedClosed.open_loop());
+        assert_eq!(Scenario::parse("mixed-closed"), Some(Scenario::MixedClosed));
     }
 
     #[test]

@@ -12,13 +12,17 @@
 use std::collections::BTreeMap;
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::SocketAddr;
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
+use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
+use nix::sys::time::TimeSpec;
+use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
 use serde::Serialize;
 
 /// Where to connect.
@@ -438,6 +442,9 @@ struct Conn {
     slow: bool,
 }
 
+/// The open-loop timer's token (connections use their index).
+const TIMER: Token = Token(usize::MAX);
+
 struct Worker<'a> {
     cfg: &'a LoadConfig,
     poll: Poll,
@@ -449,6 +456,12 @@ struct Worker<'a> {
     /// Open loop: when the next request is due, and the spacing.
     next_due: Option<Instant>,
     interval: Duration,
+    /// Open loop: wakes the thread when the next request is due, to the
+    /// microsecond (epoll's own timeout is whole milliseconds, rounded up,
+    /// which would send each request up to 1 ms late and count that
+    /// lateness as the server's latency); and the due time it is set for.
+    timer: Option<TimerFd>,
+    armed: Option<Instant>,
     issued: Arc<AtomicU64>,
     progress: Arc<Progress>,
     next_target: usize,
@@ -481,9 +494,27 @@ impl<'a> Worker<'a> {
             Some((_, f)) if *f > 0.0 => (1.0 / f).round().max(1.0) as u64,
             _ => 0,
         };
+        let poll = Poll::new()?;
+        let timer = match cfg.rate {
+            Some(_) => {
+                let t = TimerFd::new(
+                    ClockId::CLOCK_MONOTONIC,
+                    TimerFlags::TFD_NONBLOCK | TimerFlags::TFD_CLOEXEC,
+                )?;
+                poll.registry().register(
+                    &mut SourceFd(&t.as_fd().as_raw_fd()),
+                    TIMER,
+                    Interest::READABLE,
+                )?;
+                Some(t)
+            }
+            None => None,
+        };
         Ok(Worker {
             cfg,
-            poll: Poll::new()?,
+            poll,
+            timer,
+            armed: None,
             conns: (0..conns.max(1))
                 .map(|_| Conn {
                     stream: None,
@@ -517,6 +548,32 @@ impl<'a> Worker<'a> {
             report: LoadReport::empty(),
             last_done: start,
         })
+    }
+
+    /// Sets the timer to fire `wait` from now, for the request due at `due`
+    /// (once per due time; a zero wait needs no timer).
+    fn arm(&mut self, due: Instant, wait: Duration) -> io::Result<()> {
+        let Some(t) = &self.timer else {
+            return Ok(());
+        };
+        if wait.is_zero() || self.armed == Some(due) {
+            return Ok(());
+        }
+        t.set(
+            Expiration::OneShot(TimeSpec::from_duration(wait)),
+            TimerSetTimeFlags::empty(),
+        )?;
+        self.armed = Some(due);
+        Ok(())
+    }
+
+    /// The timer fired: read it (it stays readable until read).
+    fn disarm(&mut self) {
+        if let Some(t) = &self.timer {
+            let mut buf = [0u8; 8];
+            let _ = nix::unistd::read(t.as_fd(), &mut buf);
+        }
+        self.armed = None;
     }
 
     fn may_issue(&self, now: Instant) -> bool {
@@ -558,7 +615,10 @@ impl<'a> Worker<'a> {
             }
             if let (true, Some(due)) = (issuing, self.next_due) {
                 if self.conns.iter().any(|c| c.state == State::Free) {
-                    timeout = timeout.min(due.saturating_duration_since(now));
+                    let wait = due.saturating_duration_since(now);
+                    self.arm(due, wait)?;
+                    // The timer wakes the thread on time; this is a fallback.
+                    timeout = timeout.min(wait + Duration::from_millis(1));
                 }
             }
             match self.poll.poll(&mut events, Some(timeout)) {
@@ -567,6 +627,10 @@ impl<'a> Worker<'a> {
                 Err(e) => return Err(e),
             }
             for ev in events.iter() {
+                if ev.token() == TIMER {
+                    self.disarm();
+                    continue;
+                }
                 let i = ev.token().0;
                 self.drive(i)?;
             }
@@ -991,6 +1055,59 @@ mod tests {
         };
         let r = run(&cfg, &Arc::new(Progress::default())).expect("run");
         assert_eq!(r.errors.timeout, 1);
+    }
+
+    /// Open loop paces requests with a timer set to the microsecond, not
+    /// with epoll's timeout (whole milliseconds, rounded up), which sent
+    /// requests up to 1 ms late and counted that as the server's latency.
+    #[test]
+    fn open_loop_wakes_on_time_to_the_microsecond() {
+        let open = LoadConfig {
+            rate: Some(1000.0),
+            ..LoadConfig::default()
+        };
+        let start = Instant::now();
+        let mut w = Worker::new(
+            &open,
+            0,
+            1,
+            1,
+            start,
+            Arc::new(AtomicU64::new(0)),
+            Arc::new(Progress::default()),
+        )
+        .expect("worker");
+        let wait = Duration::from_micros(300);
+        w.arm(start + Duration::from_secs(1), wait).expect("arm");
+        let Ok(Some(Expiration::OneShot(left))) = w.timer.as_ref().expect("timer").get() else {
+            panic!("the timer is not set");
+        };
+        let left = Duration::from(left);
+        assert!(
+            left > Duration::ZERO && left <= wait,
+            "set for the exact wait: {left:?}"
+        );
+        // Fired: readable, and disarmed by reading it.
+        let mut events = Events::with_capacity(4);
+        w.poll
+            .poll(&mut events, Some(Duration::from_secs(5)))
+            .expect("poll");
+        assert!(events.iter().any(|e| e.token() == TIMER));
+        w.disarm();
+        assert_eq!(w.armed, None);
+        // Closed loop has no timer.
+        let closed = LoadConfig::default();
+        let c = Worker::new(
+            &closed,
+            0,
+            1,
+            1,
+            start,
+            Arc::new(AtomicU64::new(0)),
+            Arc::new(Progress::default()),
+        )
+        .expect("worker");
+        assert!(c.timer.is_none());
     }
 
     #[test]

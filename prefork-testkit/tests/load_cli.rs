@@ -91,6 +91,8 @@ fn bench_usage_errors_exit_2_before_running_anything() {
         vec!["--variant", "no-equals-sign"],
         vec!["--variant", "x=--lock flock"],
         vec!["--repeat", "0"],
+        vec!["--mixed-rate", "0"],
+        vec!["--mixed-rate", "-5"],
         vec!["--step", "--step-min", "4", "--step-max", "4"],
         vec!["--step", "--step-factor", "0"],
         vec!["--step", "--faults", "hup"],

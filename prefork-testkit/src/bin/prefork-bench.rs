@@ -38,11 +38,11 @@ struct Cli {
     /// Variants: a label and prefork flags, e.g. `mutex-flock=--strategy mutex --lock flock`.
     #[arg(long, value_name = "LABEL=FLAGS")]
     variant: Vec<String>,
-    /// Load scenarios, comma-separated: hello, mixed, multi-listener.
+    /// Load scenarios, comma-separated: hello, mixed, mixed-closed, multi-listener.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "hello,mixed,multi-listener"
+        default_value = "hello,mixed,mixed-closed,multi-listener"
     )]
     scenarios: Vec<String>,
     /// Reference servers to put in the same table.
@@ -63,6 +63,11 @@ struct Cli {
     /// Connections per second in the multi-listener scenario (open loop).
     #[arg(long, default_value_t = 2000.0)]
     herd_rate: f64,
+    /// Requests per second in the mixed scenario (open loop; default 1000
+    /// per worker, which leaves the pool about half asleep on the 1 % of
+    /// 50 ms requests).
+    #[arg(long)]
+    mixed_rate: Option<f64>,
     /// Runs of each (scenario, server), interleaved; the median is reported.
     #[arg(long, default_value_t = 1)]
     repeat: usize,
@@ -118,7 +123,7 @@ fn check_usage(cli: &Cli) -> Result<(), String> {
     for sc in &cli.scenarios {
         if Scenario::parse(sc).is_none() {
             return Err(format!(
-                "unknown scenario {sc:?} (hello, mixed, multi-listener)"
+                "unknown scenario {sc:?} (hello, mixed, mixed-closed, multi-listener)"
             ));
         }
     }
@@ -162,11 +167,17 @@ fn check_usage(cli: &Cli) -> Result<(), String> {
     if !(cli.duration > 0.0
         && cli.fault_duration > 0.0
         && cli.fault_rate > 0.0
-        && cli.herd_rate > 0.0)
+        && cli.herd_rate > 0.0
+        && cli.mixed_rate.map_or(true, |r| r > 0.0))
     {
         return Err("durations and rates must be positive".into());
     }
     Ok(())
+}
+
+/// The mixed scenario's rate: given, or 1000 requests/s per worker.
+fn mixed_rate(cli: &Cli) -> f64 {
+    cli.mixed_rate.unwrap_or(1000.0 * cli.workers as f64)
 }
 
 fn main() -> ExitCode {
@@ -298,8 +309,9 @@ fn compare(cli: &Cli, dir: &std::path::Path) -> Result<(), String> {
         .scenarios
         .iter()
         .map(|s| {
-            Scenario::parse(s)
-                .ok_or_else(|| format!("unknown scenario {s:?} (hello, mixed, multi-listener)"))
+            Scenario::parse(s).ok_or_else(|| {
+                format!("unknown scenario {s:?} (hello, mixed, mixed-closed, multi-listener)")
+            })
         })
         .collect::<Result<_, _>>()?;
     let load = BenchLoad {
@@ -308,6 +320,7 @@ fn compare(cli: &Cli, dir: &std::path::Path) -> Result<(), String> {
         threads: cli.threads,
         duration: Duration::from_secs_f64(if cli.short { 2.0 } else { cli.duration }),
         herd_rate: cli.herd_rate,
+        mixed_rate: mixed_rate(cli),
     };
     let total = cli.repeat * scenarios.len() * servers.len();
     let mut results = Vec::new();
@@ -335,14 +348,16 @@ fn compare(cli: &Cli, dir: &std::path::Path) -> Result<(), String> {
     }
     let aggs = bench::aggregate(&results);
     println!(
-        "{} workers, {} connections, {} generator thread(s), {:.0} s per run, median of {} run(s); connection per request\n",
-        load.workers, load.connections, load.threads, load.duration.as_secs_f64(), cli.repeat
+        "{} workers, {} connections (closed loop), {} generator thread(s), {:.0} s per run, median of {} run(s) (by req/s; by p99 in the open-loop scenarios: mixed at {:.0}/s, multi-listener at {:.0}/s); connection per request\n",
+        load.workers, load.connections, load.threads, load.duration.as_secs_f64(), cli.repeat,
+        load.mixed_rate, load.herd_rate
     );
     print!("{}", bench::markdown(&aggs));
     if let Some(p) = &cli.json {
         let j = serde_json::json!({ "load": {
             "workers": load.workers, "connections": load.connections, "threads": load.threads,
-            "duration_s": load.duration.as_secs_f64(), "repeat": cli.repeat }, "results": aggs, "runs": results });
+            "duration_s": load.duration.as_secs_f64(), "repeat": cli.repeat,
+            "mixed_rate": load.mixed_rate, "herd_rate": load.herd_rate }, "results": aggs, "runs": results });
         write_json(p, &j)?;
     }
     if let Some(p) = &cli.svg {
