@@ -1,8 +1,8 @@
-//! The reuseport strategy's only `unsafe`: attaching a classic BPF program
-//! that picks the socket of a SO_REUSEPORT group for each new connection.
+//! The classic BPF program that picks the socket of a SO_REUSEPORT group
+//! for each new connection, and attaching it (no `unsafe`: nix wraps it).
 
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::BorrowedFd;
 
 const BPF_LD_W_ABS: u16 = 0x20; // BPF_LD | BPF_W | BPF_ABS
 const BPF_ALU_MOD_K: u16 = 0x94; // BPF_ALU | BPF_MOD | BPF_K
@@ -28,28 +28,15 @@ pub fn steering_program(live: u32) -> [libc::sock_filter; 3] {
     ]
 }
 
-/// Wraps setsockopt(SO_ATTACH_REUSEPORT_CBPF): the program then selects the
-/// socket of `fd`'s reuseport group for every new connection.
+/// Sets SO_ATTACH_REUSEPORT_CBPF (nix's safe wrapper): the program then
+/// selects the socket of `fd`'s reuseport group for every new connection.
+/// The kernel copies and verifies the program before the call returns.
 pub fn attach_steering(fd: BorrowedFd<'_>, live: u32) -> io::Result<()> {
     let mut prog = steering_program(live);
     let fprog = libc::sock_fprog {
         len: prog.len() as libc::c_ushort,
         filter: prog.as_mut_ptr(),
     };
-    // SAFETY: `fprog` points to `prog`, both alive for the call; the kernel
-    // copies and verifies the program before the call returns.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_ATTACH_REUSEPORT_CBPF,
-            (&fprog as *const libc::sock_fprog).cast(),
-            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
-        )
-    };
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
+    nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::AttachReusePortCbpf, &fprog)
+        .map_err(io::Error::from)
 }
