@@ -36,7 +36,7 @@ fn f2_a_killed_worker_loses_only_the_connection_it_held() {
         .expect("busy worker");
     // The five are connected (the kernel completed their handshakes) before the kill.
     assert!(wait_until(T, || {
-        let q = accept_queue(s.addr());
+        let q = accept_queue(s.port());
         q >= 5
     }));
     kill(Pid::from_raw(victim), Signal::SIGKILL).expect("kill");
@@ -50,13 +50,8 @@ fn f2_a_killed_worker_loses_only_the_connection_it_held() {
     assert!(s.wait_log("died holding a connection", T), "{}", s.log());
 }
 
-/// Connections waiting in the accept queue of the listener at `addr`.
-fn accept_queue(addr: &str) -> u64 {
-    let port: u16 = addr
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.parse().ok())
-        .expect("port");
+/// Connections waiting in the accept queue of the listener on `port`.
+fn accept_queue(port: u16) -> u64 {
     prefork_testkit::procs::tcp_listeners(port)
         .iter()
         .map(|r| r.accept_queue)

@@ -21,12 +21,7 @@ fn listening_inodes(port: u16) -> Vec<u64> {
 #[test]
 fn four_workers_listen_on_four_sockets_all_owned_by_the_master() {
     let s = start("reuseport", &["--workers", "4"]);
-    let port: u16 = s
-        .addr()
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.parse().ok())
-        .expect("port");
+    let port = s.port();
     let listening = listening_inodes(port);
     assert_eq!(listening.len(), 4, "one socket per slot: {listening:?}");
     let master = socket_inodes(s.pid());

@@ -316,3 +316,124 @@ fn json_logs_are_one_object_per_line() {
     }
     assert!(log.contains(r#""message":"worker=0 pid="#), "{log}");
 }
+
+/// A process's descriptors: number, target and whether close-on-exec is set
+/// (from /proc/PID/fdinfo).
+fn descriptors(pid: &str) -> Vec<(i32, String, bool)> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("/proc/PID/fd")
+        .flatten()
+        .filter_map(|e| {
+            let n: i32 = e.file_name().to_str()?.parse().ok()?;
+            let target = std::fs::read_link(e.path()).ok()?;
+            let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{n}")).ok()?;
+            let flags = info
+                .lines()
+                .find_map(|l| l.strip_prefix("flags:"))
+                .and_then(|f| u32::from_str_radix(f.trim(), 8).ok())?;
+            Some((
+                n,
+                target.to_string_lossy().into_owned(),
+                flags & 0o2_000_000 != 0,
+            ))
+        })
+        .collect()
+}
+
+/// S4: a worker holds exactly its own descriptors (one socket: the shared
+/// listener, its slot's socket or its channel; the master-alive pipe; its
+/// status pipe), and every one of them is close-on-exec, so a program the
+/// app runs gets only 0, 1, 2 and what was passed to prefork itself.
+#[rstest]
+#[case::blocking("blocking")]
+#[case::mutex("mutex")]
+#[case::fdpass("fdpass")]
+#[case::reuseport("reuseport")]
+fn s4_a_worker_holds_only_its_own_descriptors_all_close_on_exec(#[case] strategy: &str) {
+    let s = start(strategy, &["--workers", "2"]);
+    assert!(s.wait_workers(2, T));
+    // What this test process passes down to prefork: its own descriptors
+    // without close-on-exec (the CI runner's, say).
+    let passed: Vec<i32> = descriptors("self")
+        .into_iter()
+        .filter(|&(n, _, cloexec)| n > 2 && !cloexec)
+        .map(|(n, _, _)| n)
+        .collect();
+    for w in s.workers() {
+        let own: Vec<(i32, String, bool)> = descriptors(&w.to_string())
+            .into_iter()
+            .filter(|(n, _, _)| *n > 2 && !passed.contains(n))
+            .collect();
+        let count = |kind: &str| own.iter().filter(|(_, t, _)| t.starts_with(kind)).count();
+        assert_eq!(
+            (own.len(), count("socket:"), count("pipe:")),
+            (3, 1, 2),
+            "worker {w}: {own:?}"
+        );
+        assert!(
+            own.iter().all(|(_, _, cloexec)| *cloexec),
+            "worker {w}: a descriptor without close-on-exec: {own:?}"
+        );
+    }
+}
+
+/// L16: slow clients trickling a header byte every 250 ms, more of them
+/// than there are workers. The header deadline counts from the start of
+/// the request, not from the last byte, so each is cut with a 408 at the
+/// deadline (a per-byte deadline would let them hold the workers for the
+/// whole 10 s they trickle), and a normal client is served meanwhile.
+#[rstest]
+#[case::blocking("blocking")]
+#[case::mutex("mutex")]
+#[case::fdpass("fdpass")]
+#[case::reuseport("reuseport")]
+fn l16_trickling_clients_are_cut_at_the_header_deadline(#[case] strategy: &str) {
+    let s = start(strategy, &["--workers", "2", "--header-timeout", "1"]);
+    let slow: Vec<_> = (0..3)
+        .map(|_| {
+            let addr = s.addr().to_string();
+            std::thread::spawn(move || {
+                let t0 = Instant::now();
+                let mut c = TcpStream::connect(&addr).expect("connect");
+                c.set_read_timeout(Some(Duration::from_millis(250)))
+                    .expect("timeout");
+                let head = b"GET / HTTP/1.1\r\nHost: x\r\nX-Trickle: 1234567890\r\n\r\n";
+                let mut reply = Vec::new();
+                for &byte in head.iter().take(40) {
+                    if c.write_all(&[byte]).is_err() {
+                        break;
+                    }
+                    let mut buf = [0u8; 512];
+                    match c.read(&mut buf) {
+                        Ok(0) => break,
+                        Ok(n) => {
+                            reply.extend_from_slice(&buf[..n]);
+                            break;
+                        }
+                        Err(_) => {} // nothing yet: the next byte
+                    }
+                }
+                (t0.elapsed(), String::from_utf8_lossy(&reply).into_owned())
+            })
+        })
+        .collect();
+    let t0 = Instant::now();
+    let r = http_get(s.addr(), "/", T).expect("a normal client");
+    let normal = t0.elapsed();
+    assert_eq!(r.status, 200);
+    assert!(
+        normal < Duration::from_secs(4),
+        "the normal client waited {normal:?}"
+    );
+    for h in slow {
+        let (took, reply) = h.join().expect("slow client");
+        assert!(
+            reply.starts_with("HTTP/1.1 408"),
+            "a trickling client got {reply:?} after {took:?}"
+        );
+        assert!(
+            took >= Duration::from_millis(900) && took < Duration::from_secs(4),
+            "a trickling client was cut after {took:?} (deadline 1 s)"
+        );
+    }
+}

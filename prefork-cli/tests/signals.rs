@@ -352,3 +352,151 @@ fn pid_file_is_written_and_removed_and_a_live_one_refused() {
     assert_eq!(s.stop(T).and_then(|st| st.code()), Some(0));
     assert!(!pf.exists(), "removed on exit");
 }
+
+/// The master's descriptors, by what they point to (`socket:[N]`,
+/// `pipe:[N]`, a path).
+fn master_fds(pid: i32) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("/proc/PID/fd")
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .map(|t| t.to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+/// The pool has settled: the master's table holds exactly its target,
+/// none booting or stopping, and its children are exactly those.
+fn settled(s: &Server, sock: &str) -> Option<usize> {
+    let t = &status_json(sock)["totals"];
+    let target = t["target"].as_u64()? as usize;
+    let calm = t["workers"] == target && t["booting"] == 0 && t["stopping"] == 0;
+    (calm && s.workers().len() == target).then_some(target)
+}
+
+/// Brings the pool to `n` workers with TTIN/TTOU, one signal at a time
+/// (signals of one kind coalesce), each waited for.
+fn resize_to(s: &Server, sock: &str, n: usize) {
+    let mut now = None;
+    assert!(
+        wait_until(T, || {
+            now = settled(s, sock);
+            now.is_some()
+        }),
+        "the pool settles: {:?}",
+        status_json(sock)
+    );
+    let mut now = now.unwrap_or(n);
+    while now != n {
+        let want = if now > n { now - 1 } else { now + 1 };
+        s.signal(if now > n {
+            Signal::SIGTTOU
+        } else {
+            Signal::SIGTTIN
+        });
+        assert!(
+            wait_until(T, || settled(s, sock) == Some(want)),
+            "{now} -> {want} workers: {:?}",
+            status_json(sock)
+        );
+        now = want;
+    }
+}
+
+/// L13: 1,000 signals of every kind the master handles or ignores (HUP,
+/// TTIN, TTOU, WINCH, USR1, USR2, CHLD, PIPE) within about a second. The
+/// master lives and stays responsive; no zombie is left; once the pool is
+/// brought back to 2 workers they serve, and the master holds no more
+/// descriptors than before (reuseport keeps one listening socket per slot
+/// the storm created: every extra one must be exactly that).
+#[rstest]
+#[case::blocking("blocking")]
+#[case::mutex("mutex")]
+#[case::fdpass("fdpass")]
+#[case::reuseport("reuseport")]
+fn l13_a_storm_of_1000_signals_leaves_the_master_healthy(#[case] strategy: &str) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock = format!("unix:{}", dir.path().join("status.sock").display());
+    let s = start(strategy, &["--workers", "2", "--status", &sock]);
+    assert!(s.wait_workers(2, T));
+    let before = master_fds(s.pid());
+    const KINDS: [Signal; 8] = [
+        Signal::SIGHUP,
+        Signal::SIGTTIN,
+        Signal::SIGTTOU,
+        Signal::SIGWINCH,
+        Signal::SIGUSR1,
+        Signal::SIGUSR2,
+        Signal::SIGCHLD,
+        Signal::SIGPIPE,
+    ];
+    // A fixed pseudo-random order (an LCG), paced at one per millisecond.
+    let mut x: u32 = 12_345;
+    let t0 = Instant::now();
+    for i in 0..1000u32 {
+        x = x.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+        let sig = KINDS[(x >> 16) as usize % KINDS.len()];
+        kill(Pid::from_raw(s.pid()), sig).expect("the master is alive during the storm");
+        let due = t0 + Duration::from_millis(u64::from(i));
+        if let Some(d) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(d);
+        }
+    }
+    assert!(process_alive(s.pid()), "{}", s.log());
+    // WINCH may have left no worker: HUP brings the pool back.
+    s.signal(Signal::SIGHUP);
+    assert!(
+        wait_until(T, || !s.workers().is_empty()),
+        "the pool comes back: {}",
+        s.log()
+    );
+    resize_to(&s, &sock, 2);
+    assert!(
+        wait_until(T, || zombie_children(s.pid()).is_empty()),
+        "{}",
+        s.log()
+    );
+    // The two workers of the pool answer, and only they.
+    let pool: HashSet<i32> = s.workers().into_iter().collect();
+    assert_eq!(pool.len(), 2);
+    for _ in 0..20 {
+        let (_, pid) = who(s.addr());
+        assert!(pool.contains(&pid), "answered by {pid}, pool {pool:?}");
+    }
+    // Descriptors, by kind (workers' pipes and channels are new ones): as
+    // many as before; reuseport may keep more listening sockets.
+    let port = s.port();
+    let kinds = |fds: &[String]| {
+        let listening: HashSet<String> = prefork_testkit::procs::tcp_listeners(port)
+            .iter()
+            .map(|r| format!("socket:[{}]", r.inode))
+            .collect();
+        let mut k: Vec<String> = fds
+            .iter()
+            .map(|f| {
+                if listening.contains(f) {
+                    "listening socket".to_string()
+                } else if f.starts_with("socket:") {
+                    "socket".to_string()
+                } else if f.starts_with("pipe:") {
+                    "pipe".to_string()
+                } else {
+                    f.clone()
+                }
+            })
+            .collect();
+        k.sort();
+        if strategy == "reuseport" {
+            k.dedup_by(|a, b| a == b && a == "listening socket");
+        }
+        k
+    };
+    let want = kinds(&before);
+    assert!(
+        wait_until(T, || kinds(&master_fds(s.pid())) == want),
+        "descriptors before {before:?}, after {:?}",
+        master_fds(s.pid())
+    );
+    assert!(process_alive(s.pid()));
+}

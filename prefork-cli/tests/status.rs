@@ -15,19 +15,6 @@ use nix::unistd::Pid;
 use prefork_testkit::is_sleeping_in_nanosleep;
 use rstest::rstest;
 
-fn status_json(sock: &str) -> serde_json::Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_prefork"))
-        .args(["status", sock, "--json"])
-        .output()
-        .expect("prefork status");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("status JSON")
-}
-
 /// L8: a worker stuck on one request longer than --timeout is killed
 /// (stable log line), within timeout + 1 s, and its slot serves again.
 #[rstest]

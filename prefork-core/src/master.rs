@@ -337,6 +337,7 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
             cap = cap.min(t.saturating_since(start));
         }
         timeout = Some(timeout.map_or(cap, |t| t.min(cap)));
+        self.strategy.master_turn();
         let mut owners: Vec<Option<Pid>> = Vec::with_capacity(self.workers.len() + 1);
         let mut ready: Vec<(Option<Pid>, RawFd)> = Vec::new();
         {
@@ -702,7 +703,11 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
             }
             Forked::Child => {
                 drop(status_rd);
-                let master_alive = nix::unistd::dup(&self.alive_rd)
+                // try_clone is F_DUPFD_CLOEXEC: a plain dup(2) would drop
+                // close-on-exec, and a program the app runs would inherit it.
+                let master_alive = self
+                    .alive_rd
+                    .try_clone()
                     .map_err(|e| Error::sys("dup() of the master-alive pipe", e))?;
                 Ok(Spawned::Child(WorkerSetup {
                     slot,

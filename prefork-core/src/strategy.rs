@@ -67,6 +67,11 @@ pub trait AcceptStrategy {
     /// is the child's copy; whatever is not kept is closed in the child only.
     fn into_acceptor(self, slot: usize, listeners: Vec<Listener>) -> io::Result<Self::Acceptor>;
 
+    /// At the start of each master turn, before [`AcceptStrategy::master_fds`]:
+    /// housekeeping that must not wait for one of its descriptors to be ready
+    /// (the master turns at least once a second).
+    fn master_turn(&mut self) {}
+
     /// Descriptors the master loop should poll for this strategy.
     fn master_fds(&self) -> Vec<BorrowedFd<'_>> {
         Vec::new()

@@ -200,6 +200,15 @@ impl Server {
         self.addrs.first().map(String::as_str).unwrap_or("")
     }
 
+    /// The TCP port of the first listen address (0 for a Unix socket).
+    pub fn port(&self) -> u16 {
+        self.addr()
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0)
+    }
+
     /// Sends a signal to the master.
     pub fn signal(&self, sig: Signal) {
         let _ = kill(Pid::from_raw(self.pid), sig);

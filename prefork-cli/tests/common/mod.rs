@@ -90,3 +90,17 @@ pub fn burst_path(
     }
     (all, failed)
 }
+
+/// `prefork status SOCK --json`, parsed.
+pub fn status_json(sock: &str) -> serde_json::Value {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_prefork"))
+        .args(["status", sock, "--json"])
+        .output()
+        .expect("prefork status");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("status JSON")
+}

@@ -490,6 +490,13 @@ impl AcceptStrategy for Fdpass {
         })
     }
 
+    fn master_turn(&mut self) {
+        // A copy the worker has counted as received is released now, not
+        // at the next connection: on a quiet server it would keep the last
+        // connection's socket open in the master indefinitely.
+        self.release_received();
+    }
+
     fn master_fds(&self) -> Vec<BorrowedFd<'_>> {
         // Every channel until its EOF (a retired or replaced one too: its
         // worker's death must be seen, with what it held).
@@ -530,7 +537,17 @@ impl AcceptStrategy for Fdpass {
             });
         if let Some(w) = which {
             self.read_channel(w);
+            // A channel whose worker is gone is closed at once: a slot
+            // retired by TTOU may never be used again, and its channel
+            // would stay open for the master's lifetime.
             self.old.retain(|c| !c.eof);
+            if let Which::Slot(i) = w {
+                if let Some(slot) = self.slots.get_mut(i) {
+                    if slot.as_ref().is_some_and(|c| c.eof) {
+                        *slot = None;
+                    }
+                }
+            }
         } else if let Some(i) = self.listeners.iter().position(|(l, _)| l.as_raw_fd() == fd) {
             self.readable[i] = true;
         }
@@ -1013,5 +1030,40 @@ mod tests {
         let mut rest = Vec::new();
         let _ = client2.read_to_end(&mut rest);
         assert!(rest.is_empty(), "closed, not served");
+    }
+
+    /// On a quiet server the master's copy of the last connection is
+    /// released at its next turn, not kept until another connection comes;
+    /// and a slot's channel is closed as soon as its worker is gone (a slot
+    /// retired by TTOU may never be used again).
+    #[test]
+    fn a_quiet_master_keeps_no_copy_and_no_dead_channel() {
+        let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        let (mut m, mut w0, w1) = master_with_two_workers();
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let _client = TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
+        w0.init().expect("idle");
+        let fd0 = m.slots[0].as_ref().expect("ch").master.as_raw_fd();
+        m.master_ready(fd0);
+        m.dispatch(tcp(l.accept().expect("accept").0));
+        assert!(m.slots[0].as_ref().expect("ch").held.is_some());
+        let Accepted::Connection(_c) = w0.receive(true).expect("w0") else {
+            panic!("worker 0 got nothing");
+        };
+        // What a forked worker counts itself on receiving it.
+        let cell = m.slots[0].as_ref().expect("ch").cell;
+        m.receipts.as_ref().expect("map").as_slice_of::<AtomicU64>()[RECEIVED + cell]
+            .store(1, Ordering::SeqCst);
+        m.master_turn();
+        assert!(
+            m.slots[0].as_ref().expect("ch").held.is_none(),
+            "released at the next turn"
+        );
+        let fd1 = m.slots[1].as_ref().expect("ch").master.as_raw_fd();
+        m.slot_retired(1);
+        drop(w1);
+        m.master_ready(fd1);
+        assert!(m.slots[1].is_none(), "the dead worker's channel is closed");
+        assert!(!m.master_fds().iter().any(|f| f.as_raw_fd() == fd1));
     }
 }
