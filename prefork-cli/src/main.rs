@@ -149,6 +149,17 @@ struct Cli {
     #[arg(long, value_name = "PATH")]
     pid_file: Option<PathBuf>,
 
+    /// Run the workers as this user (a name or a uid), with its groups; the
+    /// master keeps running as root to bind, reload and manage them (nginx's
+    /// `user`). Needs the master to start as root.
+    #[arg(long, value_name = "USER")]
+    user: Option<String>,
+
+    /// With --user: the workers' group (a name or a gid; default: the
+    /// user's primary group).
+    #[arg(long, value_name = "GROUP", requires = "user")]
+    group: Option<String>,
+
     /// Seconds a worker may take to finish its connection after QUIT or a
     /// reload before it is terminated.
     #[arg(long, value_name = "SECS", default_value = "30", value_parser = parse_secs)]
@@ -419,6 +430,13 @@ fn main() -> ExitCode {
             2,
         );
     }
+    let user = match &cli.user {
+        None => None,
+        Some(u) => match prefork_core::WorkerUser::resolve(u, cli.group.as_deref()) {
+            Ok(u) => Some(u),
+            Err(e) => return fail(e, 2),
+        },
+    };
     if let Err(e) = init_logging(&cli) {
         return fail(e, 2);
     }
@@ -467,6 +485,7 @@ fn main() -> ExitCode {
             Report::Off => ReportMode::Off,
         },
         status_socket: cli.status.clone(),
+        user,
     };
     let app = match cli.app {
         AppName::Hello => Builtin::Hello(apps::Hello::default()),

@@ -42,6 +42,9 @@ fn run(args: &[&str]) -> (Option<i32>, String) {
 #[case::defer_with_hello(&["--app", "hello", "--defer-accept", "1"], "--defer-accept: the hello app speaks first")]
 #[case::defer_too_long(&["--defer-accept", "7200"], "'--defer-accept <SECS>': 7200 is not in 0..=3600")]
 #[case::bad_lock(&["--strategy", "mutex", "--lock", "spin"], "[possible values: flock, fcntl, sysvsem, pthread]")]
+#[case::unknown_user(&["--user", "no-such-user-prefork"], "--user: no such user \"no-such-user-prefork\"")]
+#[case::unknown_group(&["--user", "root", "--group", "no-such-group-prefork"], "--group: no such group \"no-such-group-prefork\"")]
+#[case::group_without_user(&["--group", "root"], "--user <USER>")]
 fn usage_errors_exit_2_with_one_line(#[case] args: &[&str], #[case] needle: &str) {
     let (code, err) = run(args);
     assert_eq!(code, Some(2), "{err}");

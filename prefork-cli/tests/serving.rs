@@ -437,3 +437,75 @@ fn l16_trickling_clients_are_cut_at_the_header_deadline(#[case] strategy: &str) 
         );
     }
 }
+
+/// S1: started as root with `--user nobody`, every worker has nobody's uid
+/// and gid (real, effective and saved), nobody's groups only, and no
+/// capability left, so setuid(0) cannot succeed; and it serves. Started
+/// as another user, `--user` for a different user is refused (exit 2)
+/// before anything is bound.
+#[rstest]
+#[case::blocking("blocking")]
+#[case::mutex_flock("mutex-flock")]
+#[case::mutex_sysvsem("mutex-sysvsem")]
+#[case::mutex_pthread("mutex-pthread")]
+#[case::fdpass("fdpass")]
+#[case::reuseport("reuseport")]
+fn s1_workers_run_as_the_user_with_nothing_of_root_left(#[case] strategy: &str) {
+    use nix::unistd::{Group, User};
+    let nobody = User::from_name("nobody")
+        .expect("passwd lookup")
+        .expect("the nobody user exists");
+    if !nix::unistd::geteuid().is_root() {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_prefork"))
+            .args(strategy_args(strategy))
+            .args(["--bind", "127.0.0.1:0", "--user", "nobody"])
+            .output()
+            .expect("run prefork");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(err.contains("needs the master to run as root"), "{err}");
+        return;
+    }
+    let s = start(strategy, &["--workers", "2", "--user", "nobody"]);
+    let gid = nobody.gid.as_raw().to_string();
+    let uid = nobody.uid.as_raw().to_string();
+    let groups: Vec<String> =
+        nix::unistd::getgrouplist(&std::ffi::CString::new("nobody").expect("name"), nobody.gid)
+            .expect("getgrouplist")
+            .iter()
+            .map(|g| g.as_raw().to_string())
+            .collect();
+    assert!(Group::from_gid(nobody.gid).expect("group lookup").is_some());
+    let workers = s.workers();
+    assert_eq!(workers.len(), 2);
+    for w in workers {
+        let status = std::fs::read_to_string(format!("/proc/{w}/status")).expect("status");
+        let field = |name: &str| -> Vec<String> {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|v| v.split_whitespace().map(str::to_string).collect())
+                .unwrap_or_default()
+        };
+        // Real, effective, saved, filesystem.
+        assert_eq!(field("Uid:"), vec![uid.clone(); 4], "worker {w}: {status}");
+        assert_eq!(field("Gid:"), vec![gid.clone(); 4], "worker {w}: {status}");
+        let mut have = field("Groups:");
+        have.sort();
+        let mut want = groups.clone();
+        want.sort();
+        want.dedup();
+        assert_eq!(have, want, "worker {w}: root's groups are gone");
+        for caps in ["CapInh:", "CapPrm:", "CapEff:", "CapAmb:"] {
+            assert_eq!(field(caps), vec!["0000000000000000"], "worker {w} {caps}");
+        }
+    }
+    // The master is still root (it binds, reloads and signals).
+    let master = std::fs::read_to_string(format!("/proc/{}/status", s.pid())).expect("status");
+    assert!(master
+        .lines()
+        .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["Uid:", "0", "0", "0", "0"]));
+    for _ in 0..10 {
+        assert_eq!(http_get(s.addr(), "/", T).expect("GET").status, 200);
+    }
+}

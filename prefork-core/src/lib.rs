@@ -42,6 +42,7 @@ pub mod status_server;
 pub mod strategy;
 pub mod supervisor;
 pub mod sys;
+pub mod user;
 mod worker;
 
 pub use app::{App, BoxError, Connection, Stream, WorkerInfo};
@@ -52,4 +53,5 @@ pub use master::{Master, MasterConfig, ReadyInfo, ReportMode};
 pub use scaling::ScaleConfig;
 pub use strategy::{accept_error, AcceptContext, AcceptStrategy, Accepted, WorkerAcceptor};
 pub use supervisor::{Supervisor, SupervisorConfig, EXIT_BOOT_FAILED};
+pub use user::WorkerUser;
 pub use worker::EXIT_PANIC;

@@ -59,6 +59,8 @@ pub struct MasterConfig {
     pub report: ReportMode,
     /// Serve the scoreboard as JSON on this Unix socket (mode 0600).
     pub status_socket: Option<PathBuf>,
+    /// Run the workers as this user (the master keeps its own).
+    pub user: Option<crate::user::WorkerUser>,
 }
 
 /// How workers report busy and idle to the master.
@@ -88,6 +90,7 @@ impl Default for MasterConfig {
             max_requests_jitter: 0,
             report: ReportMode::Scoreboard,
             status_socket: None,
+            user: None,
         }
     }
 }
@@ -152,6 +155,8 @@ pub struct Master<S: AcceptStrategy, A: App> {
     /// When the master last reaped (see [`MAX_SLEEP`]).
     last_reap: MonoTime,
     status: Option<crate::status_server::StatusServer>,
+    /// Who the workers become right after fork.
+    user: Option<crate::user::WorkerUser>,
     started: MonoTime,
     /// Connections served by workers already reaped.
     retired_requests: u64,
@@ -172,6 +177,9 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
         let threads = sys::thread_count().map_err(|e| Error::sys("reading /proc/self/task", e))?;
         if threads != 1 {
             return Err(Error::NotSingleThreaded(threads));
+        }
+        if let Some(u) = &cfg.user {
+            u.check_master()?;
         }
         let pid = nix::unistd::getpid();
         let mut opts = cfg.bind_options.clone();
@@ -206,6 +214,9 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
                 spec: String::new(),
                 reason: "nothing to listen on: give at least one --bind".into(),
             });
+        }
+        if let Some(u) = &cfg.user {
+            strategy.worker_owner(u.uid.as_raw(), u.gid.as_raw());
         }
         strategy.prepare(listeners)?;
         let self_pipe =
@@ -272,6 +283,7 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
             next_sample: cfg.scale.map(|_| MonoTime::now()),
             last_reap: MonoTime::now(),
             status,
+            user: cfg.user,
             started: MonoTime::now(),
             retired_requests: 0,
             rng: u64::from(pid.as_raw().unsigned_abs()) ^ MonoTime::now().as_nanos() | 1,
@@ -718,6 +730,7 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
                     tick: self.tick,
                     cell,
                     report: self.report,
+                    user: self.user.clone(),
                 }))
             }
         }

@@ -49,6 +49,11 @@ pub trait AcceptStrategy {
     /// Adjust how the master binds listeners (e.g. set SO_REUSEPORT).
     fn bind_options(&self, _opts: &mut BindOptions) {}
 
+    /// Workers will run as this uid and gid (`--user`): whatever they open
+    /// or use after fork (a lock file, a semaphore) must be theirs. Called
+    /// before [`AcceptStrategy::prepare`].
+    fn worker_owner(&mut self, _uid: u32, _gid: u32) {}
+
     /// Once, in the master, after listeners are bound and before any fork.
     fn prepare(&mut self, _listeners: &[Listener]) -> Result<()> {
         Ok(())

@@ -32,6 +32,8 @@ pub(crate) struct WorkerSetup {
     /// This worker's scoreboard cell.
     pub cell: usize,
     pub report: ReportMode,
+    /// Become this user before anything else runs.
+    pub user: Option<crate::user::WorkerUser>,
 }
 
 /// Where busy/idle go.
@@ -68,8 +70,13 @@ pub(crate) fn enter_child(master_pid: Pid) -> bool {
         tracing::error!("worker: resetting signals failed: {e}");
         return false;
     }
-    // PR_SET_PDEATHSIG is racy at fork (the master may be gone already), so
-    // check the parent right after setting it.
+    die_with(master_pid)
+}
+
+/// SIGTERM when the master dies. PR_SET_PDEATHSIG is racy at fork (the
+/// master may be gone already), so the parent is checked right after.
+/// Returns false if it is gone.
+fn die_with(master_pid: Pid) -> bool {
     let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM);
     nix::unistd::getppid() == master_pid
 }
@@ -95,6 +102,21 @@ where
     // Name the process for ps/top: "prefork-w3" (comm holds 15 bytes).
     if let Ok(name) = std::ffi::CString::new(format!("prefork-w{slot}")) {
         let _ = nix::sys::prctl::set_name(&name);
+    }
+    if let Some(u) = &setup.user {
+        if let Err(e) = u.become_it() {
+            tracing::error!(
+                "worker={slot} pid={} failed to boot: becoming user {}: {e}",
+                info.pid,
+                u.name
+            );
+            return EXIT_BOOT_FAILED;
+        }
+        // A change of credentials clears the parent-death signal: set it
+        // again, and check the parent once more.
+        if !die_with(setup.master_pid) {
+            return 0;
+        }
     }
     if let Err(e) = app.after_fork(&info) {
         tracing::error!(

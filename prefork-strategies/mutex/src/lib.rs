@@ -104,6 +104,9 @@ pub struct Mutex {
     /// Write end of the guardian's pipe; its EOF tells the guardian the
     /// master is gone.
     guardian: Option<OwnedFd>,
+    /// The workers' uid and gid when they run as another user (`--user`):
+    /// the lock file, its directory and the semaphore are given to them.
+    owner: Option<(u32, u32)>,
 }
 
 impl Mutex {
@@ -120,6 +123,7 @@ impl Mutex {
             robust: None,
             audit: None,
             guardian: None,
+            owner: None,
         }
     }
 
@@ -150,14 +154,19 @@ impl Mutex {
             .tempdir_in(&base)?
             .keep();
         let path = dir.join("accept.lock");
-        self.dir = Some(dir);
-        std::fs::OpenOptions::new()
+        self.dir = Some(dir.clone());
+        let file = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o600)
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(&path)?;
         self.lock_file = Some(path);
+        // Workers open the file after fork, as their own user.
+        if let Some((uid, gid)) = self.owner {
+            std::os::unix::fs::fchown(&file, Some(uid), Some(gid))?;
+            std::os::unix::fs::chown(&dir, Some(uid), Some(gid))?;
+        }
         Ok(())
     }
 
@@ -221,6 +230,10 @@ impl AcceptStrategy for Mutex {
         "mutex"
     }
 
+    fn worker_owner(&mut self, uid: u32, gid: u32) {
+        self.owner = Some((uid, gid));
+    }
+
     fn prepare(&mut self, listeners: &[Listener]) -> Result<()> {
         self.locking = listeners.len() > 1 || self.lock_always;
         // With several listeners the holder polls them, so they are
@@ -245,6 +258,14 @@ impl AcceptStrategy for Mutex {
                 .map_err(|e| strategy_err(format!("creating the lock file: {e}")))?,
             LockKind::SysvSem => {
                 let id = sys::sem_create().map_err(|e| strategy_err(format!("semget(): {e}")))?;
+                if let Some((uid, gid)) = self.owner {
+                    if let Err(e) = sys::sem_chown(id, uid, gid) {
+                        sys::sem_remove(id);
+                        return Err(strategy_err(format!(
+                            "semctl(IPC_SET) of the semaphore: {e}"
+                        )));
+                    }
+                }
                 tracing::info!("mutex: SysV semaphore id {id}");
                 self.sem = Some(id);
             }

@@ -55,6 +55,21 @@ pub fn sem_create() -> io::Result<i32> {
     Ok(id)
 }
 
+/// Gives the semaphore set `id` to `uid`:`gid` (its mode stays 0600), for
+/// workers that run as another user.
+pub fn sem_chown(id: i32, uid: u32, gid: u32) -> io::Result<()> {
+    // SAFETY: semid_ds is plain data; all-zero is a valid value.
+    let mut ds: libc::semid_ds = unsafe { std::mem::zeroed() };
+    // SAFETY: IPC_STAT writes one semid_ds through the pointer, which points
+    // to `ds`, alive and writable for the call.
+    check(unsafe { libc::semctl(id, 0, libc::IPC_STAT, &mut ds as *mut libc::semid_ds) })?;
+    ds.sem_perm.uid = uid;
+    ds.sem_perm.gid = gid;
+    // SAFETY: IPC_SET reads one semid_ds through the pointer, `ds` above.
+    check(unsafe { libc::semctl(id, 0, libc::IPC_SET, &mut ds as *mut libc::semid_ds) })?;
+    Ok(())
+}
+
 /// Wraps semctl(IPC_RMID). Errors (already removed) are ignored.
 pub fn sem_remove(id: i32) {
     // SAFETY: IPC_RMID takes no further argument and touches no memory of ours.
