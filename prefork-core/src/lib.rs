@@ -42,6 +42,7 @@ pub mod status_server;
 pub mod strategy;
 pub mod supervisor;
 pub mod sys;
+pub mod upgrade;
 pub mod user;
 mod worker;
 

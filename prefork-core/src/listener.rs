@@ -13,6 +13,7 @@ use socket2::{Domain, SockAddr, Socket, Type};
 
 use crate::error::{Error, Result};
 use crate::sys;
+use crate::upgrade::Inherited;
 
 /// Default listen(2) backlog, as Unicorn's.
 pub const DEFAULT_BACKLOG: i32 = 1024;
@@ -165,6 +166,9 @@ pub struct Listener {
     unix_owned: Option<(PathBuf, u64, u64)>,
     /// Name from LISTEN_FDNAMES, if inherited from systemd.
     name: Option<String>,
+    /// What it was made from (the `--bind` text, `systemd:N`), by which a
+    /// new master finds it after a binary upgrade.
+    key: String,
 }
 
 impl Listener {
@@ -181,6 +185,11 @@ impl Listener {
     /// The systemd name of an inherited socket.
     pub fn name(&self) -> Option<&str> {
         self.name.as_deref()
+    }
+
+    /// What it was made from (the `--bind` text, or `systemd:N`).
+    pub fn key(&self) -> &str {
+        &self.key
     }
 
     /// True for a Unix-domain listener.
@@ -204,6 +213,7 @@ impl Listener {
     /// sockets of their own, such as one per worker slot).
     pub fn from_socket(socket: Socket, addr: ListenAddr) -> Listener {
         Listener {
+            key: addr.to_string(),
             socket,
             addr,
             unix_owned: None,
@@ -221,9 +231,19 @@ impl AsFd for Listener {
 /// Binds every spec, in order. A hostname binds every address it resolves
 /// to. If one fails, the Unix socket files already created are removed.
 pub fn bind_all(specs: &[BindSpec], opts: &BindOptions) -> Result<Vec<Listener>> {
+    bind_all_inheriting(specs, opts, &mut Inherited::default())
+}
+
+/// [`bind_all`], taking for each spec the sockets an old master handed over
+/// for it (binary upgrade) instead of binding again.
+pub fn bind_all_inheriting(
+    specs: &[BindSpec],
+    opts: &BindOptions,
+    inherited: &mut Inherited,
+) -> Result<Vec<Listener>> {
     warn_if_backlog_capped(opts.backlog);
     let mut out = Vec::new();
-    let bound = bind_each(specs, opts, &mut out);
+    let bound = bind_each(specs, opts, inherited, &mut out);
     if bound.is_err() {
         for l in &mut out {
             l.remove_socket_file();
@@ -232,8 +252,33 @@ pub fn bind_all(specs: &[BindSpec], opts: &BindOptions) -> Result<Vec<Listener>>
     bound.map(|()| out)
 }
 
-fn bind_each(specs: &[BindSpec], opts: &BindOptions, out: &mut Vec<Listener>) -> Result<()> {
+fn bind_each(
+    specs: &[BindSpec],
+    opts: &BindOptions,
+    inherited: &mut Inherited,
+    out: &mut Vec<Listener>,
+) -> Result<()> {
     for spec in specs {
+        let key = spec.to_string();
+        let handed = inherited.take(&key);
+        if !handed.is_empty() {
+            for fd in handed {
+                let mut l = adopt(fd, None, opts).map_err(|e| Error::Listen {
+                    addr: format!("{key} (handed over by the old master)"),
+                    source: e,
+                })?;
+                l.key.clone_from(&key);
+                if let BindSpec::Unix(path) = spec {
+                    // Ours now: removed when this master exits (unless its
+                    // old master still serves it, see Master).
+                    if let Ok(meta) = std::fs::symlink_metadata(path) {
+                        l.unix_owned = Some((path.clone(), meta.dev(), meta.ino()));
+                    }
+                }
+                out.push(l);
+            }
+            continue;
+        }
         match spec {
             BindSpec::Tcp { host, port } => {
                 let addrs: Vec<SocketAddr> = (host.as_str(), *port)
@@ -294,6 +339,7 @@ pub fn bind_tcp(sa: SocketAddr, spec: &BindSpec, opts: &BindOptions) -> Result<L
         addr: ListenAddr::Tcp(real),
         unix_owned: None,
         name: None,
+        key: spec.to_string(),
     })
 }
 
@@ -337,6 +383,7 @@ fn bind_unix(path: &Path, opts: &BindOptions) -> Result<Listener> {
         addr: ListenAddr::Unix(path.to_path_buf()),
         unix_owned: Some((path.to_path_buf(), meta.dev(), meta.ino())),
         name: None,
+        key: shown.clone(),
     };
     // chmod before listen(2): no client can connect before the mode is right.
     if let Some(mode) = opts.unix_mode {
@@ -377,7 +424,20 @@ fn adopt(fd: RawFd, name: Option<String>, opts: &BindOptions) -> std::io::Result
         addr,
         unix_owned: None,
         name,
+        key: format!("fd:{fd}"),
     })
+}
+
+/// Adopts a socket an old master handed over that no `--bind` names (one
+/// systemd passed to the old master): every socket the old master listened
+/// on stays listened on.
+pub fn adopt_handed_over(fd: RawFd, key: &str, opts: &BindOptions) -> Result<Listener> {
+    let mut l = adopt(fd, None, opts).map_err(|e| Error::Listen {
+        addr: format!("{key} (handed over by the old master)"),
+        source: e,
+    })?;
+    l.key = key.to_string();
+    Ok(l)
 }
 
 /// Socket-activation variables as systemd sets them.

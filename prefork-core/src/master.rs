@@ -30,6 +30,7 @@ use crate::status::{self, StatusKind, StatusWriter};
 use crate::strategy::AcceptStrategy;
 use crate::supervisor::{Action, Command, ExitStatus, StopReason, Supervisor, SupervisorConfig};
 use crate::sys::{self, Forked};
+use crate::upgrade::{self, ExecPlan, Inherited};
 use crate::worker::{self, WorkerSetup, EXIT_PANIC};
 
 /// Everything the master needs to start.
@@ -157,6 +158,14 @@ pub struct Master<S: AcceptStrategy, A: App> {
     status: Option<crate::status_server::StatusServer>,
     /// Who the workers become right after fork.
     user: Option<crate::user::WorkerUser>,
+    /// How to start this program again (USR2).
+    exec: Option<ExecPlan>,
+    /// The new master started by USR2, while it runs.
+    new_master: Option<Pid>,
+    /// The old master this one took its sockets from (binary upgrade).
+    inherited_from: Option<Pid>,
+    /// The status socket's path, to bind again after a failed upgrade.
+    status_path: Option<PathBuf>,
     started: MonoTime,
     /// Connections served by workers already reaped.
     retired_requests: u64,
@@ -189,8 +198,30 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
             let env = ActivationEnv::take_from_process();
             listeners = listener::adopt_activated(&env, pid.as_raw() as u32, 3, &opts)?;
         }
-        listeners.extend(listener::bind_all(&cfg.binds, &opts)?);
-        let started = Self::assemble(cfg, strategy, app, &mut listeners, pid, &opts);
+        // Sockets handed over by an old master (USR2): taken for their
+        // --bind instead of binding again; any other it listened on (from
+        // systemd) is kept too.
+        let mut inherited = Inherited::take_from_process();
+        let from = inherited.from;
+        listeners.extend(listener::bind_all_inheriting(
+            &cfg.binds,
+            &opts,
+            &mut inherited,
+        )?);
+        for (fd, key) in inherited.rest() {
+            listeners.push(listener::adopt_handed_over(fd, &key, &opts)?);
+        }
+        if let Some(old) = from {
+            tracing::info!(
+                "binary upgrade: took over {} listening socket(s) from master pid={old}",
+                listeners.len()
+            );
+        }
+        let started =
+            Self::assemble(cfg, strategy, app, &mut listeners, pid, &opts).map(|mut m| {
+                m.inherited_from = from;
+                m
+            });
         if started.is_err() {
             for l in &mut listeners {
                 l.remove_socket_file();
@@ -283,7 +314,11 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
             next_sample: cfg.scale.map(|_| MonoTime::now()),
             last_reap: MonoTime::now(),
             status,
+            status_path: cfg.status_socket.clone(),
             user: cfg.user,
+            exec: ExecPlan::current(),
+            new_master: None,
+            inherited_from: None,
             started: MonoTime::now(),
             retired_requests: 0,
             rng: u64::from(pid.as_raw().unsigned_abs()) ^ MonoTime::now().as_nanos() | 1,
@@ -538,7 +573,7 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
                 return;
             }
             Signal::SIGUSR2 => {
-                tracing::warn!("USR2: binary upgrade is not yet supported; ignored");
+                self.upgrade();
                 return;
             }
             _ => return, // SIGCHLD: reaping follows
@@ -561,6 +596,10 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
                     return;
                 }
             };
+            if Some(pid) == self.new_master {
+                self.new_master_exited(pid, status);
+                continue;
+            }
             if let Some(w) = self.workers.remove(&pid) {
                 self.scoreboard.release(w.cell);
                 let served = match self.scoreboard.cell(w.cell) {
@@ -776,10 +815,127 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
     }
 
     /// Releases everything that outlives the process, then returns `code`.
+    /// USR2: start a new master from the binary at this one's path, with
+    /// the same arguments, handing it the listening sockets. Both serve
+    /// until the operator QUITs one of them.
+    fn upgrade(&mut self) {
+        if self.sup.is_stopping() {
+            tracing::warn!("USR2: this master is stopping; no binary upgrade");
+            return;
+        }
+        if let Some(pid) = self.new_master {
+            tracing::warn!(
+                "USR2: a new master (pid={pid}) is already running; QUIT it or this master first"
+            );
+            return;
+        }
+        if let Err(why) = self.strategy.upgrade_supported() {
+            tracing::warn!(
+                "USR2: binary upgrade is not available with the {} strategy: {why}",
+                self.strategy.name()
+            );
+            return;
+        }
+        let Some(plan) = self.exec.clone() else {
+            tracing::error!(
+                "USR2: binary upgrade impossible: this program's path could not be found at start"
+            );
+            return;
+        };
+        let fds: Vec<(RawFd, String)> = self
+            .listeners
+            .iter()
+            .map(|l| (l.as_fd().as_raw_fd(), l.key().to_string()))
+            .collect();
+        let env = upgrade::child_env(self.pid, &fds);
+        if let Some(pf) = &mut self.pid_file {
+            if let Err(e) = pf.move_to_oldbin() {
+                tracing::error!(
+                    "USR2: binary upgrade not started: renaming the pid file {}: {e}",
+                    pf.path().display()
+                );
+                return;
+            }
+        }
+        // The new master binds the status socket; it is this one's again if
+        // the new master exits.
+        if let Some(st) = self.status.take() {
+            st.remove();
+        }
+        match sys::fork() {
+            Ok(Forked::Parent(pid)) => {
+                self.new_master = Some(pid);
+                tracing::info!(
+                    "USR2: binary upgrade: started new master pid={pid} from {}; this master (pid={}) keeps serving until QUIT (QUIT the new master instead to roll back)",
+                    plan.path().display(),
+                    self.pid
+                );
+            }
+            Ok(Forked::Child) => {
+                // Nothing of the old master runs here: plain signal
+                // dispositions, the listeners open across exec, then exec.
+                let prepared = sys::reset_signals_for_exec().and_then(|()| {
+                    self.listeners
+                        .iter()
+                        .try_for_each(|l| sys::set_inheritable(l.as_fd()))
+                });
+                let e = match prepared {
+                    Ok(()) => io_error(plan.exec(&env)),
+                    Err(e) => e,
+                };
+                eprintln!("error: binary upgrade: exec {}: {e}", plan.path().display());
+                sys::exit_now(127);
+            }
+            Err(e) => {
+                tracing::error!("USR2: binary upgrade not started: {e}");
+                self.take_back_after_upgrade();
+            }
+        }
+    }
+
+    /// The new master is gone (it failed to start, or was told to stop):
+    /// this master takes back the pid file and the status socket.
+    fn new_master_exited(&mut self, pid: Pid, status: ExitStatus) {
+        self.new_master = None;
+        let how = match status {
+            ExitStatus::Code(c) => format!("exit code {c}"),
+            ExitStatus::Signaled(s) => format!("signal {s}"),
+        };
+        tracing::warn!(
+            "new master pid={pid} exited ({how}); this master (pid={}) carries on as the only one",
+            self.pid
+        );
+        self.take_back_after_upgrade();
+    }
+
+    fn take_back_after_upgrade(&mut self) {
+        if let Some(pf) = &mut self.pid_file {
+            if let Err(e) = pf.move_back() {
+                tracing::error!("moving the pid file back from {}: {e}", pf.path().display());
+            }
+        }
+        if let Some(path) = self.status_path.clone() {
+            if self.status.is_none() {
+                match crate::status_server::StatusServer::bind(&path) {
+                    Ok(st) => self.status = Some(st),
+                    Err(e) => tracing::error!("status socket: {e}"),
+                }
+            }
+        }
+    }
+
     fn finish(mut self, code: i32) -> i32 {
         self.strategy.shutdown();
-        for l in &mut self.listeners {
-            l.remove_socket_file();
+        // A Unix socket file stays while another master serves it: the new
+        // one this master started, or the old one it came from (a rollback).
+        let other_serves = self.new_master.is_some()
+            || self
+                .inherited_from
+                .is_some_and(|old| nix::unistd::getppid() == old);
+        if !other_serves {
+            for l in &mut self.listeners {
+                l.remove_socket_file();
+            }
         }
         if let Some(st) = self.status.take() {
             st.remove();
@@ -839,4 +995,8 @@ fn fmt_secs(d: Duration) -> String {
     } else {
         format!("{s:.1}s")
     }
+}
+
+fn io_error(e: nix::Error) -> std::io::Error {
+    std::io::Error::from(e)
 }

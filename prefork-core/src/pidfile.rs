@@ -16,6 +16,9 @@ use crate::error::{Error, Result};
 pub struct PidFile {
     path: PathBuf,
     pid: u32,
+    /// While a new master runs (binary upgrade), `path` is `PATH.oldbin`
+    /// and this is `PATH`.
+    moved_from: Option<PathBuf>,
 }
 
 impl PidFile {
@@ -82,12 +85,36 @@ impl PidFile {
         Ok(PidFile {
             path: path.to_path_buf(),
             pid,
+            moved_from: None,
         })
     }
 
     /// The path.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Moves the file to `PATH.oldbin` for a new master to write `PATH`
+    /// (binary upgrade, as nginx and Unicorn name it).
+    pub fn move_to_oldbin(&mut self) -> std::io::Result<()> {
+        if self.moved_from.is_some() {
+            return Ok(());
+        }
+        let mut old = self.path.clone().into_os_string();
+        old.push(".oldbin");
+        let old = PathBuf::from(old);
+        std::fs::rename(&self.path, &old)?;
+        self.moved_from = Some(std::mem::replace(&mut self.path, old));
+        Ok(())
+    }
+
+    /// Moves it back to `PATH` (the new master is gone).
+    pub fn move_back(&mut self) -> std::io::Result<()> {
+        if let Some(orig) = self.moved_from.take() {
+            std::fs::rename(&self.path, &orig)?;
+            self.path = orig;
+        }
+        Ok(())
     }
 
     /// Removes the file if it still names this process (a newer master may

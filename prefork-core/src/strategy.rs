@@ -54,6 +54,12 @@ pub trait AcceptStrategy {
     /// before [`AcceptStrategy::prepare`].
     fn worker_owner(&mut self, _uid: u32, _gid: u32) {}
 
+    /// Whether a binary upgrade (USR2) can hand this strategy's sockets to a
+    /// new master without losing connections; `Err` says why not.
+    fn upgrade_supported(&self) -> std::result::Result<(), String> {
+        Ok(())
+    }
+
     /// Once, in the master, after listeners are bound and before any fork.
     fn prepare(&mut self, _listeners: &[Listener]) -> Result<()> {
         Ok(())

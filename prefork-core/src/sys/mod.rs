@@ -145,6 +145,35 @@ pub fn reset_signals_for_worker() -> io::Result<()> {
     Ok(())
 }
 
+/// In a child about to exec a new master: every signal back to its default,
+/// then the mask cleared (exec keeps both the mask and ignored signals), so
+/// the program starts as from a shell. A signal that arrived since fork takes
+/// its default action here, never the old master's handler.
+pub fn reset_signals_for_exec() -> io::Result<()> {
+    SELF_PIPE_WR.store(-1, Ordering::Relaxed);
+    let default = SigAction::new(SigHandler::SigDfl, SaFlags::empty(), SigSet::empty());
+    for sig in Signal::iterator() {
+        if matches!(sig, Signal::SIGKILL | Signal::SIGSTOP) {
+            continue;
+        }
+        // SAFETY: installing SIG_DFL has no handler code to be unsafe about.
+        unsafe { signal::sigaction(sig, &default) }.map_err(io::Error::from)?;
+    }
+    signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)
+        .map_err(io::Error::from)?;
+    Ok(())
+}
+
+/// Clears close-on-exec on `fd`: the one deliberate exception, for the
+/// listening sockets handed to a new master across exec.
+pub fn set_inheritable(fd: BorrowedFd<'_>) -> io::Result<()> {
+    nix::fcntl::fcntl(
+        fd,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+    )?;
+    Ok(())
+}
+
 /// True once the worker was asked to stop gracefully (SIGQUIT).
 pub fn worker_quit_requested() -> bool {
     WORKER_QUIT.load(Ordering::Relaxed)

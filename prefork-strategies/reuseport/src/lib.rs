@@ -131,6 +131,14 @@ impl AcceptStrategy for Reuseport {
         "reuseport"
     }
 
+    fn upgrade_supported(&self) -> std::result::Result<(), String> {
+        // A new master's per-slot sockets would join this group, and its
+        // steering program would replace this one for the whole group,
+        // sending connections by slot index to either master's sockets;
+        // this master's exit then resets whatever its sockets hold.
+        Err("the new master's per-slot sockets would share one SO_REUSEPORT group and steering program with this master's, and its exit would reset their queues; restart instead".into())
+    }
+
     fn bind_options(&self, opts: &mut BindOptions) {
         opts.reuse_port = true;
     }
