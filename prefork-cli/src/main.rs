@@ -149,6 +149,12 @@ struct Cli {
     #[arg(long, value_name = "PATH")]
     pid_file: Option<PathBuf>,
 
+    /// Write the logs (stderr, the app's too) to this file once the server
+    /// is up; USR1 reopens it (after logrotate moved it away), in the master
+    /// and then in every worker.
+    #[arg(long, value_name = "PATH")]
+    log_file: Option<PathBuf>,
+
     /// Run the workers as this user (a name or a uid), with its groups; the
     /// master keeps running as root to bind, reload and manage them (nginx's
     /// `user`). Needs the master to start as root.
@@ -346,7 +352,7 @@ fn init_logging(cli: &Cli) -> Result<(), String> {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
+        .with_ansi(cli.log_file.is_none() && std::io::stderr().is_terminal())
         .with_target(false);
     let result = match cli.log_format {
         LogFormat::Text => builder.try_init(),
@@ -486,6 +492,7 @@ fn main() -> ExitCode {
         },
         status_socket: cli.status.clone(),
         user,
+        log_file: cli.log_file.clone(),
     };
     let app = match cli.app {
         AppName::Hello => Builtin::Hello(apps::Hello::default()),

@@ -78,6 +78,21 @@ fn unwritable_pid_file_exits_1_naming_the_path() {
 }
 
 #[test]
+fn unwritable_log_file_exits_1_naming_the_path_on_the_terminal() {
+    let (code, err) = run(&[
+        "--bind",
+        "127.0.0.1:0",
+        "--log-file",
+        "/proc/no/such/dir/prefork.log",
+    ]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("log file /proc/no/such/dir/prefork.log"),
+        "{err}"
+    );
+}
+
+#[test]
 fn unix_path_that_is_not_a_socket_is_left_alone() {
     let dir = tempfile::tempdir().expect("tempdir");
     let f = dir.path().join("data");

@@ -258,8 +258,62 @@ fn usr1_is_logged_and_changes_nothing(#[case] strategy: &str) {
     let s = start(strategy, &["--workers", "1"]);
     let before = s.workers();
     s.signal(Signal::SIGUSR1);
-    assert!(s.wait_log("USR1:", T));
+    assert!(s.wait_log("USR1: no --log-file to reopen", T));
     assert_eq!(s.workers(), before);
+    assert_eq!(http_get(s.addr(), "/", T).expect("GET").status, 200);
+}
+
+/// USR1 with `--log-file`: once the server is up the logs go to the file.
+/// After the file is moved away (logrotate), USR1 has the master, then
+/// every worker (blocked in accept or in recvmsg) write to a new file at
+/// the path; the moved one gets nothing more.
+#[rstest]
+#[case::blocking("blocking")]
+#[case::mutex("mutex")]
+#[case::fdpass("fdpass")]
+#[case::reuseport("reuseport")]
+fn usr1_reopens_the_log_file_in_the_master_and_every_worker(#[case] strategy: &str) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("prefork.log");
+    let rotated = dir.path().join("prefork.log.1");
+    let s = start(
+        strategy,
+        &["--workers", "2", "--log-file", log.to_str().expect("path")],
+    );
+    let read = |p: &std::path::Path| std::fs::read_to_string(p).unwrap_or_default();
+    assert!(wait_until(T, || read(&log).contains("worker=1 pid=")));
+    let workers = s.workers();
+    assert_eq!(workers.len(), 2);
+    std::fs::rename(&log, &rotated).expect("rotate");
+    s.signal(Signal::SIGUSR1);
+    let stderr_of = |pid: i32| std::fs::read_link(format!("/proc/{pid}/fd/2")).ok();
+    assert!(
+        wait_until(T, || {
+            stderr_of(s.pid()).as_deref() == Some(log.as_path())
+                && workers
+                    .iter()
+                    .all(|&w| stderr_of(w).as_deref() == Some(log.as_path()))
+        }),
+        "stderr of the master and workers: {:?}",
+        std::iter::once(s.pid())
+            .chain(workers.iter().copied())
+            .map(stderr_of)
+            .collect::<Vec<_>>()
+    );
+    assert!(read(&log).contains("USR1: reopened"));
+    let rotated_len = std::fs::metadata(&rotated).expect("rotated").len();
+    // A worker's death and its replacement go to the new file only.
+    kill(Pid::from_raw(workers[0]), Signal::SIGKILL).expect("kill");
+    let died = format!("pid={} died", workers[0]);
+    assert!(
+        wait_until(T, || read(&log).contains(&died)),
+        "{}",
+        read(&log)
+    );
+    assert_eq!(
+        std::fs::metadata(&rotated).expect("rotated").len(),
+        rotated_len
+    );
     assert_eq!(http_get(s.addr(), "/", T).expect("GET").status, 200);
 }
 

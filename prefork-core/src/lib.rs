@@ -32,6 +32,7 @@ pub mod app;
 pub mod clock;
 pub mod error;
 pub mod listener;
+pub mod logfile;
 pub mod master;
 pub mod pidfile;
 pub mod scaling;

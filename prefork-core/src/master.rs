@@ -62,6 +62,9 @@ pub struct MasterConfig {
     pub status_socket: Option<PathBuf>,
     /// Run the workers as this user (the master keeps its own).
     pub user: Option<crate::user::WorkerUser>,
+    /// Send stderr (the logs) here once the listeners are bound; USR1
+    /// reopens it.
+    pub log_file: Option<PathBuf>,
 }
 
 /// How workers report busy and idle to the master.
@@ -92,6 +95,7 @@ impl Default for MasterConfig {
             report: ReportMode::Scoreboard,
             status_socket: None,
             user: None,
+            log_file: None,
         }
     }
 }
@@ -166,6 +170,8 @@ pub struct Master<S: AcceptStrategy, A: App> {
     inherited_from: Option<Pid>,
     /// The status socket's path, to bind again after a failed upgrade.
     status_path: Option<PathBuf>,
+    /// Where stderr goes (`--log-file`), reopened on USR1.
+    log_file: Option<crate::logfile::LogFile>,
     started: MonoTime,
     /// Connections served by workers already reaped.
     retired_requests: u64,
@@ -246,6 +252,17 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
                 reason: "nothing to listen on: give at least one --bind".into(),
             });
         }
+        let log_file = cfg.log_file.as_deref().map(|p| {
+            let mut lf = crate::logfile::LogFile::new(p);
+            if let Some(u) = &cfg.user {
+                lf.set_owner(u.uid.as_raw(), u.gid.as_raw());
+            }
+            lf
+        });
+        if let Some(lf) = &log_file {
+            lf.check()
+                .map_err(|e| Error::sys(format!("log file {}", lf.path().display()), e))?;
+        }
         if let Some(u) = &cfg.user {
             strategy.worker_owner(u.uid.as_raw(), u.gid.as_raw());
         }
@@ -288,6 +305,18 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
                 "a pool that sizes itself needs busy/idle reports (not --status-report off)".into(),
             ));
         }
+        // Everything is in place: from here on the logs go to the file.
+        if let Some(lf) = &log_file {
+            if let Err(e) = lf.reopen() {
+                if let Some(pf) = pid_file {
+                    pf.remove();
+                }
+                if let Some(st) = status {
+                    st.remove();
+                }
+                return Err(Error::sys(format!("log file {}", lf.path().display()), e));
+            }
+        }
         let sup = Supervisor::new(SupervisorConfig {
             workers: cfg.workers,
             graceful_timeout: cfg.graceful_timeout,
@@ -315,6 +344,7 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
             last_reap: MonoTime::now(),
             status,
             status_path: cfg.status_socket.clone(),
+            log_file,
             user: cfg.user,
             exec: ExecPlan::current(),
             new_master: None,
@@ -567,9 +597,7 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
             Signal::SIGTTOU => Command::RemoveWorker,
             Signal::SIGWINCH => Command::StopWorkers,
             Signal::SIGUSR1 => {
-                tracing::info!(
-                    "USR1: nothing to reopen (logs go to stderr; reopen is not yet supported)"
-                );
+                self.reopen_logs();
                 return;
             }
             Signal::SIGUSR2 => {
@@ -770,6 +798,7 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
                     cell,
                     report: self.report,
                     user: self.user.clone(),
+                    log_file: self.log_file.clone(),
                 }))
             }
         }
@@ -815,6 +844,30 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
     }
 
     /// Releases everything that outlives the process, then returns `code`.
+    /// USR1: reopen the log file here, then have every worker reopen it
+    /// between connections (it is created here, and given to `--user`).
+    fn reopen_logs(&mut self) {
+        let Some(lf) = &self.log_file else {
+            tracing::info!("USR1: no --log-file to reopen (logs go to stderr)");
+            return;
+        };
+        if let Err(e) = lf.reopen() {
+            tracing::error!(
+                "USR1: reopening the log file {}: {e}; logging on to the old one",
+                lf.path().display()
+            );
+            return;
+        }
+        tracing::info!(
+            "USR1: reopened {}; workers reopen it between connections",
+            lf.path().display()
+        );
+        for pid in self.workers.keys() {
+            // ESRCH: already gone, reaped on the next turn.
+            let _ = kill(*pid, Signal::SIGUSR1);
+        }
+    }
+
     /// USR2: start a new master from the binary at this one's path, with
     /// the same arguments, handing it the listening sockets. Both serve
     /// until the operator QUITs one of them.

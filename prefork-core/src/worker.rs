@@ -34,6 +34,8 @@ pub(crate) struct WorkerSetup {
     pub report: ReportMode,
     /// Become this user before anything else runs.
     pub user: Option<crate::user::WorkerUser>,
+    /// Reopened on USR1 (between connections).
+    pub log_file: Option<crate::logfile::LogFile>,
 }
 
 /// Where busy/idle go.
@@ -169,6 +171,13 @@ where
         report.idle();
     };
     while !sys::worker_quit_requested() {
+        if sys::take_worker_reopen() {
+            if let Some(lf) = &setup.log_file {
+                if let Err(e) = lf.reopen() {
+                    tracing::error!("worker={slot} USR1: reopening {}: {e}", lf.path().display());
+                }
+            }
+        }
         match acceptor.accept(&ctx) {
             Ok(Accepted::Connection(conn)) => {
                 backoff = Duration::ZERO;

@@ -14,6 +14,9 @@ static SELF_PIPE_WR: AtomicI32 = AtomicI32::new(-1);
 /// Set by the worker's SIGQUIT handler: finish the connection in hand, then exit.
 static WORKER_QUIT: AtomicBool = AtomicBool::new(false);
 
+/// Set by the worker's SIGUSR1 handler: reopen the log file.
+static WORKER_REOPEN: AtomicBool = AtomicBool::new(false);
+
 extern "C" fn master_signal_handler(sig: libc::c_int) {
     // Only async-signal-safe work here: one write(2) of one byte, errno kept.
     let fd = SELF_PIPE_WR.load(Ordering::Relaxed);
@@ -73,6 +76,10 @@ pub fn set_last_words(master: i32, msg: String) {
     let _ = LAST_WORDS.set(msg.into_bytes());
 }
 
+extern "C" fn worker_reopen_handler(_sig: libc::c_int) {
+    WORKER_REOPEN.store(true, Ordering::Relaxed);
+}
+
 extern "C" fn worker_quit_handler(_sig: libc::c_int) {
     WORKER_QUIT.store(true, Ordering::Relaxed);
 }
@@ -97,11 +104,13 @@ pub fn install_master_handlers(wr: BorrowedFd<'_>, signals: &[Signal]) -> io::Re
 
 /// In a freshly forked worker: every signal back to its default, the worker's own dispositions: QUIT sets a flag (graceful
 /// stop), ABRT writes the worker's last words and exits (the master's
-/// frozen-worker kill), TERM and INT keep their default (immediate exit), PIPE and the
-/// master-only administrative signals are ignored. The mask is cleared last.
+/// frozen-worker kill), USR1 sets a flag (reopen the log file), TERM and INT
+/// keep their default (immediate exit), PIPE and the master-only
+/// administrative signals are ignored. The mask is cleared last.
 pub fn reset_signals_for_worker() -> io::Result<()> {
     SELF_PIPE_WR.store(-1, Ordering::Relaxed);
     WORKER_QUIT.store(false, Ordering::Relaxed);
+    WORKER_REOPEN.store(false, Ordering::Relaxed);
     let default = SigAction::new(SigHandler::SigDfl, SaFlags::empty(), SigSet::empty());
     for sig in Signal::iterator() {
         if matches!(sig, Signal::SIGKILL | Signal::SIGSTOP) {
@@ -120,16 +129,22 @@ pub fn reset_signals_for_worker() -> io::Result<()> {
         SaFlags::SA_SIGINFO,
         SigSet::empty(),
     );
+    let reopen = SigAction::new(
+        SigHandler::Handler(worker_reopen_handler),
+        SaFlags::empty(),
+        SigSet::empty(),
+    );
     let ignore = SigAction::new(SigHandler::SigIgn, SaFlags::empty(), SigSet::empty());
-    // SAFETY: worker_quit_handler only stores to an atomic; the abort
-    // handler only calls write(2) and _exit(2); SIG_IGN runs no code.
+    // SAFETY: worker_quit_handler and worker_reopen_handler only store to an
+    // atomic; the abort handler only calls write(2) and _exit(2); SIG_IGN
+    // runs no code.
     unsafe {
         signal::sigaction(Signal::SIGQUIT, &quit).map_err(io::Error::from)?;
+        signal::sigaction(Signal::SIGUSR1, &reopen).map_err(io::Error::from)?;
         signal::sigaction(Signal::SIGABRT, &abort).map_err(io::Error::from)?;
         for sig in [
             Signal::SIGPIPE,
             Signal::SIGHUP,
-            Signal::SIGUSR1,
             Signal::SIGUSR2,
             Signal::SIGWINCH,
             Signal::SIGTTIN,
@@ -172,6 +187,11 @@ pub fn set_inheritable(fd: BorrowedFd<'_>) -> io::Result<()> {
         nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
     )?;
     Ok(())
+}
+
+/// True once after the worker was asked to reopen its log file (SIGUSR1).
+pub fn take_worker_reopen() -> bool {
+    WORKER_REOPEN.swap(false, Ordering::Relaxed)
 }
 
 /// True once the worker was asked to stop gracefully (SIGQUIT).
