@@ -93,6 +93,8 @@ struct Channel {
     /// The master's copy of the last connection sent, kept until the worker
     /// counted it as received.
     held: Option<Conn>,
+    /// When it was sent.
+    held_since: MonoTime,
     /// The slot retired, or the channel was replaced or failed: never send
     /// on it again (it is still read until EOF).
     closed: bool,
@@ -218,7 +220,7 @@ impl Fdpass {
             // After the hand-overs: the copy released is usually the last
             // reference of a connection its worker already closed, and its
             // teardown need not delay the next connection.
-            self.release_received();
+            self.release_received(None);
             if self.pending.is_empty() && self.any_idle() {
                 self.set_waiting(false);
                 return;
@@ -247,6 +249,7 @@ impl Fdpass {
                     ch.sent += 1;
                     // Kept until the worker counts it received (see above).
                     ch.held = Some(conn);
+                    ch.held_since = MonoTime::now();
                     self.next = (i + 1) % n;
                     self.passed += 1;
                     return;
@@ -360,11 +363,13 @@ impl Fdpass {
         }
     }
 
-    /// Closes the master's copies the workers have counted as received.
-    fn release_received(&mut self) {
+    /// Closes the master's copies the workers have counted as received
+    /// (only those sent before `sent_before`, when given).
+    fn release_received(&mut self, sent_before: Option<MonoTime>) {
         let map = self.receipts.as_ref();
         let chans = self.slots.iter_mut().flatten().chain(self.old.iter_mut());
-        for ch in chans.filter(|c| c.held.is_some()) {
+        let due = |c: &&mut Channel| sent_before.map_or(true, |t| c.held_since < t);
+        for ch in chans.filter(|c| c.held.is_some()).filter(due) {
             if ch.took_all(map) {
                 ch.held = None;
             }
@@ -448,6 +453,7 @@ impl AcceptStrategy for Fdpass {
             booted: false,
             reports: 0,
             held: None,
+            held_since: MonoTime::now(),
             closed: false,
             eof: false,
         });
@@ -491,10 +497,16 @@ impl AcceptStrategy for Fdpass {
     }
 
     fn master_turn(&mut self) {
-        // A copy the worker has counted as received is released now, not
-        // at the next connection: on a quiet server it would keep the last
-        // connection's socket open in the master indefinitely.
-        self.release_received();
+        // A copy is released after the hand-overs of a turn (settle), so
+        // its teardown never delays the next connection. One that lingers
+        // there (its worker counted it only after that turn, and no other
+        // connection came) is released here once it is 100 ms old: on a
+        // quiet server it would otherwise keep the last connection's socket
+        // open in the master indefinitely. The master turns at least once a
+        // second.
+        self.release_received(Some(
+            MonoTime::now() - std::time::Duration::from_millis(100),
+        ));
     }
 
     fn master_fds(&self) -> Vec<BorrowedFd<'_>> {
@@ -1033,7 +1045,8 @@ mod tests {
     }
 
     /// On a quiet server the master's copy of the last connection is
-    /// released at its next turn, not kept until another connection comes;
+    /// released at a turn once 100 ms old, not kept until another connection
+    /// comes;
     /// and a slot's channel is closed as soon as its worker is gone (a slot
     /// retired by TTOU may never be used again).
     #[test]
@@ -1054,6 +1067,13 @@ mod tests {
         let cell = m.slots[0].as_ref().expect("ch").cell;
         m.receipts.as_ref().expect("map").as_slice_of::<AtomicU64>()[RECEIVED + cell]
             .store(1, Ordering::SeqCst);
+        // A fresh copy waits for the next hand-over (its teardown must not
+        // delay the next connection); one 100 ms old goes at the next turn.
+        m.master_turn();
+        assert!(m.slots[0].as_ref().expect("ch").held.is_some());
+        if let Some(ch) = m.slots[0].as_mut() {
+            ch.held_since = MonoTime::now() - std::time::Duration::from_millis(150);
+        }
         m.master_turn();
         assert!(
             m.slots[0].as_ref().expect("ch").held.is_none(),
