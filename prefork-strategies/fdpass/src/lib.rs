@@ -51,6 +51,10 @@ const CONN_TCP: u8 = b'C';
 const CONN_UNIX: u8 = b'U';
 /// "I am idle" (worker → master): after boot and after each connection.
 const IDLE: &[u8] = b"D";
+/// "I could not take it" (worker → master): the descriptor could not be
+/// installed in the worker (its descriptor limit, EMFILE), so the message
+/// came without it; the master hands its own copy to a worker again.
+const RETURNED: &[u8] = b"R";
 
 fn strategy_err(reason: String) -> Error {
     Error::Strategy {
@@ -175,6 +179,8 @@ pub struct Fdpass {
     passed: u64,
     lost: u64,
     rescued: u64,
+    /// Connections a worker at its descriptor limit could not take.
+    returned: u64,
 }
 
 impl Fdpass {
@@ -334,6 +340,21 @@ impl Fdpass {
                 }
                 ch.booted = true;
             }
+            Ok(Some(msg)) if msg.data == RETURNED && msg.fds.is_empty() => match ch.held.take() {
+                Some(conn) => {
+                    // As if never sent: the worker is idle again, and the
+                    // connection (its bytes unread) goes to the next one.
+                    ch.sent = ch.sent.saturating_sub(1);
+                    self.returned += 1;
+                    tracing::warn!(
+                        "fdpass: a worker could not take a connection (its descriptor limit); handing it on"
+                    );
+                    self.pending.push_front(conn);
+                }
+                None => tracing::warn!(
+                    "fdpass: a worker returned a connection the master no longer holds"
+                ),
+            },
             Ok(Some(_)) => tracing::warn!("fdpass: a worker sent a malformed message; ignored"),
             Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EINTR)) => {}
             // EOF, or a reset: the worker is gone.
@@ -579,9 +600,10 @@ impl AcceptStrategy for Fdpass {
 
     fn shutdown(&mut self) {
         tracing::info!(
-            "fdpass: {} connections handed to workers, {} handed again after a worker died before taking them, {} lost with workers that died holding them",
+            "fdpass: {} connections handed to workers, {} handed again after a worker died before taking them, {} handed again after a worker at its descriptor limit could not take them, {} lost with workers that died holding them",
             self.passed,
             self.rescued,
+            self.returned,
             self.lost
         );
     }
@@ -640,6 +662,15 @@ impl FdpassAcceptor {
             &[k @ (CONN_TCP | CONN_UNIX), lo, hi] => (k, u16::from_le_bytes([lo, hi])),
             _ => (0, 0),
         };
+        if kind != 0 && msg.truncated && msg.fds.is_empty() && !msg.foreign_cmsg {
+            // A connection whose descriptor the kernel could not install
+            // here (this worker is at its descriptor limit: the message
+            // comes with MSG_CTRUNC and without it). Nothing is counted: the
+            // master still holds its copy and hands it on. The worker loop
+            // backs off, as after EMFILE from accept(2).
+            sys::send_with_fds(self.chan.as_fd(), RETURNED, &[])?;
+            return Err(io::Error::from_raw_os_error(libc::EMFILE));
+        }
         let well_formed = kind != 0 && !msg.truncated && !msg.foreign_cmsg && msg.fds.len() == 1;
         if !well_formed {
             return Ok(self.reject(format!(
@@ -778,6 +809,40 @@ mod tests {
         .expect("socketpair")
     }
 
+    /// This process with no descriptor number left: the limit just above the
+    /// highest one in use, every free number below it taken. Dropping it
+    /// gives them back and restores the limit.
+    struct AtLimit {
+        fillers: Vec<std::fs::File>,
+        limits: (u64, u64),
+    }
+
+    impl AtLimit {
+        fn new() -> AtLimit {
+            use nix::sys::resource::{getrlimit, setrlimit, Resource};
+            let limits = getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit");
+            let highest = std::fs::read_dir("/proc/self/fd")
+                .expect("fds")
+                .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u64>().ok())
+                .max()
+                .expect("some fd");
+            setrlimit(Resource::RLIMIT_NOFILE, highest + 1, limits.1).expect("setrlimit");
+            let mut fillers = Vec::new();
+            while let Ok(f) = std::fs::File::open("/dev/null") {
+                fillers.push(f);
+            }
+            AtLimit { fillers, limits }
+        }
+    }
+
+    impl Drop for AtLimit {
+        fn drop(&mut self) {
+            use nix::sys::resource::{setrlimit, Resource};
+            self.fillers.clear();
+            let _ = setrlimit(Resource::RLIMIT_NOFILE, self.limits.0, self.limits.1);
+        }
+    }
+
     /// The tests count this process's descriptors: run them one at a time.
     static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
@@ -870,6 +935,24 @@ mod tests {
         (m, w0, w1)
     }
 
+    /// A client connects and sends `ping`; worker 0 (the only idle one)
+    /// is sent the connection. Returns the listener, the client and the
+    /// master's end of worker 0's channel.
+    fn ping_sent_to_worker_0(
+        m: &mut Fdpass,
+        w0: &mut FdpassAcceptor,
+    ) -> (TcpListener, TcpStream, RawFd) {
+        use std::io::Write;
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let mut client = TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
+        client.write_all(b"ping").expect("send");
+        w0.init().expect("idle");
+        let fd0 = m.slots[0].as_ref().expect("ch").master.as_raw_fd();
+        m.master_ready(fd0);
+        m.dispatch(tcp(l.accept().expect("accept").0));
+        (l, client, fd0)
+    }
+
     #[test]
     fn the_master_hands_connections_only_to_idle_workers_round_robin() {
         let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -915,7 +998,6 @@ mod tests {
     /// kernel's backlog, and it is handed over once the pause is over.
     #[test]
     fn emfile_pauses_accept_and_loses_nothing() {
-        use nix::sys::resource::{getrlimit, setrlimit, Resource};
         use std::io::{Read, Write};
         let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
         let std_l = TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -942,24 +1024,11 @@ mod tests {
         let mut client = TcpStream::connect(addr).expect("connect");
         client.write_all(b"ping").expect("send");
 
-        // No descriptor left: the limit just above the highest one in use,
-        // and every free number below it taken.
-        let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit");
-        let highest = std::fs::read_dir("/proc/self/fd")
-            .expect("fds")
-            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u64>().ok())
-            .max()
-            .expect("some fd");
-        setrlimit(Resource::RLIMIT_NOFILE, highest + 1, hard).expect("setrlimit");
-        let mut fillers = Vec::new();
-        while let Ok(f) = std::fs::File::open("/dev/null") {
-            fillers.push(f);
-        }
+        let at_limit = AtLimit::new();
         m.master_ready(lfd);
         let paused = m.accept_paused();
         let polled = m.master_fds().iter().any(|f| f.as_raw_fd() == lfd);
-        drop(fillers);
-        setrlimit(Resource::RLIMIT_NOFILE, soft, hard).expect("restore");
+        drop(at_limit);
         assert!(paused, "EMFILE paused accepting");
         assert!(!polled, "a paused listener is not polled (no spinning)");
         assert_eq!(m.passed(), 0);
@@ -985,14 +1054,8 @@ mod tests {
         use std::io::{Read, Write};
         let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
         let (mut m, mut w0, mut w1) = master_with_two_workers();
-        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let mut client = TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
-        client.write_all(b"ping").expect("send");
         // Only worker 0 is idle: the connection is sent to it.
-        w0.init().expect("idle");
-        let fd0 = m.slots[0].as_ref().expect("ch").master.as_raw_fd();
-        m.master_ready(fd0);
-        m.dispatch(tcp(l.accept().expect("accept").0));
+        let (l, mut client, fd0) = ping_sent_to_worker_0(&mut m, &mut w0);
         assert!(m.slots[0].as_ref().expect("ch").held.is_some());
         // Worker 0 dies without receiving it: its end closes.
         drop(w0);
@@ -1085,5 +1148,39 @@ mod tests {
         m.master_ready(fd1);
         assert!(m.slots[1].is_none(), "the dead worker's channel is closed");
         assert!(!m.master_fds().iter().any(|f| f.as_raw_fd() == fd1));
+    }
+
+    /// L14 for fdpass: a worker at its descriptor limit cannot take the
+    /// descriptor (the message comes with MSG_CTRUNC and without it). It
+    /// hands the connection back and backs off (EMFILE); the master, which
+    /// still holds its copy, hands it on, and once the limit is relieved the
+    /// connection is served with its bytes intact. Nothing is lost.
+    #[test]
+    fn a_worker_at_its_descriptor_limit_hands_the_connection_back() {
+        use std::io::Read;
+        let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        let (mut m, mut w0, _w1) = master_with_two_workers();
+        let (_l, _client, fd0) = ping_sent_to_worker_0(&mut m, &mut w0);
+        assert_eq!(m.slots[0].as_ref().expect("ch").sent, 1);
+
+        // No descriptor number left for the worker side to receive into.
+        let at_limit = AtLimit::new();
+        let got = w0.receive(true);
+        drop(at_limit);
+        let err = got.expect_err("EMFILE, not a connection");
+        assert_eq!(err.raw_os_error(), Some(libc::EMFILE), "{err}");
+        assert_eq!(w0.rejected(), 0, "handed back, not rejected");
+
+        // The master takes it back and hands it on (here: to the same
+        // worker, the only idle one, now relieved).
+        m.master_ready(fd0);
+        assert_eq!((m.returned, m.lost), (1, 0));
+        assert!(m.pending.is_empty(), "handed on at once");
+        let Accepted::Connection(mut c) = w0.receive(true).expect("w0") else {
+            panic!("worker 0 got nothing after relief");
+        };
+        let mut buf = [0u8; 4];
+        c.read_exact(&mut buf).expect("the request is intact");
+        assert_eq!(&buf, b"ping");
     }
 }
