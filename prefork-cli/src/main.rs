@@ -62,6 +62,10 @@ enum Fault {
     BootCrash,
     /// after_fork returns an error: "boot failed", the slot is not respawned.
     BootFail,
+    /// after_fork leaves the worker no descriptor number to accept into
+    /// (EMFILE) for its first second, then gives them back (RELIABILITY L14).
+    #[value(name = "fd-limit-1s")]
+    FdLimit1s,
 }
 
 /// How workers report busy/idle (hidden: for measuring the cost only).
@@ -300,6 +304,22 @@ fn parse_mode(s: &str) -> Result<u32, String> {
         .ok_or_else(|| format!("{s:?} is not an octal file mode such as 660"))
 }
 
+/// Leaves this process no descriptor number to open anything into (the
+/// soft RLIMIT_NOFILE lowered to 3: a new descriptor must be numbered below
+/// it, so accept(2) and a received descriptor fail with EMFILE; those open
+/// already stay valid), and restores the limit after `d` from a thread
+/// (workers may start threads).
+fn exhaust_descriptors_for(d: Duration) -> Result<(), BoxError> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    std::thread::spawn(move || {
+        std::thread::sleep(d);
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, soft, hard);
+    });
+    setrlimit(Resource::RLIMIT_NOFILE, 3, hard)?;
+    Ok(())
+}
+
 /// The built-in apps behind one type, so the master is generic over one App.
 enum Builtin {
     Hello(apps::Hello),
@@ -318,6 +338,7 @@ impl App for Served {
         match self.fault {
             Some(Fault::BootCrash) => std::process::abort(),
             Some(Fault::BootFail) => return Err("injected boot failure (--fault boot-fail)".into()),
+            Some(Fault::FdLimit1s) => exhaust_descriptors_for(Duration::from_secs(1))?,
             None => {}
         }
         match &mut self.app {

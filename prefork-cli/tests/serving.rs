@@ -509,3 +509,51 @@ fn s1_workers_run_as_the_user_with_nothing_of_root_left(#[case] strategy: &str) 
         assert_eq!(http_get(s.addr(), "/", T).expect("GET").status, 200);
     }
 }
+
+/// CPU time (user + system, in clock ticks) a process has used so far.
+fn cpu_ticks(pid: i32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which is in parentheses.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line: 12 and 13 here.
+    f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+        + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+}
+
+/// L14: the only worker has no descriptor number left for its first second
+/// (EMFILE on accept, or for fdpass a message whose descriptor the kernel
+/// could not install) while a request waits. It backs off instead of
+/// spinning (little CPU in that time), logs it, and once relieved serves the
+/// request: nothing is lost.
+#[rstest]
+#[case::blocking("blocking")]
+#[case::mutex("mutex")]
+#[case::fdpass("fdpass")]
+#[case::reuseport("reuseport")]
+fn l14_a_worker_at_its_descriptor_limit_backs_off_and_serves_after_relief(#[case] strategy: &str) {
+    let s = start(strategy, &["--workers", "1", "--fault", "fd-limit-1s"]);
+    let worker = s.workers()[0];
+    let before = cpu_ticks(worker);
+    let t0 = Instant::now();
+    let r = http_get(s.addr(), "/", T).expect("answered after relief");
+    let took = t0.elapsed();
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.worker_pid(),
+        Some(worker),
+        "the same worker, not a new one"
+    );
+    let used = cpu_ticks(worker) - before;
+    assert!(
+        s.wait_log("backing off", T),
+        "the worker says it backs off: {}",
+        s.log()
+    );
+    // Spinning for that second would be about 100 ticks.
+    assert!(used < 30, "{used} ticks of CPU in {took:?}: spinning");
+    assert!(
+        took >= Duration::from_millis(500) && took < Duration::from_secs(4),
+        "answered after {took:?} (relief after 1 s)"
+    );
+}

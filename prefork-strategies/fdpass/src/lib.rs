@@ -346,9 +346,12 @@ impl Fdpass {
                     // connection (its bytes unread) goes to the next one.
                     ch.sent = ch.sent.saturating_sub(1);
                     self.returned += 1;
-                    tracing::warn!(
-                        "fdpass: a worker could not take a connection (its descriptor limit); handing it on"
-                    );
+                    if self.returned <= 3 || self.returned.is_power_of_two() {
+                        tracing::warn!(
+                            "fdpass: a worker could not take a connection (its descriptor limit); handing it on ({} so far)",
+                            self.returned
+                        );
+                    }
                     self.pending.push_front(conn);
                 }
                 None => tracing::warn!(
