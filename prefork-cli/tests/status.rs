@@ -347,3 +347,60 @@ fn a_wall_clock_jump_kills_nothing() {
         "no worker replaced"
     );
 }
+
+/// L15: a backlog above net.core.somaxconn is warned about at start (the
+/// kernel caps it silently), and a full accept queue shows in the status:
+/// the listener's queue reaches its backlog while the only worker sleeps.
+#[test]
+fn l15_a_capped_backlog_is_warned_and_a_full_queue_shows_in_the_status() {
+    let somaxconn: i64 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .expect("net.core.somaxconn");
+    if somaxconn < 65535 {
+        let wanted = (somaxconn + 1).to_string();
+        let s = start("blocking", &["--workers", "1", "--backlog", &wanted]);
+        let warning = format!(
+            "listen backlog {wanted} is capped by the kernel to net.core.somaxconn={somaxconn}"
+        );
+        assert!(s.wait_log(&warning, T), "{}", s.log());
+    }
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock = format!("unix:{}", dir.path().join("status.sock").display());
+    let s = start(
+        "blocking",
+        &[
+            "--workers",
+            "1",
+            "--backlog",
+            "2",
+            "--defer-accept",
+            "0",
+            "--status",
+            &sock,
+        ],
+    );
+    assert!(!s.log().contains("capped by the kernel"), "{}", s.log());
+    let addr = s.addr().to_string();
+    let slow = std::thread::spawn(move || http_get(&addr, "/sleep/1500", T));
+    assert!(s.wait_worker_sleeping(T));
+    // More clients than the queue holds: the kernel queues backlog + 1 and
+    // drops the others' handshakes (they would retry), so each connect is
+    // bounded.
+    let sa: std::net::SocketAddr = s.addr().parse().expect("addr");
+    let clients: Vec<_> = (0..6)
+        .filter_map(|_| std::net::TcpStream::connect_timeout(&sa, Duration::from_millis(300)).ok())
+        .collect();
+    assert!(!clients.is_empty());
+    assert!(
+        wait_until(T, || {
+            let l = &status_json(&sock)["listeners"][0];
+            l["backlog"] == 2 && l["accept_queue"].as_u64().is_some_and(|q| q >= 2)
+        }),
+        "{}",
+        status_json(&sock)
+    );
+    drop(clients);
+    assert_eq!(slow.join().expect("thread").expect("slow").status, 200);
+}
