@@ -423,8 +423,8 @@ fn l5_binary_upgrade_five_times_under_load_loses_nothing(#[case] strategy: &str)
     assert!(!pid_file.exists() && !dir.path().join("s.sock").exists());
 }
 
-/// L6 and the roll-back: QUIT to the new master leaves the old one serving
-/// with its pid file back; a new binary that fails to start changes
+/// L6 and the roll-back: one upgrade at a time; QUIT to the new master
+/// leaves the old one serving with its pid file back; a new binary that fails to start changes
 /// nothing; reuseport refuses the upgrade and says why.
 #[test]
 fn binary_upgrade_rolls_back_and_a_broken_binary_changes_nothing() {
@@ -450,6 +450,21 @@ fn binary_upgrade_rolls_back_and_a_broken_binary_changes_nothing() {
     let new = new.expect("new master");
     masters.0.push(new);
     assert!(wait_until(T, || prefork_testkit::children_of(new).len() == 1));
+    // One upgrade at a time (as nginx): the new master refuses USR2 while
+    // the old one runs, and the old one while its new one runs.
+    kill(Pid::from_raw(new), Signal::SIGUSR2).expect("USR2 to the new master");
+    s.signal(Signal::SIGUSR2);
+    assert!(wait_until(T, || s.log().contains(&format!(
+        "USR2: the old master (pid={}) is still running",
+        s.pid()
+    )) && s.log().contains(&format!(
+        "USR2: a new master (pid={new}) is already running"
+    ))));
+    assert_eq!(
+        prefork_testkit::children_of(new).len(),
+        1,
+        "no third master"
+    );
     kill(Pid::from_raw(new), Signal::SIGQUIT).expect("QUIT the new master");
     assert!(
         wait_until(T, || s

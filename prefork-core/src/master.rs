@@ -876,6 +876,17 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
             tracing::warn!("USR2: this master is stopping; no binary upgrade");
             return;
         }
+        // As nginx: one upgrade at a time. The old master still holds
+        // `PATH.oldbin`, which a second upgrade would overwrite.
+        if let Some(old) = self
+            .inherited_from
+            .filter(|&old| nix::unistd::getppid() == old)
+        {
+            tracing::warn!(
+                "USR2: the old master (pid={old}) is still running; QUIT it (or this master) first"
+            );
+            return;
+        }
         if let Some(pid) = self.new_master {
             tracing::warn!(
                 "USR2: a new master (pid={pid}) is already running; QUIT it or this master first"
