@@ -843,7 +843,6 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
         sys::exit_now(code)
     }
 
-    /// Releases everything that outlives the process, then returns `code`.
     /// USR1: reopen the log file here, then have every worker reopen it
     /// between connections (it is created here, and given to `--user`).
     fn reopen_logs(&mut self) {
@@ -944,7 +943,7 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
                         .try_for_each(|l| sys::set_inheritable(l.as_fd()))
                 });
                 let e = match prepared {
-                    Ok(()) => io_error(plan.exec(&env)),
+                    Ok(()) => std::io::Error::from(plan.exec(&env)),
                     Err(e) => e,
                 };
                 eprintln!("error: binary upgrade: exec {}: {e}", plan.path().display());
@@ -988,6 +987,7 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
         }
     }
 
+    /// Releases everything that outlives the process, then returns `code`.
     fn finish(mut self, code: i32) -> i32 {
         self.strategy.shutdown();
         // A Unix socket file stays while another master serves it: the new
@@ -1059,8 +1059,4 @@ fn fmt_secs(d: Duration) -> String {
     } else {
         format!("{s:.1}s")
     }
-}
-
-fn io_error(e: nix::Error) -> std::io::Error {
-    std::io::Error::from(e)
 }
