@@ -317,14 +317,26 @@ fn usr1_reopens_the_log_file_in_the_master_and_every_worker(#[case] strategy: &s
     assert_eq!(http_get(s.addr(), "/", T).expect("GET").status, 200);
 }
 
-/// Masters a test started through USR2 (not children of the test): killed
-/// when the test ends, however it ends.
-struct Masters(Vec<i32>);
+/// Masters a test started through USR2 (not children of the test), found
+/// by an argument only they carry (the test's own pid-file path): each is
+/// killed by its pid when the test ends, however it ends, even one a bug
+/// started unasked.
+struct Masters(String);
 
 impl Drop for Masters {
     fn drop(&mut self) {
-        for &pid in &self.0 {
-            if process_alive(pid) {
+        let Ok(dir) = std::fs::read_dir("/proc") else {
+            return;
+        };
+        for pid in dir
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let ours = cmdline
+                .split(|&b| b == 0)
+                .any(|arg| arg == self.0.as_bytes());
+            if ours && process_alive(pid) {
                 let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
             }
         }
@@ -381,7 +393,7 @@ fn l5_binary_upgrade_five_times_under_load_loses_nothing(#[case] strategy: &str)
             pid_file.to_str().expect("path"),
         ],
     );
-    let mut masters = Masters(Vec::new());
+    let _masters = Masters(pid_file.to_string_lossy().into_owned());
     let first_fds = fd_kinds(s.pid());
     let load = Load::start(s.addr());
     let mut master = s.pid();
@@ -397,7 +409,6 @@ fn l5_binary_upgrade_five_times_under_load_loses_nothing(#[case] strategy: &str)
             s.log()
         );
         let new = new.expect("new master");
-        masters.0.push(new);
         kill(Pid::from_raw(master), Signal::SIGQUIT).expect("QUIT the old master");
         assert!(
             wait_until(T, || !process_alive(master) && !oldbin.exists()),
@@ -439,7 +450,7 @@ fn binary_upgrade_rolls_back_and_a_broken_binary_changes_nothing() {
         .args(["--pid-file", pid_file.to_str().expect("path")])
         .start()
         .expect("starts");
-    let mut masters = Masters(Vec::new());
+    let _masters = Masters(pid_file.to_string_lossy().into_owned());
     // Roll back: the new master is told to stop.
     s.signal(Signal::SIGUSR2);
     let mut new = None;
@@ -448,7 +459,6 @@ fn binary_upgrade_rolls_back_and_a_broken_binary_changes_nothing() {
         new.is_some()
     }));
     let new = new.expect("new master");
-    masters.0.push(new);
     assert!(wait_until(T, || prefork_testkit::children_of(new).len() == 1));
     // One upgrade at a time (as nginx): the new master refuses USR2 while
     // the old one runs, and the old one while its new one runs.
