@@ -317,26 +317,11 @@ fn json_logs_are_one_object_per_line() {
     assert!(log.contains(r#""message":"worker=0 pid="#), "{log}");
 }
 
-/// A process's descriptors: number, target and whether close-on-exec is set
-/// (from /proc/PID/fdinfo).
+/// A process's descriptors: number, target and whether close-on-exec is set.
 fn descriptors(pid: &str) -> Vec<(i32, String, bool)> {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .expect("/proc/PID/fd")
-        .flatten()
-        .filter_map(|e| {
-            let n: i32 = e.file_name().to_str()?.parse().ok()?;
-            let target = std::fs::read_link(e.path()).ok()?;
-            let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{n}")).ok()?;
-            let flags = info
-                .lines()
-                .find_map(|l| l.strip_prefix("flags:"))
-                .and_then(|f| u32::from_str_radix(f.trim(), 8).ok())?;
-            Some((
-                n,
-                target.to_string_lossy().into_owned(),
-                flags & 0o2_000_000 != 0,
-            ))
-        })
+    fd_table(pid)
+        .into_iter()
+        .map(|(n, target, flags)| (n, target, flags & 0o2_000_000 != 0))
         .collect()
 }
 

@@ -404,3 +404,56 @@ fn l15_a_capped_backlog_is_warned_and_a_full_queue_shows_in_the_status() {
     drop(clients);
     assert_eq!(slow.join().expect("thread").expect("slow").status, 200);
 }
+
+/// S5: garbage on a worker's status channel (something in the worker
+/// writing where only its reports go) gets that worker replaced, its
+/// replacement first; garbage sent to the status socket is ignored. The
+/// master stays healthy and keeps serving.
+#[rstest]
+#[case::blocking("blocking")]
+#[case::mutex("mutex")]
+#[case::fdpass("fdpass")]
+#[case::reuseport("reuseport")]
+fn s5_garbage_on_a_status_channel_replaces_the_worker(#[case] strategy: &str) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("status.sock");
+    let sock = format!("unix:{}", path.display());
+    let s = start(strategy, &["--workers", "2", "--status", &sock]);
+    let victim = s.workers()[0];
+    // The worker's status channel: its one write-only pipe beyond stdio.
+    let (n, _, _) = fd_table(&victim.to_string())
+        .into_iter()
+        .find(|(n, target, flags)| *n > 2 && target.starts_with("pipe:") && flags & 0o3 == 1)
+        .expect("the status pipe");
+    let fd = format!("/proc/{victim}/fd/{n}");
+    let mut pipe = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&fd)
+        .expect("open the worker's status pipe");
+    pipe.write_all(&[0xA5; 64]).expect("garbage");
+    assert!(
+        s.wait_log(
+            &format!("pid={victim} sent a malformed status message; replacing it"),
+            T
+        ),
+        "{}",
+        s.log()
+    );
+    assert!(
+        wait_until(T, || !s.workers().contains(&victim)
+            && s.workers().len() == 2),
+        "{}",
+        s.log()
+    );
+    // Garbage to the status socket: ignored, the document still comes.
+    let mut c = UnixStream::connect(&path).expect("connect");
+    let _ = c.write_all(b"\x00\xffGET / HTTP/1.0\r\n\r\n garbage");
+    let mut doc = String::new();
+    c.read_to_string(&mut doc).expect("read");
+    let j: serde_json::Value = serde_json::from_str(&doc).expect("the status document");
+    assert_eq!(j["master"]["pid"], s.pid());
+    assert_eq!(j["totals"]["workers"], 2);
+    for _ in 0..10 {
+        assert_eq!(http_get(s.addr(), "/", T).expect("GET").status, 200);
+    }
+}

@@ -125,6 +125,8 @@ struct WorkerProc {
     /// Last observed state and connections served.
     state: WorkerState,
     requests: u64,
+    /// It sent garbage on its status channel and is being replaced.
+    replacing: bool,
 }
 
 /// How often the master looks at the scoreboard when timeouts or recycling
@@ -581,9 +583,18 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
                     }
                 }
                 Some(_) => {}
-                None => tracing::warn!(
-                    "worker={slot} pid={pid} sent a malformed status message; ignored"
-                ),
+                None => {
+                    // Something in the worker writes where only its status
+                    // reports should go: replace it (S5). Its replacement
+                    // starts first; it finishes its connection, then leaves.
+                    if let Some(w) = self.workers.get_mut(&pid).filter(|w| !w.replacing) {
+                        w.replacing = true;
+                        self.sup.limit_requests(pid, 0);
+                        tracing::warn!(
+                            "worker={slot} pid={pid} sent a malformed status message; replacing it"
+                        );
+                    }
+                }
             }
         }
     }
@@ -776,6 +787,7 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
                         cell,
                         state: WorkerState::Booting,
                         requests: 0,
+                        replacing: false,
                     },
                 );
                 Ok(Spawned::Parent(pid))

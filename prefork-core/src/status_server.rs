@@ -155,6 +155,10 @@ impl StatusServer {
                     let mut stream =
                         std::os::unix::net::UnixStream::from(std::os::fd::OwnedFd::from(conn));
                     let _ = stream.write_all(doc.as_bytes());
+                    // Whatever the client sent (a request line, say) is never
+                    // needed, but closing with it unread would reset the
+                    // connection and could cost the client the document.
+                    drain(&mut stream);
                 }
                 Ok(uid) => tracing::warn!(
                     "status socket: refused a client with uid {uid} (only uid {me} and root)"
@@ -172,6 +176,22 @@ impl StatusServer {
     /// On exit: close and remove the socket file if it is still ours.
     pub fn remove(mut self) {
         self.listener.remove_socket_file();
+    }
+}
+
+/// Reads and drops what a client has sent so far (at most 64 KiB), without
+/// waiting for more.
+fn drain(stream: &mut std::os::unix::net::UnixStream) {
+    use std::io::Read;
+    if stream.set_nonblocking(true).is_err() {
+        return;
+    }
+    let mut sink = [0u8; 4096];
+    for _ in 0..16 {
+        match stream.read(&mut sink) {
+            Ok(n) if n > 0 => {}
+            _ => return,
+        }
     }
 }
 

@@ -104,3 +104,22 @@ pub fn status_json(sock: &str) -> serde_json::Value {
     );
     serde_json::from_slice(&out.stdout).expect("status JSON")
 }
+
+/// A process's descriptors (`self` or a pid): number, target (`pipe:[N]`,
+/// a path...) and the open flags from /proc/PID/fdinfo (octal there).
+pub fn fd_table(pid: &str) -> Vec<(i32, String, u32)> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("/proc/PID/fd")
+        .flatten()
+        .filter_map(|e| {
+            let n: i32 = e.file_name().to_str()?.parse().ok()?;
+            let target = std::fs::read_link(e.path()).ok()?;
+            let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{n}")).ok()?;
+            let flags = info
+                .lines()
+                .find_map(|l| l.strip_prefix("flags:"))
+                .and_then(|f| u32::from_str_radix(f.trim(), 8).ok())?;
+            Some((n, target.to_string_lossy().into_owned(), flags))
+        })
+        .collect()
+}
