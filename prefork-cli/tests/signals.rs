@@ -353,12 +353,19 @@ fn other_master(pid_file: &std::path::Path, not: i32) -> Option<i32> {
     (pid != not && process_alive(pid)).then_some(pid)
 }
 
-/// The master's descriptors by kind (pipes and sockets are new in each
-/// master; their number is what must not grow).
-fn fd_kinds(pid: i32) -> Vec<String> {
+/// A process's descriptors by kind, sorted: `listening socket` for one
+/// listening on TCP `port`, `socket`, `pipe`, `anon_inode`, or the path.
+/// Pipes and sockets are new in each master or worker generation; their
+/// number is what must not grow.
+fn fd_kinds(pid: i32, port: u16) -> Vec<String> {
+    let listening: HashSet<String> = prefork_testkit::procs::tcp_listeners(port)
+        .iter()
+        .map(|r| format!("socket:[{}]", r.inode))
+        .collect();
     let mut k: Vec<String> = master_fds(pid)
         .into_iter()
         .map(|f| match f.split_once(':') {
+            _ if listening.contains(&f) => "listening socket".to_string(),
             Some((kind @ ("socket" | "pipe" | "anon_inode"), _)) => kind.to_string(),
             _ => f,
         })
@@ -394,7 +401,7 @@ fn l5_binary_upgrade_five_times_under_load_loses_nothing(#[case] strategy: &str)
         ],
     );
     let _masters = Masters(pid_file.to_string_lossy().into_owned());
-    let first_fds = fd_kinds(s.pid());
+    let first_fds = fd_kinds(s.pid(), s.port());
     let load = Load::start(s.addr());
     let mut master = s.pid();
     for round in 0..5 {
@@ -425,9 +432,9 @@ fn l5_binary_upgrade_five_times_under_load_loses_nothing(#[case] strategy: &str)
     assert_eq!(http_get(&unix, "/", T).expect("GET over unix").status, 200);
     // (fdpass releases its copy of the last connection at its next turn.)
     assert!(
-        wait_until(T, || fd_kinds(master) == first_fds),
+        wait_until(T, || fd_kinds(master, s.port()) == first_fds),
         "the last master's descriptors {:?}, the first's {first_fds:?}",
-        fd_kinds(master)
+        fd_kinds(master, s.port())
     );
     kill(Pid::from_raw(master), Signal::SIGQUIT).expect("QUIT");
     assert!(wait_until(T, || !process_alive(master)));
@@ -607,11 +614,9 @@ fn pid_file_is_written_and_removed_and_a_live_one_refused() {
 /// The master's descriptors, by what they point to (`socket:[N]`,
 /// `pipe:[N]`, a path).
 fn master_fds(pid: i32) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .expect("/proc/PID/fd")
-        .flatten()
-        .filter_map(|e| std::fs::read_link(e.path()).ok())
-        .map(|t| t.to_string_lossy().into_owned())
+    let mut v: Vec<String> = fd_table(&pid.to_string())
+        .into_iter()
+        .map(|(_, target, _)| target)
         .collect();
     v.sort();
     v
@@ -671,7 +676,16 @@ fn l13_a_storm_of_1000_signals_leaves_the_master_healthy(#[case] strategy: &str)
     let sock = format!("unix:{}", dir.path().join("status.sock").display());
     let s = start(strategy, &["--workers", "2", "--status", &sock]);
     assert!(s.wait_workers(2, T));
-    let before = master_fds(s.pid());
+    // The master's descriptors by kind; reuseport may keep more listening
+    // sockets (one for every slot it ever created).
+    let kinds = || {
+        let mut k = fd_kinds(s.pid(), s.port());
+        if strategy == "reuseport" {
+            k.dedup_by(|a, b| a == b && a == "listening socket");
+        }
+        k
+    };
+    let before = kinds();
     // (USR2 starts a new master: the upgrade has its own tests, L5.)
     const KINDS: [Signal; 7] = [
         Signal::SIGHUP,
@@ -716,36 +730,9 @@ fn l13_a_storm_of_1000_signals_leaves_the_master_healthy(#[case] strategy: &str)
         assert!(pool.contains(&pid), "answered by {pid}, pool {pool:?}");
     }
     // Descriptors, by kind (workers' pipes and channels are new ones): as
-    // many as before; reuseport may keep more listening sockets.
-    let port = s.port();
-    let kinds = |fds: &[String]| {
-        let listening: HashSet<String> = prefork_testkit::procs::tcp_listeners(port)
-            .iter()
-            .map(|r| format!("socket:[{}]", r.inode))
-            .collect();
-        let mut k: Vec<String> = fds
-            .iter()
-            .map(|f| {
-                if listening.contains(f) {
-                    "listening socket".to_string()
-                } else if f.starts_with("socket:") {
-                    "socket".to_string()
-                } else if f.starts_with("pipe:") {
-                    "pipe".to_string()
-                } else {
-                    f.clone()
-                }
-            })
-            .collect();
-        k.sort();
-        if strategy == "reuseport" {
-            k.dedup_by(|a, b| a == b && a == "listening socket");
-        }
-        k
-    };
-    let want = kinds(&before);
+    // many as before.
     assert!(
-        wait_until(T, || kinds(&master_fds(s.pid())) == want),
+        wait_until(T, || kinds() == before),
         "descriptors before {before:?}, after {:?}",
         master_fds(s.pid())
     );
