@@ -191,7 +191,8 @@ pub fn set_inheritable(fd: BorrowedFd<'_>) -> io::Result<()> {
 
 /// True once after the worker was asked to reopen its log file (SIGUSR1).
 pub fn take_worker_reopen() -> bool {
-    WORKER_REOPEN.swap(false, Ordering::Relaxed)
+    // A plain load on the per-connection path; the swap only when set.
+    WORKER_REOPEN.load(Ordering::Relaxed) && WORKER_REOPEN.swap(false, Ordering::Relaxed)
 }
 
 /// True once the worker was asked to stop gracefully (SIGQUIT).

@@ -94,11 +94,9 @@ struct Channel {
     booted: bool,
     /// `D` reports after the first: each follows a finished connection.
     reports: u64,
-    /// The master's copy of the last connection sent, kept until the worker
-    /// counted it as received.
-    held: Option<Conn>,
-    /// When it was sent.
-    held_since: MonoTime,
+    /// The master's copy of the last connection sent, and when it was sent,
+    /// kept until the worker counted it as received.
+    held: Option<(Conn, MonoTime)>,
     /// The slot retired, or the channel was replaced or failed: never send
     /// on it again (it is still read until EOF).
     closed: bool,
@@ -254,8 +252,7 @@ impl Fdpass {
                 Ok(()) => {
                     ch.sent += 1;
                     // Kept until the worker counts it received (see above).
-                    ch.held = Some(conn);
-                    ch.held_since = MonoTime::now();
+                    ch.held = Some((conn, MonoTime::now()));
                     self.next = (i + 1) % n;
                     self.passed += 1;
                     return;
@@ -341,7 +338,7 @@ impl Fdpass {
                 ch.booted = true;
             }
             Ok(Some(msg)) if msg.data == RETURNED && msg.fds.is_empty() => match ch.held.take() {
-                Some(conn) => {
+                Some((conn, _)) => {
                     // As if never sent: the worker is idle again, and the
                     // connection (its bytes unread) goes to the next one.
                     ch.sent = ch.sent.saturating_sub(1);
@@ -368,7 +365,7 @@ impl Fdpass {
                 let took = ch.took_all(map);
                 let outstanding = ch.finished(map) < ch.sent;
                 match ch.held.take() {
-                    Some(conn) if !took => {
+                    Some((conn, _)) if !took => {
                         // It died before taking it: nothing was read.
                         self.rescued += 1;
                         tracing::info!(
@@ -392,8 +389,12 @@ impl Fdpass {
     fn release_received(&mut self, sent_before: Option<MonoTime>) {
         let map = self.receipts.as_ref();
         let chans = self.slots.iter_mut().flatten().chain(self.old.iter_mut());
-        let due = |c: &&mut Channel| sent_before.map_or(true, |t| c.held_since < t);
-        for ch in chans.filter(|c| c.held.is_some()).filter(due) {
+        let due = |c: &&mut Channel| {
+            c.held
+                .as_ref()
+                .is_some_and(|(_, at)| sent_before.map_or(true, |t| *at < t))
+        };
+        for ch in chans.filter(due) {
             if ch.took_all(map) {
                 ch.held = None;
             }
@@ -477,7 +478,6 @@ impl AcceptStrategy for Fdpass {
             booted: false,
             reports: 0,
             held: None,
-            held_since: MonoTime::now(),
             closed: false,
             eof: false,
         });
@@ -1137,8 +1137,8 @@ mod tests {
         // delay the next connection); one 100 ms old goes at the next turn.
         m.master_turn();
         assert!(m.slots[0].as_ref().expect("ch").held.is_some());
-        if let Some(ch) = m.slots[0].as_mut() {
-            ch.held_since = MonoTime::now() - std::time::Duration::from_millis(150);
+        if let Some((_, at)) = m.slots[0].as_mut().and_then(|c| c.held.as_mut()) {
+            *at = MonoTime::now() - std::time::Duration::from_millis(150);
         }
         m.master_turn();
         assert!(
