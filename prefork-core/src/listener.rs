@@ -263,11 +263,7 @@ fn bind_each(
         let handed = inherited.take(&key);
         if !handed.is_empty() {
             for fd in handed {
-                let mut l = adopt(fd, None, opts).map_err(|e| Error::Listen {
-                    addr: format!("{key} (handed over by the old master)"),
-                    source: e,
-                })?;
-                l.key.clone_from(&key);
+                let mut l = adopt_handed_over(fd, &key, opts)?;
                 if let BindSpec::Unix(path) = spec {
                     // Ours now: removed when this master exits (unless its
                     // old master still serves it, see Master).
@@ -428,9 +424,10 @@ fn adopt(fd: RawFd, name: Option<String>, opts: &BindOptions) -> std::io::Result
     })
 }
 
-/// Adopts a socket an old master handed over that no `--bind` names (one
-/// systemd passed to the old master): every socket the old master listened
-/// on stays listened on.
+/// Adopts a socket an old master handed over (binary upgrade) under `key`:
+/// the `--bind` it was made from, or for one no `--bind` names (systemd
+/// passed it to the old master) its old key, so that every socket the old
+/// master listened on stays listened on.
 pub fn adopt_handed_over(fd: RawFd, key: &str, opts: &BindOptions) -> Result<Listener> {
     let mut l = adopt(fd, None, opts).map_err(|e| Error::Listen {
         addr: format!("{key} (handed over by the old master)"),

@@ -889,10 +889,7 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
         }
         // As nginx: one upgrade at a time. The old master still holds
         // `PATH.oldbin`, which a second upgrade would overwrite.
-        if let Some(old) = self
-            .inherited_from
-            .filter(|&old| nix::unistd::getppid() == old)
-        {
+        if let Some(old) = self.old_master_running() {
             tracing::warn!(
                 "USR2: the old master (pid={old}) is still running; QUIT it (or this master) first"
             );
@@ -968,6 +965,13 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
         }
     }
 
+    /// The old master this one took its sockets from, while it still runs
+    /// (it is this master's parent until it exits).
+    fn old_master_running(&self) -> Option<Pid> {
+        self.inherited_from
+            .filter(|&old| nix::unistd::getppid() == old)
+    }
+
     /// The new master is gone (it failed to start, or was told to stop):
     /// this master takes back the pid file and the status socket.
     fn new_master_exited(&mut self, pid: Pid, status: ExitStatus) {
@@ -1004,10 +1008,7 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
         self.strategy.shutdown();
         // A Unix socket file stays while another master serves it: the new
         // one this master started, or the old one it came from (a rollback).
-        let other_serves = self.new_master.is_some()
-            || self
-                .inherited_from
-                .is_some_and(|old| nix::unistd::getppid() == old);
+        let other_serves = self.new_master.is_some() || self.old_master_running().is_some();
         if !other_serves {
             for l in &mut self.listeners {
                 l.remove_socket_file();
