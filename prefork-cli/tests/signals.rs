@@ -3,8 +3,6 @@
 mod common;
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -12,40 +10,6 @@ use nix::sys::signal::kill;
 use nix::unistd::Pid;
 use prefork_testkit::{process_alive, zombie_children};
 use rstest::rstest;
-
-/// Runs GET / in a loop on another thread until stopped; counts failures.
-struct Load {
-    stop: Arc<AtomicBool>,
-    handle: std::thread::JoinHandle<(u32, u32)>,
-}
-
-impl Load {
-    fn start(addr: &str) -> Load {
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = Arc::clone(&stop);
-        let addr = addr.to_string();
-        let handle = std::thread::spawn(move || {
-            let (mut ok, mut failed) = (0, 0);
-            let deadline = Instant::now() + Duration::from_secs(60);
-            while !flag.load(Ordering::Relaxed) && Instant::now() < deadline {
-                match http_get(&addr, "/", T) {
-                    Ok(r) if r.status == 200 => ok += 1,
-                    other => {
-                        eprintln!("load: request failed: {other:?}");
-                        failed += 1
-                    }
-                }
-            }
-            (ok, failed)
-        });
-        Load { stop, handle }
-    }
-
-    fn finish(self) -> (u32, u32) {
-        self.stop.store(true, Ordering::Relaxed);
-        self.handle.join().expect("load thread")
-    }
-}
 
 #[rstest]
 #[case::blocking("blocking")]

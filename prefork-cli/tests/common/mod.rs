@@ -1,7 +1,9 @@
 //! Shared helpers for the black-box tests of the `prefork` binary.
 #![allow(dead_code, unused_imports)]
 
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 pub use nix::sys::signal::Signal;
 #[allow(unused_imports)]
@@ -122,4 +124,39 @@ pub fn fd_table(pid: &str) -> Vec<(i32, String, u32)> {
             Some((n, target.to_string_lossy().into_owned(), flags))
         })
         .collect()
+}
+
+/// Runs GET / in a loop on another thread until stopped; counts failures.
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    handle: std::thread::JoinHandle<(u32, u32)>,
+}
+
+impl Load {
+    pub fn start(addr: &str) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let addr = addr.to_string();
+        let handle = std::thread::spawn(move || {
+            let (mut ok, mut failed) = (0, 0);
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !flag.load(Ordering::Relaxed) && Instant::now() < deadline {
+                match http_get(&addr, "/", T) {
+                    Ok(r) if r.status == 200 => ok += 1,
+                    other => {
+                        eprintln!("load: request failed: {other:?}");
+                        failed += 1
+                    }
+                }
+            }
+            (ok, failed)
+        });
+        Load { stop, handle }
+    }
+
+    /// Stops it: (requests answered 200, requests failed).
+    pub fn finish(self) -> (u32, u32) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle.join().expect("load thread")
+    }
 }
