@@ -93,6 +93,11 @@ impl Http {
         }
     }
 
+    /// New limits (a reload, before the new workers are forked).
+    pub fn set_limits(&mut self, limits: HttpLimits) {
+        self.limits = limits;
+    }
+
     fn response(&self, status: &str, body: &[u8], keep: bool) -> Vec<u8> {
         let mut r = format!(
             "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: {}\r\nX-Worker: {}\r\n\r\n",

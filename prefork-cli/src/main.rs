@@ -6,17 +6,20 @@
 #![forbid(unsafe_code)]
 
 mod apps;
+mod config;
 mod status;
 
+use std::ffi::OsString;
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use prefork_core::{
-    App, BindOptions, BindSpec, BoxError, Connection, Master, MasterConfig, ReadyInfo, ReportMode,
-    WorkerInfo,
+    AcceptStrategy, App, BindOptions, BindSpec, BoxError, Connection, Master, MasterConfig,
+    PoolSettings, ReadyInfo, ReloadSettings, ReportMode, ScaleConfig, WorkerInfo,
 };
 
 /// The accept strategies compiled into this binary.
@@ -79,7 +82,7 @@ enum Report {
     Off,
 }
 
-#[derive(Debug, Subcommand)]
+#[derive(Debug, Clone, Subcommand)]
 enum Cmd {
     /// Print a running server's workers: `prefork status unix:/path/to/status.sock`.
     Status {
@@ -101,7 +104,7 @@ enum LogFormat {
 /// A preforking server: a master binds the sockets, forks workers, and is
 /// administered with signals (QUIT graceful stop, TERM/INT fast stop, HUP
 /// reload workers, TTIN/TTOU one worker more/less, WINCH stop all workers).
-#[derive(Debug, Parser)]
+#[derive(Debug, Clone, Parser)]
 #[command(
     name = "prefork",
     version,
@@ -113,6 +116,13 @@ enum LogFormat {
 struct Cli {
     #[command(subcommand)]
     cmd: Option<Cmd>,
+
+    /// Read settings from this TOML file: each key is a long flag's name
+    /// (`workers = 4`, `bind = ["127.0.0.1:8080"]`, `lock-always = true`);
+    /// a flag given on the command line wins. HUP reads it again and applies
+    /// the pool and timeout settings; a file with a mistake changes nothing.
+    #[arg(short, long, value_name = "PATH")]
+    config: Option<PathBuf>,
 
     /// Address to listen on: HOST:PORT, [IPV6]:PORT, PORT, unix:/path or fd:N.
     /// Repeat for several. Default 127.0.0.1:8080 (none when systemd passes sockets).
@@ -400,29 +410,183 @@ fn print_ready(r: &ReadyInfo) {
     let _ = out.flush();
 }
 
+/// Why the arguments do not give a server to run.
+enum ArgsError {
+    /// --help or --version: print it and exit 0.
+    Info(clap::Error),
+    /// A usage error, one line.
+    Usage(String),
+}
+
+/// clap's message folded to one line: what is wrong and what is valid.
+fn one_line(e: &clap::Error) -> String {
+    let text = e.to_string();
+    let line = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| {
+            !l.is_empty() && !l.starts_with("For more information") && !l.starts_with("Usage:")
+        })
+        .collect::<Vec<_>>()
+        .join(" ");
+    line.trim_start_matches("error: ").to_string()
+}
+
+/// The settings: the command line, over the `--config` file's when one is
+/// given.
+fn read_settings(argv: &[OsString]) -> Result<Cli, ArgsError> {
+    let usage = |e: clap::Error| {
+        if e.use_stderr() {
+            ArgsError::Usage(one_line(&e))
+        } else {
+            ArgsError::Info(e)
+        }
+    };
+    let matches = Cli::command().try_get_matches_from(argv).map_err(usage)?;
+    let cli = Cli::from_arg_matches(&matches).map_err(usage)?;
+    let Some(path) = cli.config.clone().filter(|_| cli.cmd.is_none()) else {
+        return Ok(cli);
+    };
+    let in_file = |e: String| ArgsError::Usage(format!("config file {}: {e}", path.display()));
+    let from_file = config::flags(&path, &Cli::command(), |id| {
+        matches.value_source(id) == Some(ValueSource::CommandLine)
+    })
+    .map_err(in_file)?;
+    let mut merged = argv[..1].to_vec();
+    merged.extend(from_file);
+    merged.extend(argv.iter().skip(1).cloned());
+    Cli::try_parse_from(&merged).map_err(|e| in_file(one_line(&e)))
+}
+
+/// Checks across flags that clap cannot express.
+fn check(cli: &Cli) -> Result<(), String> {
+    if (cli.lock.is_some() || cli.lock_always) && cli.strategy != StrategyName::Mutex {
+        return Err("--lock and --lock-always apply only to --strategy mutex".into());
+    }
+    if cli.app == AppName::Hello && cli.defer_accept.unwrap_or(0) > 0 {
+        return Err("--defer-accept: the hello app speaks first and its clients send nothing, so every connection would wait that long to be accepted".into());
+    }
+    let fixed = cli.workers.map_or(true, |(min, max)| min == max);
+    if fixed && (cli.spare.is_some() || cli.scale_window.is_some() || cli.scale_stall.is_some()) {
+        return Err("--spare, --scale-window and --scale-stall apply only to a pool that sizes itself (--workers MIN:MAX)".into());
+    }
+    if !fixed && cli.status_report == Report::Off {
+        return Err("--workers MIN:MAX needs busy/idle reports (not --status-report off)".into());
+    }
+    Ok(())
+}
+
+/// The pool and its deadlines (what a reload may change).
+fn reload_settings(cli: &Cli) -> ReloadSettings {
+    let (workers, max) = cli.workers.unwrap_or_else(|| {
+        let n = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        (n, n)
+    });
+    let scale = (max > workers).then(|| ScaleConfig {
+        min: workers,
+        max,
+        spare: cli.spare.map_or(1, |n| n as usize),
+        window: cli.scale_window.unwrap_or(Duration::from_secs(10)),
+        stall: cli.scale_stall.unwrap_or(Duration::from_secs(1)),
+    });
+    ReloadSettings {
+        pool: PoolSettings {
+            workers,
+            scale,
+            graceful_timeout: cli.graceful_timeout,
+            timeout: cli.timeout,
+        },
+        max_requests: cli.max_requests,
+        max_requests_jitter: cli.max_requests_jitter,
+    }
+}
+
+fn http_limits(cli: &Cli) -> apps::HttpLimits {
+    apps::HttpLimits {
+        header_timeout: cli.header_timeout,
+        keepalive_timeout: cli.keepalive_timeout,
+        keepalive_requests: cli.keepalive_requests,
+        max_sleep: Duration::from_secs(3600),
+    }
+}
+
+/// Settings a reload cannot change (sockets, identity, files, strategy),
+/// by flag name.
+fn fixed_settings(cli: &Cli) -> [(&'static str, String); 15] {
+    [
+        ("bind", format!("{:?}", cli.bind)),
+        ("strategy", format!("{:?}", cli.strategy)),
+        ("app", format!("{:?}", cli.app)),
+        ("pid-file", format!("{:?}", cli.pid_file)),
+        ("log-file", format!("{:?}", cli.log_file)),
+        ("user", format!("{:?}", cli.user)),
+        ("group", format!("{:?}", cli.group)),
+        ("status", format!("{:?}", cli.status)),
+        ("backlog", format!("{:?}", cli.backlog)),
+        ("defer-accept", format!("{:?}", cli.defer_accept)),
+        ("unix-mode", format!("{:?}", cli.unix_mode)),
+        ("lock", format!("{:?}", cli.lock)),
+        ("lock-always", format!("{:?}", cli.lock_always)),
+        ("log-format", format!("{:?}", cli.log_format)),
+        ("log-level", format!("{:?}", cli.log_level)),
+    ]
+}
+
+/// HUP with `--config`: reads the file again, under the same command line.
+struct Reloader {
+    argv: Vec<OsString>,
+    /// The settings the master started with.
+    running: Cli,
+}
+
+impl Reloader {
+    fn reload(&self, app: &mut Served) -> Result<ReloadSettings, BoxError> {
+        let new = match read_settings(&self.argv) {
+            Ok(cli) => cli,
+            Err(ArgsError::Usage(e)) => return Err(e.into()),
+            Err(ArgsError::Info(e)) => return Err(one_line(&e).into()),
+        };
+        check(&new)?;
+        for ((name, was), (_, now)) in fixed_settings(&self.running)
+            .into_iter()
+            .zip(fixed_settings(&new))
+        {
+            if was != now {
+                tracing::warn!("reload: {name} changed in the config file; it takes effect on a restart or a binary upgrade (USR2), the running value stays");
+            }
+        }
+        if let Builtin::Http(h) = &mut app.app {
+            h.set_limits(http_limits(&new));
+        }
+        Ok(reload_settings(&new))
+    }
+}
+
+/// Starts the master with `strategy` and runs it until it exits.
+fn serve<S: AcceptStrategy>(
+    cfg: MasterConfig,
+    strategy: S,
+    app: Served,
+    reloader: Option<Reloader>,
+) -> prefork_core::Result<i32> {
+    let mut master = Master::start(cfg, strategy, app)?;
+    if let Some(r) = reloader {
+        master.on_reload(move |app| r.reload(app));
+    }
+    master.run(print_ready)
+}
+
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let argv: Vec<OsString> = std::env::args_os().collect();
+    let cli = match read_settings(&argv) {
         Ok(cli) => cli,
-        Err(e) if !e.use_stderr() => {
+        Err(ArgsError::Info(e)) => {
             let _ = e.print(); // --help, --version
             return ExitCode::SUCCESS;
         }
-        Err(e) => {
-            // clap's message folded to one line: what is wrong and what is valid.
-            let text = e.to_string();
-            let one_line = text
-                .lines()
-                .map(str::trim)
-                .filter(|l| {
-                    !l.is_empty()
-                        && !l.starts_with("For more information")
-                        && !l.starts_with("Usage:")
-                })
-                .collect::<Vec<_>>()
-                .join(" ");
-            eprintln!("error: {}", one_line.trim_start_matches("error: "));
-            return ExitCode::from(2);
-        }
+        Err(ArgsError::Usage(e)) => return fail(e, 2),
     };
     if let Some(Cmd::Status { socket, json }) = &cli.cmd {
         return status::run(socket, *json);
@@ -435,27 +599,8 @@ fn main() -> ExitCode {
         }
         return ExitCode::SUCCESS;
     }
-    if (cli.lock.is_some() || cli.lock_always) && cli.strategy != StrategyName::Mutex {
-        return fail("--lock and --lock-always apply only to --strategy mutex", 2);
-    }
-    if cli.app == AppName::Hello && cli.defer_accept.unwrap_or(0) > 0 {
-        return fail(
-            "--defer-accept: the hello app speaks first and its clients send nothing, so every connection would wait that long to be accepted",
-            2,
-        );
-    }
-    let fixed = cli.workers.map_or(true, |(min, max)| min == max);
-    if fixed && (cli.spare.is_some() || cli.scale_window.is_some() || cli.scale_stall.is_some()) {
-        return fail(
-            "--spare, --scale-window and --scale-stall apply only to a pool that sizes itself (--workers MIN:MAX)",
-            2,
-        );
-    }
-    if !fixed && cli.status_report == Report::Off {
-        return fail(
-            "--workers MIN:MAX needs busy/idle reports (not --status-report off)",
-            2,
-        );
+    if let Err(e) = check(&cli) {
+        return fail(e, 2);
     }
     let user = match &cli.user {
         None => None,
@@ -474,19 +619,7 @@ fn main() -> ExitCode {
             port: 8080,
         });
     }
-    let (workers, max) = cli.workers.unwrap_or_else(|| {
-        let n = std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1);
-        (n, n)
-    });
-    let scale = (max > workers).then(|| prefork_core::ScaleConfig {
-        min: workers,
-        max,
-        spare: cli.spare.map_or(1, |n| n as usize),
-        window: cli.scale_window.unwrap_or(Duration::from_secs(10)),
-        stall: cli.scale_stall.unwrap_or(Duration::from_secs(1)),
-    });
+    let pool = reload_settings(&cli);
     let cfg = MasterConfig {
         binds,
         bind_options: BindOptions {
@@ -499,13 +632,13 @@ fn main() -> ExitCode {
             ..BindOptions::default()
         },
         socket_activation: true,
-        workers,
-        scale,
-        graceful_timeout: cli.graceful_timeout,
+        workers: pool.pool.workers,
+        scale: pool.pool.scale,
+        graceful_timeout: pool.pool.graceful_timeout,
         pid_file: cli.pid_file.clone(),
-        timeout: cli.timeout,
-        max_requests: cli.max_requests,
-        max_requests_jitter: cli.max_requests_jitter,
+        timeout: pool.pool.timeout,
+        max_requests: pool.max_requests,
+        max_requests_jitter: pool.max_requests_jitter,
         report: match cli.status_report {
             Report::Scoreboard => ReportMode::Scoreboard,
             Report::Pipe => ReportMode::Pipe,
@@ -520,20 +653,18 @@ fn main() -> ExitCode {
         AppName::Echo => Builtin::Echo(apps::Echo {
             idle_timeout: Duration::from_secs(60),
         }),
-        AppName::Http => Builtin::Http(apps::Http::new(apps::HttpLimits {
-            header_timeout: cli.header_timeout,
-            keepalive_timeout: cli.keepalive_timeout,
-            keepalive_requests: cli.keepalive_requests,
-            max_sleep: Duration::from_secs(3600),
-        })),
+        AppName::Http => Builtin::Http(apps::Http::new(http_limits(&cli))),
     };
     let app = Served {
         app,
         fault: cli.fault,
     };
+    let reloader = cli.config.is_some().then(|| Reloader {
+        argv,
+        running: cli.clone(),
+    });
     let result = match cli.strategy {
-        StrategyName::Blocking => Master::start(cfg, prefork_blocking::Blocking::new(), app)
-            .and_then(|m| m.run(print_ready)),
+        StrategyName::Blocking => serve(cfg, prefork_blocking::Blocking::new(), app, reloader),
         StrategyName::Mutex => {
             // pthread measured best (docs/strategies.md): its unlock wakes
             // exactly one waiter, where flock, fcntl and SysV wake them all.
@@ -544,13 +675,10 @@ fn main() -> ExitCode {
                 LockName::Pthread => prefork_mutex::LockKind::Pthread,
             };
             let strategy = prefork_mutex::Mutex::new(kind, cli.lock_always);
-            Master::start(cfg, strategy, app).and_then(|m| m.run(print_ready))
+            serve(cfg, strategy, app, reloader)
         }
-        StrategyName::Reuseport => Master::start(cfg, prefork_reuseport::Reuseport::new(), app)
-            .and_then(|m| m.run(print_ready)),
-        StrategyName::Fdpass => {
-            Master::start(cfg, prefork_fdpass::Fdpass::new(), app).and_then(|m| m.run(print_ready))
-        }
+        StrategyName::Reuseport => serve(cfg, prefork_reuseport::Reuseport::new(), app, reloader),
+        StrategyName::Fdpass => serve(cfg, prefork_fdpass::Fdpass::new(), app, reloader),
     };
     match result {
         Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),

@@ -19,7 +19,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
-use crate::app::App;
+use crate::app::{App, BoxError};
 use crate::clock::{poll_timeout, MonoTime};
 use crate::error::{Error, Result};
 use crate::listener::{self, ActivationEnv, BindOptions, BindSpec, ListenAddr, Listener};
@@ -28,7 +28,9 @@ use crate::scoreboard::{Scoreboard, WorkerState};
 use crate::signals::SelfPipe;
 use crate::status::{self, StatusKind, StatusWriter};
 use crate::strategy::AcceptStrategy;
-use crate::supervisor::{Action, Command, ExitStatus, StopReason, Supervisor, SupervisorConfig};
+use crate::supervisor::{
+    Action, Command, ExitStatus, PoolSettings, StopReason, Supervisor, SupervisorConfig,
+};
 use crate::sys::{self, Forked};
 use crate::upgrade::{self, ExecPlan, Inherited};
 use crate::worker::{self, WorkerSetup, EXIT_PANIC};
@@ -97,6 +99,29 @@ impl Default for MasterConfig {
             user: None,
             log_file: None,
         }
+    }
+}
+
+/// What a reload (HUP) applies, from the configuration the program re-read
+/// (see [`Master::on_reload`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReloadSettings {
+    /// The pool and its deadlines.
+    pub pool: PoolSettings,
+    /// Recycle a worker after this many connections.
+    pub max_requests: Option<u64>,
+    /// Add 0..=this to each worker's limit.
+    pub max_requests_jitter: u64,
+}
+
+type ReloadFn<A> = Box<dyn FnMut(&mut A) -> std::result::Result<ReloadSettings, BoxError>>;
+
+/// The reload hook (a newtype, for `Debug`).
+struct ReloadHook<A>(ReloadFn<A>);
+
+impl<A> std::fmt::Debug for ReloadHook<A> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ReloadHook")
     }
 }
 
@@ -174,6 +199,8 @@ pub struct Master<S: AcceptStrategy, A: App> {
     status_path: Option<PathBuf>,
     /// Where stderr goes (`--log-file`), reopened on USR1.
     log_file: Option<crate::logfile::LogFile>,
+    /// Re-reads the configuration on HUP.
+    reload: Option<ReloadHook<A>>,
     started: MonoTime,
     /// Connections served by workers already reaped.
     retired_requests: u64,
@@ -351,10 +378,25 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
             exec: ExecPlan::current(),
             new_master: None,
             inherited_from: None,
+            reload: None,
             started: MonoTime::now(),
             retired_requests: 0,
             rng: u64::from(pid.as_raw().unsigned_abs()) ^ MonoTime::now().as_nanos() | 1,
         })
+    }
+
+    /// Has HUP re-read the configuration before it replaces the workers
+    /// (Unicorn's, gunicorn's and nginx's reload). `hook` runs in the master,
+    /// with the app, which it may update (new workers are forked from it);
+    /// what it returns resizes the pool and sets the deadlines and request
+    /// limits of the new workers. When it fails, as for a configuration file
+    /// with a mistake, the error is logged and nothing changes: the running
+    /// workers stay, with the settings they have (RELIABILITY L6).
+    pub fn on_reload(
+        &mut self,
+        hook: impl FnMut(&mut A) -> std::result::Result<ReloadSettings, BoxError> + 'static,
+    ) {
+        self.reload = Some(ReloadHook(Box::new(hook)));
     }
 
     /// The bound addresses, with real ports.
@@ -603,6 +645,10 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
         let cmd = match sig {
             Signal::SIGQUIT => Command::GracefulStop,
             Signal::SIGTERM | Signal::SIGINT => Command::FastStop,
+            Signal::SIGHUP if self.reload.is_some() && !self.sup.is_stopping() => {
+                self.reload_with_new_settings();
+                return;
+            }
             Signal::SIGHUP => Command::Reload,
             Signal::SIGTTIN => Command::AddWorker,
             Signal::SIGTTOU => Command::RemoveWorker,
@@ -619,6 +665,39 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
         };
         let what = self.sup.command(cmd, MonoTime::now());
         tracing::info!("{sig}: {what}");
+    }
+
+    /// HUP with a reload hook: re-read, then apply and replace the workers,
+    /// or change nothing.
+    fn reload_with_new_settings(&mut self) {
+        let Some(hook) = self.reload.as_mut() else {
+            return;
+        };
+        let mut new = match (hook.0)(&mut self.app) {
+            Ok(new) => new,
+            Err(e) => {
+                tracing::error!(
+                    "SIGHUP: reload failed, the running workers and settings stay: {e}"
+                );
+                return;
+            }
+        };
+        if let (Some(sc), ReportMode::Off) = (new.pool.scale, self.report) {
+            tracing::warn!("SIGHUP: a pool that sizes itself needs busy/idle reports, which are off: keeping a fixed pool of {}", sc.min);
+            new.pool.workers = sc.min;
+            new.pool.scale = None;
+        }
+        let now = MonoTime::now();
+        self.max_requests = new.max_requests.map(|n| (n, new.max_requests_jitter));
+        self.watch =
+            new.pool.timeout.is_some() || new.max_requests.is_some() || new.pool.scale.is_some();
+        self.next_sample = match (new.pool.scale, self.next_sample) {
+            (None, _) => None,
+            (Some(_), Some(t)) => Some(t),
+            (Some(_), None) => Some(now),
+        };
+        let what = self.sup.reload_with(new.pool, now);
+        tracing::info!("SIGHUP: configuration re-read; {what}");
     }
 
     /// waitpid(-1, WNOHANG) until nothing is left: SIGCHLDs coalesce.

@@ -27,6 +27,15 @@ pub const EXIT_BOOT_FAILED: i32 = 3;
 /// Hard ceiling on the pool, whatever TTIN asks for.
 pub const MAX_WORKERS: usize = 1024;
 
+/// A sizing range within 1..=MAX_WORKERS, `min <= max`.
+fn clamp_scale(scale: Option<ScaleConfig>) -> Option<ScaleConfig> {
+    scale.map(|mut s| {
+        s.min = s.min.clamp(1, MAX_WORKERS);
+        s.max = s.max.clamp(s.min, MAX_WORKERS);
+        s
+    })
+}
+
 /// Timing and size settings.
 #[derive(Debug, Clone)]
 pub struct SupervisorConfig {
@@ -63,6 +72,20 @@ impl Default for SupervisorConfig {
             scale: None,
         }
     }
+}
+
+/// What a reload may change (HUP with a configuration the program re-read):
+/// the pool and its deadlines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolSettings {
+    /// Workers to keep (ignored when `scale` is set: the pool starts at `scale.min`).
+    pub workers: usize,
+    /// Size the pool between a minimum and a maximum.
+    pub scale: Option<ScaleConfig>,
+    /// After QUIT, how long a worker may take to finish before TERM.
+    pub graceful_timeout: Duration,
+    /// Kill a worker busy on one connection longer than this.
+    pub timeout: Option<Duration>,
 }
 
 /// What an operator asked for (the master maps signals to these).
@@ -305,11 +328,7 @@ pub struct Supervisor {
 impl Supervisor {
     /// A supervisor that wants `cfg.workers` workers.
     pub fn new(cfg: SupervisorConfig) -> Supervisor {
-        let scale = cfg.scale.map(|mut s| {
-            s.min = s.min.clamp(1, MAX_WORKERS);
-            s.max = s.max.clamp(s.min, MAX_WORKERS);
-            s
-        });
+        let scale = clamp_scale(cfg.scale);
         let target = scale.map_or(cfg.workers, |s| s.min).min(MAX_WORKERS);
         Supervisor {
             cfg,
@@ -323,6 +342,51 @@ impl Supervisor {
             resumed_at: MonoTime::default(),
             scaler: scale.map(Scaler::new),
             activity: false,
+        }
+    }
+
+    /// HUP with new settings: the pool size (a TTIN/TTOU or WINCH change is
+    /// replaced by the configured size), its sizing range and the deadlines
+    /// change, then every worker is replaced as by [`Command::Reload`].
+    /// Ignored while stopping. Returns a description for the log.
+    pub fn reload_with(&mut self, new: PoolSettings, now: MonoTime) -> String {
+        if self.phase != Phase::Running {
+            return self.command(Command::Reload, now);
+        }
+        let scale = clamp_scale(new.scale);
+        let before = (
+            self.target,
+            self.scale_config().copied(),
+            self.cfg.graceful_timeout,
+            self.cfg.timeout,
+        );
+        self.cfg.workers = new.workers;
+        self.cfg.graceful_timeout = new.graceful_timeout;
+        self.cfg.timeout = new.timeout;
+        if scale != self.scale_config().copied() {
+            self.scaler = scale.map(Scaler::new);
+        }
+        self.cfg.scale = scale;
+        self.target = scale.map_or(new.workers, |s| s.min).min(MAX_WORKERS);
+        self.before_winch = None;
+        let mut changes = Vec::new();
+        if before.0 != self.target || before.1 != scale {
+            changes.push(self.describe_size());
+        }
+        if before.2 != new.graceful_timeout {
+            changes.push(format!("graceful timeout {:?}", new.graceful_timeout));
+        }
+        if before.3 != new.timeout {
+            changes.push(match new.timeout {
+                Some(t) => format!("timeout {t:?}"),
+                None => "no timeout".into(),
+            });
+        }
+        let what = self.command(Command::Reload, now);
+        if changes.is_empty() {
+            what
+        } else {
+            format!("{what}; now {}", changes.join(", "))
         }
     }
 

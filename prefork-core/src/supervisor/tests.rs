@@ -302,6 +302,87 @@ fn boot_failure_exit_code_stops_the_slot_and_all_failed_exits_1() {
 }
 
 #[test]
+fn a_reload_with_new_settings_resizes_the_pool_and_uses_the_new_deadlines() {
+    let mut sim = Sim::new(3);
+    sim.step();
+    sim.ready_all();
+    // TTIN to 4, then a reload whose configuration says 2: the configuration wins.
+    sim.sup.command(Command::AddWorker, sim.now);
+    assert_eq!(sim.sup.target(), 4);
+    let said = sim.sup.reload_with(
+        PoolSettings {
+            workers: 2,
+            scale: None,
+            graceful_timeout: Duration::from_secs(1),
+            timeout: Some(TIMEOUT),
+        },
+        sim.now,
+    );
+    assert!(
+        said.contains("workers: 2") && said.contains("timeout 2s"),
+        "{said}"
+    );
+    assert_eq!(sim.sup.target(), 2);
+    for _ in 0..10 {
+        sim.step();
+        sim.ready_all();
+        sim.obey_signals();
+        sim.advance(Duration::from_millis(100));
+    }
+    sim.step();
+    let gen = sim.sup.generation();
+    assert_eq!(gen, 2);
+    let slots: Vec<(usize, u64)> = sim.alive.values().map(|(s, g, _)| (*s, *g)).collect();
+    assert_eq!(slots, [(0, 2), (1, 2)], "two workers of the new generation");
+    // The new timeout applies: a worker busy 3 s is killed.
+    let p = *sim.alive.keys().next().expect("a worker");
+    let since = sim.now;
+    sim.sup
+        .observe(Pid::from_raw(p), WorkerState::Busy { since }, 0);
+    sim.advance(Duration::from_secs(3));
+    sim.step();
+    assert_eq!(sim.frozen.len(), 1, "killed under the reloaded timeout");
+    // The new graceful timeout applies: QUIT escalates to TERM after 1 s.
+    sim.sup.command(Command::GracefulStop, sim.now);
+    sim.step();
+    sim.advance(Duration::from_millis(1100));
+    sim.step();
+    assert!(
+        sim.alive
+            .values()
+            .any(|(_, _, sigs)| sigs.contains(&Signal::SIGTERM)),
+        "TERM after the reloaded 1 s graceful timeout: {:?}",
+        sim.alive
+    );
+}
+
+#[test]
+fn a_reload_can_turn_a_fixed_pool_into_one_that_sizes_itself_and_back() {
+    let mut sim = Sim::new(2);
+    sim.step();
+    sim.ready_all();
+    let range = crate::scaling::ScaleConfig {
+        min: 1,
+        max: 5,
+        ..crate::scaling::ScaleConfig::default()
+    };
+    let mut settings = PoolSettings {
+        workers: 2,
+        scale: Some(range),
+        graceful_timeout: Duration::from_secs(5),
+        timeout: None,
+    };
+    sim.sup.reload_with(settings, sim.now);
+    assert_eq!(sim.sup.target(), 1, "starts at MIN");
+    assert_eq!(sim.sup.scale_config().map(|c| (c.min, c.max)), Some((1, 5)));
+    settings.scale = None;
+    settings.workers = 3;
+    sim.sup.reload_with(settings, sim.now);
+    assert_eq!(sim.sup.target(), 3);
+    assert!(sim.sup.scale_config().is_none());
+}
+
+#[test]
 fn reload_starts_each_new_worker_before_its_old_one_is_asked_to_leave() {
     let mut sim = Sim::new(2);
     sim.step();
@@ -556,6 +637,7 @@ enum Ev {
     ObeySignals,
     Advance(u64),
     Scale(bool),
+    ReloadWith(PoolSettings),
 }
 
 fn command() -> impl Strategy<Value = Command> {
@@ -585,7 +667,27 @@ fn event() -> impl Strategy<Value = Ev> {
         3 => (0u64..3_000).prop_map(Ev::Advance),
         3 => (any::<usize>(), any::<bool>(), 0u64..15).prop_map(|(i, b, r)| Ev::Observe(i, b, r)),
         1 => Just(Ev::Stall),
+        1 => pool_settings().prop_map(Ev::ReloadWith),
     ]
+}
+
+fn pool_settings() -> impl Strategy<Value = PoolSettings> {
+    (
+        0usize..6,
+        proptest::option::of((1usize..4, 0usize..4)),
+        1u64..8,
+        proptest::option::of(1u64..4),
+    )
+        .prop_map(|(workers, scale, grace, timeout)| PoolSettings {
+            workers,
+            scale: scale.map(|(min, extra)| crate::scaling::ScaleConfig {
+                min,
+                max: min + extra,
+                ..crate::scaling::ScaleConfig::default()
+            }),
+            graceful_timeout: Duration::from_secs(grace),
+            timeout: timeout.map(Duration::from_secs),
+        })
 }
 
 fn nth_pid(sim: &Sim, i: usize) -> Option<i32> {
@@ -619,6 +721,7 @@ proptest! {
                     sim.sup.observe(Pid::from_raw(p), state, requests);
                 },
                 Ev::Scale(_) => {}
+                Ev::ReloadWith(p) => { sim.sup.reload_with(p, sim.now); }
                 Ev::Stall => sim.sup.stalled(sim.now),
                 Ev::Cmd(c) => { sim.sup.command(c, sim.now); }
                 Ev::Ready(i) => if let Some(p) = nth_pid(&sim, i) { sim.sup.ready(Pid::from_raw(p), sim.now); },
@@ -803,6 +906,7 @@ proptest! {
                 Ev::Crash(i, st) => if let Some(p) = nth_pid(&sim, i) { sim.exit(p, st); },
                 Ev::ObeySignals => sim.obey_signals(),
                 Ev::Advance(ms) => sim.advance(Duration::from_millis(ms / 10)),
+                Ev::ReloadWith(p) => { sim.sup.reload_with(p, sim.now); }
             }
             sim.step();
         }
