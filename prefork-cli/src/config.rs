@@ -21,7 +21,13 @@ use std::path::Path;
 use clap::{ArgAction, Command};
 
 /// Flags that make no sense in a file: they are not settings of the server.
-const NOT_SETTINGS: [&str; 4] = ["config", "list-strategies", "help", "version"];
+const NOT_SETTINGS: [&str; 5] = [
+    "config",
+    "check-config",
+    "list-strategies",
+    "help",
+    "version",
+];
 
 /// Reads `path` and returns the flags it sets, as arguments (`--workers=4`),
 /// leaving out those for which `on_command_line(id)` is true. `cmd` is the

@@ -252,6 +252,12 @@ struct Cli {
     #[arg(long)]
     list_strategies: bool,
 
+    /// Check the flags and the --config file, print `configuration ok` and
+    /// exit 0, or print the error and exit 2 (as `nginx -t`, gunicorn's
+    /// --check-config): run it before sending HUP. Nothing is bound.
+    #[arg(long)]
+    check_config: bool,
+
     /// Log format on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -373,13 +379,17 @@ fn fail(msg: impl std::fmt::Display, code: u8) -> ExitCode {
     ExitCode::from(code)
 }
 
-fn init_logging(cli: &Cli) -> Result<(), String> {
+fn log_filter(cli: &Cli) -> Result<tracing_subscriber::EnvFilter, String> {
     use tracing_subscriber::EnvFilter;
-    let filter = match &cli.log_level {
+    Ok(match &cli.log_level {
         Some(l) => EnvFilter::try_new(l)
             .map_err(|e| format!("invalid value {l:?} for --log-level: {e}"))?,
         None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-    };
+    })
+}
+
+fn init_logging(cli: &Cli) -> Result<(), String> {
+    let filter = log_filter(cli)?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -609,6 +619,16 @@ fn main() -> ExitCode {
             Err(e) => return fail(e, 2),
         },
     };
+    if cli.check_config {
+        if let Err(e) = log_filter(&cli) {
+            return fail(e, 2);
+        }
+        match &cli.config {
+            Some(p) => println!("configuration ok: {}", p.display()),
+            None => println!("configuration ok"),
+        }
+        return ExitCode::SUCCESS;
+    }
     if let Err(e) = init_logging(&cli) {
         return fail(e, 2);
     }

@@ -151,3 +151,50 @@ fn l6_hup_rereads_the_config_file_and_a_broken_one_changes_nothing(#[case] strat
     assert!(s.wait_log("> 1s, killing", T), "{}", s.log());
     assert_eq!(s.stop(T).and_then(|st| st.code()), Some(0));
 }
+
+#[test]
+fn check_config_says_ok_or_names_the_mistake_and_binds_nothing() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("prefork.toml");
+    let pid_file = dir.path().join("p.pid");
+    // A port someone else holds: a check that bound it would fail.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr").to_string();
+    write(
+        &file,
+        &format!(
+            "bind = \"{addr}\"\nworkers = \"2:4\"\npid-file = \"{}\"\n",
+            pid_file.display()
+        ),
+    );
+    let check = |extra: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_prefork"))
+            .args(["--config", file.to_str().expect("utf-8"), "--check-config"])
+            .args(extra)
+            .output()
+            .expect("run prefork");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, out, err) = check(&[]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(out.trim(), format!("configuration ok: {}", file.display()));
+    assert!(!pid_file.exists(), "nothing started");
+    let (code, _, err) = check(&["--spare", "9", "--workers", "3"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("apply only to a pool that sizes itself"),
+        "{err}"
+    );
+    write(&file, "workers = \"4:2\"\n");
+    let (code, out, err) = check(&[]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(out.is_empty(), "{out}");
+    assert!(
+        err.contains("config file") && err.contains("MIN 4 is more than MAX 2"),
+        "{err}"
+    );
+}
