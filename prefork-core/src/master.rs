@@ -385,7 +385,7 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
         })
     }
 
-    /// Has HUP re-read the configuration before it replaces the workers
+    /// Makes HUP re-read the configuration before it replaces the workers
     /// (Unicorn's, gunicorn's and nginx's reload). `hook` runs in the master,
     /// with the app, which it may update (new workers are forked from it);
     /// what it returns resizes the pool and sets the deadlines and request
