@@ -388,18 +388,25 @@ fn log_filter(cli: &Cli) -> Result<tracing_subscriber::EnvFilter, String> {
     })
 }
 
-fn init_logging(cli: &Cli) -> Result<(), String> {
-    let filter = log_filter(cli)?;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+/// Changes the log filter of the running process (a reload's `log-level`).
+type LogLevelHandle =
+    tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, tracing_subscriber::Registry>;
+
+fn init_logging(cli: &Cli) -> Result<LogLevelHandle, String> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(log_filter(cli)?);
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(cli.log_file.is_none() && std::io::stderr().is_terminal())
         .with_target(false);
+    let registry = tracing_subscriber::registry().with(filter);
     let result = match cli.log_format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => registry.with(fmt).try_init(),
+        LogFormat::Json => registry.with(fmt.json()).try_init(),
     };
-    result.map_err(|e| e.to_string())
+    result.map_err(|e| e.to_string())?;
+    Ok(handle)
 }
 
 fn print_ready(r: &ReadyInfo) {
@@ -524,7 +531,7 @@ fn http_limits(cli: &Cli) -> apps::HttpLimits {
 
 /// Settings a reload cannot change (sockets, identity, files, strategy),
 /// by flag name.
-fn fixed_settings(cli: &Cli) -> [(&'static str, String); 15] {
+fn fixed_settings(cli: &Cli) -> [(&'static str, String); 14] {
     [
         ("bind", format!("{:?}", cli.bind)),
         ("strategy", format!("{:?}", cli.strategy)),
@@ -540,7 +547,6 @@ fn fixed_settings(cli: &Cli) -> [(&'static str, String); 15] {
         ("lock", format!("{:?}", cli.lock)),
         ("lock-always", format!("{:?}", cli.lock_always)),
         ("log-format", format!("{:?}", cli.log_format)),
-        ("log-level", format!("{:?}", cli.log_level)),
     ]
 }
 
@@ -549,6 +555,7 @@ struct Reloader {
     argv: Vec<OsString>,
     /// The settings the master started with.
     running: Cli,
+    log_level: LogLevelHandle,
 }
 
 impl Reloader {
@@ -559,6 +566,7 @@ impl Reloader {
             Err(ArgsError::Info(e)) => return Err(one_line(&e).into()),
         };
         check(&new)?;
+        let filter = log_filter(&new)?;
         for ((name, was), (_, now)) in fixed_settings(&self.running)
             .into_iter()
             .zip(fixed_settings(&new))
@@ -567,6 +575,7 @@ impl Reloader {
                 tracing::warn!("reload: {name} changed in the config file; it takes effect on a restart or a binary upgrade (USR2), the running value stays");
             }
         }
+        self.log_level.reload(filter)?;
         if let Builtin::Http(h) = &mut app.app {
             h.set_limits(http_limits(&new));
         }
@@ -629,9 +638,10 @@ fn main() -> ExitCode {
         }
         return ExitCode::SUCCESS;
     }
-    if let Err(e) = init_logging(&cli) {
-        return fail(e, 2);
-    }
+    let log_level = match init_logging(&cli) {
+        Ok(handle) => handle,
+        Err(e) => return fail(e, 2),
+    };
     let mut binds = cli.bind.clone();
     if binds.is_empty() && std::env::var_os("LISTEN_FDS").is_none() {
         binds.push(BindSpec::Tcp {
@@ -682,6 +692,7 @@ fn main() -> ExitCode {
     let reloader = cli.config.is_some().then(|| Reloader {
         argv,
         running: cli.clone(),
+        log_level,
     });
     let result = match cli.strategy {
         StrategyName::Blocking => serve(cfg, prefork_blocking::Blocking::new(), app, reloader),

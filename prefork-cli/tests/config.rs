@@ -198,3 +198,42 @@ fn check_config_says_ok_or_names_the_mistake_and_binds_nothing() {
         "{err}"
     );
 }
+
+#[test]
+fn hup_applies_a_new_log_level() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("prefork.toml");
+    write(&file, "workers = 1\nlog-level = \"info\"\n");
+    let s = prefork()
+        .args([
+            "--bind",
+            "127.0.0.1:0",
+            "--config",
+            file.to_str().expect("utf-8"),
+        ])
+        .start()
+        .expect("prefork starts");
+    s.signal(Signal::SIGTTIN);
+    assert!(s.wait_log("SIGTTIN", T), "info is logged: {}", s.log());
+    write(&file, "workers = 1\nlog-level = \"warn\"\n");
+    let before: HashSet<i32> = s.workers().into_iter().collect();
+    s.signal(Signal::SIGHUP);
+    assert!(
+        wait_until(T, || {
+            let now: HashSet<i32> = s.workers().into_iter().collect();
+            now.len() == 1 && now.is_disjoint(&before)
+        }),
+        "reloaded: {}",
+        s.log()
+    );
+    let infos = s.log_count(" INFO ");
+    s.signal(Signal::SIGTTIN);
+    assert!(s.wait_workers(2, T), "{}", s.log());
+    assert_eq!(
+        s.log_count("SIGTTIN"),
+        1,
+        "info no longer logged: {}",
+        s.log()
+    );
+    assert_eq!(s.log_count(" INFO "), infos, "{}", s.log());
+}
