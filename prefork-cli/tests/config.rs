@@ -113,10 +113,7 @@ fn l6_hup_rereads_the_config_file_and_a_broken_one_changes_nothing(#[case] strat
     write(&file, "workers = 3\ntimeout = 1\n");
     s.signal(Signal::SIGHUP);
     assert!(
-        wait_until(T, || {
-            let now: HashSet<i32> = s.workers().into_iter().collect();
-            now.len() == 3 && now.is_disjoint(&first)
-        }),
+        wait_replaced(&s, &first, 3),
         "three new workers: {}",
         s.log()
     );
@@ -218,14 +215,7 @@ fn hup_applies_a_new_log_level() {
     write(&file, "workers = 1\nlog-level = \"warn\"\n");
     let before: HashSet<i32> = s.workers().into_iter().collect();
     s.signal(Signal::SIGHUP);
-    assert!(
-        wait_until(T, || {
-            let now: HashSet<i32> = s.workers().into_iter().collect();
-            now.len() == 1 && now.is_disjoint(&before)
-        }),
-        "reloaded: {}",
-        s.log()
-    );
+    assert!(wait_replaced(&s, &before, 1), "reloaded: {}", s.log());
     let infos = s.log_count(" INFO ");
     s.signal(Signal::SIGTTIN);
     assert!(s.wait_workers(2, T), "{}", s.log());

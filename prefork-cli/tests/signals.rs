@@ -161,10 +161,7 @@ fn hup_replaces_every_worker_without_losing_a_connection(#[case] strategy: &str)
     let load = Load::start(s.addr());
     s.signal(Signal::SIGHUP);
     assert!(
-        wait_until(T, || {
-            let now: HashSet<i32> = s.workers().into_iter().collect();
-            now.len() == 3 && now.is_disjoint(&old)
-        }),
+        wait_replaced(&s, &old, 3),
         "every worker replaced: {}",
         s.log()
     );

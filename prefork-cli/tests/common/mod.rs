@@ -160,3 +160,12 @@ impl Load {
         self.handle.join().expect("load thread")
     }
 }
+
+/// Waits until the server has exactly `n` workers, none of them in `old`
+/// (a reload replaced them all).
+pub fn wait_replaced(s: &Server, old: &std::collections::HashSet<i32>, n: usize) -> bool {
+    wait_until(T, || {
+        let now: std::collections::HashSet<i32> = s.workers().into_iter().collect();
+        now.len() == n && now.is_disjoint(old)
+    })
+}
