@@ -345,22 +345,24 @@ fn fd_kinds(pid: i32, port: u16) -> Vec<String> {
 #[case::blocking("blocking")]
 #[case::mutex("mutex")]
 #[case::fdpass("fdpass")]
+#[case::reuseport("reuseport")]
 fn l5_binary_upgrade_five_times_under_load_loses_nothing(#[case] strategy: &str) {
     let dir = tempfile::tempdir().expect("tempdir");
     let pid_file = dir.path().join("prefork.pid");
     let oldbin = dir.path().join("prefork.pid.oldbin");
-    let unix = format!("unix:{}", dir.path().join("s.sock").display());
-    let s = start(
-        strategy,
-        &[
-            "--workers",
-            "2",
-            "--bind",
-            &unix,
-            "--pid-file",
-            pid_file.to_str().expect("path"),
-        ],
-    );
+    // (reuseport serves TCP only.)
+    let unix =
+        (strategy != "reuseport").then(|| format!("unix:{}", dir.path().join("s.sock").display()));
+    let mut args = vec![
+        "--workers",
+        "2",
+        "--pid-file",
+        pid_file.to_str().expect("path"),
+    ];
+    if let Some(u) = &unix {
+        args.extend(["--bind", u.as_str()]);
+    }
+    let s = start(strategy, &args);
     let _masters = Masters(pid_file.to_string_lossy().into_owned());
     let first_fds = fd_kinds(s.pid(), s.port());
     let load = Load::start(s.addr());
@@ -390,7 +392,9 @@ fn l5_binary_upgrade_five_times_under_load_loses_nothing(#[case] strategy: &str)
     eprintln!("{ok} requests answered during 5 upgrades, {failed} failed");
     assert_eq!(failed, 0, "requests lost during the upgrades: {}", s.log());
     assert!(ok > 0);
-    assert_eq!(http_get(&unix, "/", T).expect("GET over unix").status, 200);
+    if let Some(u) = &unix {
+        assert_eq!(http_get(u, "/", T).expect("GET over unix").status, 200);
+    }
     // (fdpass releases its copy of the last connection at its next turn.)
     assert!(
         wait_until(T, || fd_kinds(master, s.port()) == first_fds),
@@ -403,8 +407,8 @@ fn l5_binary_upgrade_five_times_under_load_loses_nothing(#[case] strategy: &str)
 }
 
 /// L6 and the roll-back: one upgrade at a time; QUIT to the new master
-/// leaves the old one serving with its pid file back; a new binary that fails to start changes
-/// nothing; reuseport refuses the upgrade and says why.
+/// leaves the old one serving with its pid file back; a new binary that
+/// fails to start changes nothing.
 #[test]
 fn binary_upgrade_rolls_back_and_a_broken_binary_changes_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -474,14 +478,80 @@ fn binary_upgrade_rolls_back_and_a_broken_binary_changes_nothing() {
         http_get(s.addr(), "/", T).expect("still served").status,
         200
     );
-    // reuseport says no.
-    let r = start("reuseport", &["--workers", "1"]);
-    r.signal(Signal::SIGUSR2);
-    assert!(r.wait_log(
-        "USR2: binary upgrade is not available with the reuseport strategy",
-        T
-    ));
-    assert_eq!(http_get(r.addr(), "/", T).expect("GET").status, 200);
+}
+
+/// reuseport: the new master takes the old one's slot sockets (so each
+/// SO_REUSEPORT group keeps its members, and the old master's exit closes
+/// no queue) and steers the groups; when it is QUIT instead (a roll-back),
+/// the old master steers them again, to all of its slots.
+#[test]
+fn reuseport_upgrade_shares_the_slot_sockets_and_a_roll_back_restores_the_steering() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pid_file = dir.path().join("prefork.pid");
+    let s = start(
+        "reuseport",
+        &[
+            "--workers",
+            "3",
+            "--pid-file",
+            pid_file.to_str().expect("path"),
+        ],
+    );
+    let _masters = Masters(pid_file.to_string_lossy().into_owned());
+    let sockets = |pid: i32| fd_kinds(pid, s.port());
+    let before = sockets(s.pid());
+    s.signal(Signal::SIGUSR2);
+    let mut new = None;
+    assert!(
+        wait_until(T, || {
+            new = other_master(&pid_file, s.pid());
+            new.is_some_and(|n| prefork_testkit::children_of(n).len() == 3)
+        }),
+        "{}",
+        s.log()
+    );
+    let new = new.expect("new master");
+    assert!(
+        s.log()
+            .contains("reuseport: took over the sockets of slots 1..=2"),
+        "{}",
+        s.log()
+    );
+    assert_eq!(
+        sockets(new),
+        before,
+        "the new master holds the same kinds of descriptors"
+    );
+    // The same sockets: each of the old master's slot sockets is one of the new one's.
+    let inodes = |pid: i32| -> std::collections::BTreeSet<String> {
+        fd_table(&pid.to_string())
+            .into_iter()
+            .filter(|(_, target, _)| target.starts_with("socket:"))
+            .map(|(_, target, _)| target)
+            .collect()
+    };
+    let shared = inodes(s.pid()).intersection(&inodes(new)).count();
+    assert!(shared >= 3, "listener and slot sockets shared: {shared}");
+    // The new master shrinks to 2: its program now steers every group to
+    // slots 0 and 1, the old master's workers' too.
+    kill(Pid::from_raw(new), Signal::SIGTTOU).expect("TTOU the new master");
+    assert!(wait_until(T, || prefork_testkit::children_of(new).len() == 2));
+    // Roll back: the new master stops; the old one steers to its 3 slots again.
+    kill(Pid::from_raw(new), Signal::SIGQUIT).expect("QUIT the new master");
+    assert!(
+        wait_until(T, || !process_alive(new)
+            && s.log().contains(&format!("new master pid={new} exited"))),
+        "{}",
+        s.log()
+    );
+    let (answers, failed) = burst(s.addr(), 4, 60);
+    assert_eq!(failed, 0);
+    let slots: HashSet<usize> = answers.iter().map(|(slot, _)| *slot).collect();
+    assert_eq!(
+        slots.len(),
+        3,
+        "every slot of the old master gets connections again: {answers:?}"
+    );
 }
 
 #[test]

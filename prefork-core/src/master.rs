@@ -217,7 +217,7 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
     /// Binds every listener, writes the pid file and runs the app's preload,
     /// in that order; nothing is forked yet. Errors here lose nothing and
     /// leave nothing behind (socket files and the pid file are removed).
-    pub fn start(cfg: MasterConfig, strategy: S, app: A) -> Result<Self> {
+    pub fn start(cfg: MasterConfig, mut strategy: S, app: A) -> Result<Self> {
         let threads = sys::thread_count().map_err(|e| Error::sys("reading /proc/self/task", e))?;
         if threads != 1 {
             return Err(Error::NotSingleThreaded(threads));
@@ -243,6 +243,21 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
             &opts,
             &mut inherited,
         )?);
+        // The strategy's own sockets (reuseport's per-slot ones) go back to
+        // the strategy; another strategy's (the upgrade changed --strategy)
+        // are not listeners of this one, and this copy is closed.
+        let prefix = crate::strategy::handover_prefix(strategy.name());
+        let mut own = Vec::new();
+        for (fd, key) in inherited.take_prefixed(&prefix) {
+            own.push(listener::adopt_handed_over(fd, &key, &opts)?);
+        }
+        for (fd, key) in inherited.take_prefixed("@") {
+            tracing::warn!(
+                "binary upgrade: {key} belongs to another strategy; closing this master's copy"
+            );
+            drop(sys::adopt_fd(fd));
+        }
+        strategy.adopt_handed_over(own);
         for (fd, key) in inherited.rest() {
             listeners.push(listener::adopt_handed_over(fd, &key, &opts)?);
         }
@@ -997,6 +1012,12 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
             .listeners
             .iter()
             .map(|l| (l.as_fd().as_raw_fd(), l.key().to_string()))
+            .chain(
+                self.strategy
+                    .handover_fds()
+                    .into_iter()
+                    .map(|(fd, key)| (fd.as_raw_fd(), key)),
+            )
             .collect();
         let env = upgrade::child_env(self.pid, &fds);
         if let Some(pf) = &mut self.pid_file {
@@ -1016,6 +1037,7 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
         match sys::fork() {
             Ok(Forked::Parent(pid)) => {
                 self.new_master = Some(pid);
+                self.strategy.handed_over(true);
                 tracing::info!(
                     "USR2: binary upgrade: started new master pid={pid} from {}; this master (pid={}) keeps serving until QUIT (QUIT the new master instead to roll back)",
                     plan.path().display(),
@@ -1025,11 +1047,18 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
             Ok(Forked::Child) => {
                 // Nothing of the old master runs here: plain signal
                 // dispositions, the listeners open across exec, then exec.
-                let prepared = sys::reset_signals_for_exec().and_then(|()| {
-                    self.listeners
-                        .iter()
-                        .try_for_each(|l| sys::set_inheritable(l.as_fd()))
-                });
+                let prepared = sys::reset_signals_for_exec()
+                    .and_then(|()| {
+                        self.listeners
+                            .iter()
+                            .try_for_each(|l| sys::set_inheritable(l.as_fd()))
+                    })
+                    .and_then(|()| {
+                        self.strategy
+                            .handover_fds()
+                            .into_iter()
+                            .try_for_each(|(fd, _)| sys::set_inheritable(fd))
+                    });
                 let e = match prepared {
                     Ok(()) => std::io::Error::from(plan.exec(&env)),
                     Err(e) => e,
@@ -1055,6 +1084,7 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
     /// this master takes back the pid file and the status socket.
     fn new_master_exited(&mut self, pid: Pid, status: ExitStatus) {
         self.new_master = None;
+        self.strategy.handed_over(false);
         let how = match status {
             ExitStatus::Code(c) => format!("exit code {c}"),
             ExitStatus::Signaled(s) => format!("signal {s}"),

@@ -60,6 +60,24 @@ pub trait AcceptStrategy {
         Ok(())
     }
 
+    /// Sockets of the strategy's own (beyond the listeners) that a binary
+    /// upgrade hands to the new master, each under a key that starts with
+    /// [`handover_prefix`]`(self.name())` (so no `--bind` can take it).
+    fn handover_fds(&self) -> Vec<(BorrowedFd<'_>, String)> {
+        Vec::new()
+    }
+
+    /// In a new master started by a binary upgrade, before
+    /// [`AcceptStrategy::prepare`]: the sockets the old master's strategy
+    /// handed over ([`AcceptStrategy::handover_fds`]), each with its key.
+    /// Dropping one closes this master's copy.
+    fn adopt_handed_over(&mut self, _sockets: Vec<Listener>) {}
+
+    /// A new master now shares what [`AcceptStrategy::handover_fds`] gave it
+    /// (`true`, after USR2 started it), or no longer does (`false`: it
+    /// exited, this master is the only one again).
+    fn handed_over(&mut self, _active: bool) {}
+
     /// Once, in the master, after listeners are bound and before any fork.
     fn prepare(&mut self, _listeners: &[Listener]) -> Result<()> {
         Ok(())
@@ -163,4 +181,11 @@ pub fn accept_error(e: io::Error) -> io::Result<Accepted> {
         ) => Ok(Accepted::Idle),
         _ => Err(e),
     }
+}
+
+/// The start of every key under which a strategy hands its own sockets to a
+/// new master (`@NAME/`): `@` is in no address, host name or path a `--bind`
+/// could give, so these never mix with the listeners.
+pub fn handover_prefix(strategy: &str) -> String {
+    format!("@{strategy}/")
 }

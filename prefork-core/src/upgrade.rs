@@ -155,6 +155,16 @@ impl Inherited {
         mine.into_iter().map(|(fd, _)| fd).collect()
     }
 
+    /// The descriptors whose key starts with `prefix`, with their keys
+    /// (removed from the hand-over).
+    pub fn take_prefixed(&mut self, prefix: &str) -> Vec<(RawFd, String)> {
+        let (mine, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.entries)
+            .into_iter()
+            .partition(|(_, k)| k.starts_with(prefix));
+        self.entries = rest;
+        mine
+    }
+
     /// What no `--bind` asked for.
     pub fn rest(&mut self) -> Vec<(RawFd, String)> {
         std::mem::take(&mut self.entries)

@@ -73,6 +73,12 @@ pub struct Reuseport {
     /// Slots 0..live receive new connections.
     live: usize,
     opts: BindOptions,
+    /// Slot sockets an old master handed over (binary upgrade): (slot,
+    /// address, socket), taken by the slots they belong to.
+    handed: Vec<(usize, SocketAddr, Listener)>,
+    /// A new master started by USR2 shares this master's slot sockets and
+    /// steers their groups: this one must not, until it is gone.
+    steering_handed_over: bool,
 }
 
 impl Reuseport {
@@ -103,10 +109,37 @@ impl Reuseport {
         Ok(Listener::from_socket(socket, ListenAddr::Tcp(sa)))
     }
 
+    /// The key under which slot `slot`'s socket on `sa` is handed over.
+    fn handover_key(slot: usize, sa: SocketAddr) -> String {
+        format!(
+            "{}{slot}/{sa}",
+            prefork_core::strategy::handover_prefix("reuseport")
+        )
+    }
+
+    /// Slot `slot`'s socket on `sa`: the one an old master handed over, or
+    /// a new one.
+    fn slot_socket(&mut self, slot: usize, sa: SocketAddr) -> io::Result<Listener> {
+        match self
+            .handed
+            .iter()
+            .position(|(s, a, _)| *s == slot && *a == sa)
+        {
+            Some(i) => {
+                let l = self.handed.swap_remove(i).2;
+                l.socket().set_nonblocking(self.addrs.len() > 1)?;
+                Ok(l)
+            }
+            None => self.new_socket(sa),
+        }
+    }
+
     /// Points every group's BPF program at slots 0..live.
     fn steer(&self) -> Result<()> {
-        if self.live == 0 {
-            return Ok(()); // no worker: connections wait in the queues
+        if self.live == 0 || self.steering_handed_over {
+            // No worker: connections wait in the queues. Or a new master
+            // steers the groups now.
+            return Ok(());
         }
         for (i, sa) in self.addrs.iter().enumerate() {
             if let Some(sock) = self.slots.first().and_then(|s| s.get(i)) {
@@ -131,12 +164,53 @@ impl AcceptStrategy for Reuseport {
         "reuseport"
     }
 
-    fn upgrade_supported(&self) -> std::result::Result<(), String> {
-        // A new master's per-slot sockets would join this group, and its
-        // steering program would replace this one for the whole group,
-        // sending connections by slot index to either master's sockets;
-        // this master's exit then resets whatever its sockets hold.
-        Err("the new master's per-slot sockets would share one SO_REUSEPORT group and steering program with this master's, and its exit would reset their queues; restart instead".into())
+    fn handover_fds(&self) -> Vec<(BorrowedFd<'_>, String)> {
+        // Every slot's sockets but slot 0's (the listeners, handed over
+        // anyway), retired slots' too: the new master takes the same
+        // sockets, so each group keeps its members in slot order, and no
+        // socket (nor its queue) closes when this master exits.
+        self.slots
+            .iter()
+            .enumerate()
+            .skip(1)
+            .flat_map(|(slot, socks)| {
+                socks.iter().filter_map(move |l| match l.addr() {
+                    ListenAddr::Tcp(sa) => Some((l.as_fd(), Self::handover_key(slot, *sa))),
+                    ListenAddr::Unix(_) => None,
+                })
+            })
+            .collect()
+    }
+
+    fn adopt_handed_over(&mut self, sockets: Vec<Listener>) {
+        let prefix = prefork_core::strategy::handover_prefix("reuseport");
+        for l in sockets {
+            let slot = l
+                .key()
+                .strip_prefix(prefix.as_str())
+                .and_then(|rest| rest.split_once('/'))
+                .and_then(|(slot, _)| slot.parse::<usize>().ok());
+            match (slot, l.addr()) {
+                (Some(slot), ListenAddr::Tcp(sa)) if slot > 0 => {
+                    let sa = *sa;
+                    self.handed.push((slot, sa, l));
+                }
+                _ => tracing::warn!(
+                    "reuseport: {} handed over is not a slot socket; closed",
+                    l.key()
+                ),
+            }
+        }
+    }
+
+    fn handed_over(&mut self, active: bool) {
+        self.steering_handed_over = active;
+        if !active {
+            // The new master's program may still be on the groups.
+            if let Err(e) = self.steer() {
+                tracing::error!("{e}");
+            }
+        }
     }
 
     fn bind_options(&self, opts: &mut BindOptions) {
@@ -188,6 +262,29 @@ impl AcceptStrategy for Reuseport {
         ListenerSet::set_nonblocking(listeners, listeners.len() > 1)
             .map_err(|e| strategy_err(format!("O_NONBLOCK on the listeners: {e}")))?;
         self.slots.push(slot0);
+        // After a binary upgrade: the old master's slots, in slot order,
+        // are this master's (a socket missing for an address is made, in
+        // the same order); the pool may use fewer of them.
+        let inherited_slots = self.handed.iter().map(|(s, _, _)| *s).max().unwrap_or(0);
+        for slot in 1..=inherited_slots {
+            let sockets = self
+                .addrs
+                .clone()
+                .into_iter()
+                .map(|sa| {
+                    self.slot_socket(slot, sa).map_err(|e| {
+                        strategy_err(format!("SO_REUSEPORT socket for slot {slot} on {sa}: {e}"))
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            self.slots.push(sockets);
+        }
+        for (slot, sa, _) in self.handed.drain(..) {
+            tracing::warn!("reuseport: slot {slot}'s socket on {sa} handed over for an address this master does not serve; closed");
+        }
+        if inherited_slots > 0 {
+            tracing::info!("reuseport: took over the sockets of slots 1..={inherited_slots} from the old master");
+        }
         match migrate_req().as_deref() {
             Some("1") => tracing::info!("reuseport: net.ipv4.tcp_migrate_req=1"),
             Some(v) => tracing::warn!(
@@ -347,6 +444,57 @@ mod tests {
                 want_defer
             );
         }
+    }
+
+    /// Binary upgrade: the new master's slots are the old master's sockets,
+    /// slot for slot (so the group order the steering relies on holds), and
+    /// it makes any slot beyond them.
+    #[test]
+    fn a_new_master_takes_the_old_slot_sockets_slot_for_slot() {
+        use std::os::fd::IntoRawFd;
+        let opts = BindOptions {
+            reuse_port: true,
+            ..BindOptions::default()
+        };
+        let spec = prefork_core::BindSpec::parse("127.0.0.1:0").expect("spec");
+        let bound = prefork_core::listener::bind_all(&[spec], &opts).expect("bind");
+        let mut old = Reuseport::new();
+        old.prepare(&bound).expect("prepare");
+        old.prepare_slot(2, &bound).expect("slots");
+        let handed = old.handover_fds();
+        let keys: Vec<&str> = handed.iter().map(|(_, k)| k.as_str()).collect();
+        let sa = bound[0].addr().to_string();
+        assert_eq!(
+            keys,
+            [format!("@reuseport/1/{sa}"), format!("@reuseport/2/{sa}")],
+            "slots 1 and 2 (slot 0's socket is the listener)"
+        );
+        // What exec hands over: other descriptors of the same sockets.
+        let adopted: Vec<Listener> = handed
+            .iter()
+            .map(|(fd, key)| {
+                let raw = fd.try_clone_to_owned().expect("dup").into_raw_fd();
+                prefork_core::listener::adopt_handed_over(raw, key, &opts).expect("adopt")
+            })
+            .collect();
+        let inode = |l: &Listener| nix::sys::stat::fstat(l.as_fd()).expect("fstat").st_ino;
+        let mut new = Reuseport::new();
+        new.adopt_handed_over(adopted);
+        new.prepare(&bound).expect("prepare");
+        new.prepare_slot(3, &bound).expect("one slot more");
+        assert_eq!(new.sockets(), 4);
+        for slot in 0..3 {
+            assert_eq!(
+                inode(&new.slots[slot][0]),
+                inode(&old.slots[slot][0]),
+                "slot {slot}"
+            );
+        }
+        assert!(old
+            .slots
+            .iter()
+            .flatten()
+            .all(|l| inode(l) != inode(&new.slots[3][0])));
     }
 
     #[test]
