@@ -252,6 +252,14 @@ struct Cli {
     #[arg(long)]
     list_strategies: bool,
 
+    /// Detach from the terminal (Unicorn's -D, nginx's `daemon on`): the
+    /// command returns once the server is ready, printing its ready line,
+    /// or with the server's error and exit code. Logs go to --log-file, or
+    /// nowhere; stdin and stdout are /dev/null. Stop it by the pid in the
+    /// ready line or --pid-file.
+    #[arg(short = 'D', long)]
+    daemon: bool,
+
     /// Check the flags and the --config file, print `configuration ok` and
     /// exit 0, or print the error and exit 2 (as `nginx -t`, gunicorn's
     /// --check-config): run it before sending HUP. Nothing is bound.
@@ -409,9 +417,9 @@ fn init_logging(cli: &Cli) -> Result<LogLevelHandle, String> {
     Ok(handle)
 }
 
-fn print_ready(r: &ReadyInfo) {
-    // The one line on stdout, for scripts: every listen= is a bound address
-    // with its real port, in --bind order.
+/// The ready line: stable for scripts, every listen= a bound address with
+/// its real port, in --bind order.
+fn ready_line(r: &ReadyInfo) -> String {
     let mut line = format!(
         "prefork ready pid={} strategy={} workers={}",
         r.pid, r.strategy, r.workers
@@ -422,8 +430,13 @@ fn print_ready(r: &ReadyInfo) {
     for a in &r.addrs {
         line.push_str(&format!(" listen={a}"));
     }
+    line
+}
+
+fn print_ready(r: &ReadyInfo) {
+    // The one line on stdout.
     let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "{line}");
+    let _ = writeln!(out, "{}", ready_line(r));
     let _ = out.flush();
 }
 
@@ -583,18 +596,20 @@ impl Reloader {
     }
 }
 
-/// Starts the master with `strategy` and runs it until it exits.
+/// Starts the master with `strategy` and runs it until it exits; `ready`
+/// announces it (stdout, or a daemon's pipe).
 fn serve<S: AcceptStrategy>(
     cfg: MasterConfig,
     strategy: S,
     app: Served,
     reloader: Option<Reloader>,
+    ready: impl FnMut(&ReadyInfo),
 ) -> prefork_core::Result<i32> {
     let mut master = Master::start(cfg, strategy, app)?;
     if let Some(r) = reloader {
         master.on_reload(move |app| r.reload(app));
     }
-    master.run(print_ready)
+    master.run(ready)
 }
 
 fn main() -> ExitCode {
@@ -642,6 +657,29 @@ fn main() -> ExitCode {
         Ok(handle) => handle,
         Err(e) => return fail(e, 2),
     };
+    let mut ready_pipe = None;
+    // A new master started by USR2 is already detached: it is the old
+    // (daemon) master's child, and must stay so (nginx does the same).
+    let upgrading = std::env::var_os(prefork_core::upgrade::INHERIT_VAR).is_some();
+    if cli.daemon && !upgrading {
+        match prefork_core::daemon::daemonize() {
+            Ok(prefork_core::daemon::Daemon::Starter(starter)) => {
+                return match starter.wait() {
+                    Ok(line) => {
+                        println!("{line}");
+                        ExitCode::SUCCESS
+                    }
+                    Err(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+                };
+            }
+            Ok(prefork_core::daemon::Daemon::Server(pipe)) => ready_pipe = Some(pipe),
+            Err(e) => return fail(e, 1),
+        }
+    }
+    let ready = move |r: &ReadyInfo| match &mut ready_pipe {
+        Some(pipe) => pipe.send(&ready_line(r)),
+        None => print_ready(r),
+    };
     let mut binds = cli.bind.clone();
     if binds.is_empty() && std::env::var_os("LISTEN_FDS").is_none() {
         binds.push(BindSpec::Tcp {
@@ -677,6 +715,7 @@ fn main() -> ExitCode {
         status_socket: cli.status.clone(),
         user,
         log_file: cli.log_file.clone(),
+        detached: cli.daemon,
     };
     let app = match cli.app {
         AppName::Hello => Builtin::Hello(apps::Hello::default()),
@@ -695,7 +734,9 @@ fn main() -> ExitCode {
         log_level,
     });
     let result = match cli.strategy {
-        StrategyName::Blocking => serve(cfg, prefork_blocking::Blocking::new(), app, reloader),
+        StrategyName::Blocking => {
+            serve(cfg, prefork_blocking::Blocking::new(), app, reloader, ready)
+        }
         StrategyName::Mutex => {
             // pthread measured best (docs/strategies.md): its unlock wakes
             // exactly one waiter, where flock, fcntl and SysV wake them all.
@@ -706,10 +747,16 @@ fn main() -> ExitCode {
                 LockName::Pthread => prefork_mutex::LockKind::Pthread,
             };
             let strategy = prefork_mutex::Mutex::new(kind, cli.lock_always);
-            serve(cfg, strategy, app, reloader)
+            serve(cfg, strategy, app, reloader, ready)
         }
-        StrategyName::Reuseport => serve(cfg, prefork_reuseport::Reuseport::new(), app, reloader),
-        StrategyName::Fdpass => serve(cfg, prefork_fdpass::Fdpass::new(), app, reloader),
+        StrategyName::Reuseport => serve(
+            cfg,
+            prefork_reuseport::Reuseport::new(),
+            app,
+            reloader,
+            ready,
+        ),
+        StrategyName::Fdpass => serve(cfg, prefork_fdpass::Fdpass::new(), app, reloader, ready),
     };
     match result {
         Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),

@@ -278,32 +278,6 @@ fn usr1_reopens_the_log_file_in_the_master_and_every_worker(#[case] strategy: &s
     assert_eq!(http_get(s.addr(), "/", T).expect("GET").status, 200);
 }
 
-/// Masters a test started through USR2 (not children of the test), found
-/// by an argument only they carry (the test's own pid-file path): each is
-/// killed by its pid when the test ends, however it ends, even one a bug
-/// started unasked.
-struct Masters(String);
-
-impl Drop for Masters {
-    fn drop(&mut self) {
-        let Ok(dir) = std::fs::read_dir("/proc") else {
-            return;
-        };
-        for pid in dir
-            .flatten()
-            .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        {
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            let ours = cmdline
-                .split(|&b| b == 0)
-                .any(|arg| arg == self.0.as_bytes());
-            if ours && process_alive(pid) {
-                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-            }
-        }
-    }
-}
-
 /// The pid in a pid file, if it names a live process other than `not`.
 fn other_master(pid_file: &std::path::Path, not: i32) -> Option<i32> {
     let pid: i32 = std::fs::read_to_string(pid_file)

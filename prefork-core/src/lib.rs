@@ -30,6 +30,7 @@
 pub mod accept;
 pub mod app;
 pub mod clock;
+pub mod daemon;
 pub mod error;
 pub mod listener;
 pub mod logfile;

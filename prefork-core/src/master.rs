@@ -67,6 +67,9 @@ pub struct MasterConfig {
     /// Send stderr (the logs) here once the listeners are bound; USR1
     /// reopens it.
     pub log_file: Option<PathBuf>,
+    /// Detached from the terminal (`--daemon`): without `log_file`, stderr
+    /// goes to /dev/null at the same point, before any worker is forked.
+    pub detached: bool,
 }
 
 /// How workers report busy and idle to the master.
@@ -98,6 +101,7 @@ impl Default for MasterConfig {
             status_socket: None,
             user: None,
             log_file: None,
+            detached: false,
         }
     }
 }
@@ -349,17 +353,28 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
                 "a pool that sizes itself needs busy/idle reports (not --status-report off)".into(),
             ));
         }
-        // Everything is in place: from here on the logs go to the file.
-        if let Some(lf) = &log_file {
-            if let Err(e) = lf.reopen() {
-                if let Some(pf) = pid_file {
-                    pf.remove();
-                }
-                if let Some(st) = status {
-                    st.remove();
-                }
-                return Err(Error::sys(format!("log file {}", lf.path().display()), e));
+        // Everything is in place: from here on the logs go to the file (or,
+        // detached, nowhere: the pipe to the starting command must not
+        // reach the workers).
+        let redirected = match &log_file {
+            Some(lf) => lf
+                .reopen()
+                .map_err(|e| Error::sys(format!("log file {}", lf.path().display()), e)),
+            None if cfg.detached => std::fs::OpenOptions::new()
+                .write(true)
+                .open("/dev/null")
+                .and_then(|f| Ok(nix::unistd::dup2_stderr(f)?))
+                .map_err(|e| Error::sys("stderr to /dev/null", e)),
+            None => Ok(()),
+        };
+        if let Err(e) = redirected {
+            if let Some(pf) = pid_file {
+                pf.remove();
             }
+            if let Some(st) = status {
+                st.remove();
+            }
+            return Err(e);
         }
         let sup = Supervisor::new(SupervisorConfig {
             workers: cfg.workers,
@@ -444,7 +459,12 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
                 match self.perform(action) {
                     Ok(None) => {}
                     Ok(Some(Flow::Exit(code))) => return Ok(self.finish(code)),
-                    Ok(Some(Flow::Child(setup))) => self.become_worker(setup),
+                    Ok(Some(Flow::Child(setup))) => {
+                        // What the callback holds (a daemon's ready pipe)
+                        // is the master's, not the worker's.
+                        drop(on_ready);
+                        self.become_worker(setup)
+                    }
                     Err(e) => return Err(e),
                 }
             }

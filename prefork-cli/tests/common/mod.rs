@@ -169,3 +169,29 @@ pub fn wait_replaced(s: &Server, old: &std::collections::HashSet<i32>, n: usize)
         now.len() == n && now.is_disjoint(old)
     })
 }
+
+/// Masters a test started without being their parent (through USR2, or
+/// `--daemon`), found by an argument only they carry (the test's own pid-file path): each is
+/// killed by its pid when the test ends, however it ends, even one a bug
+/// started unasked.
+pub struct Masters(pub String);
+
+impl Drop for Masters {
+    fn drop(&mut self) {
+        let Ok(dir) = std::fs::read_dir("/proc") else {
+            return;
+        };
+        for pid in dir
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let ours = cmdline
+                .split(|&b| b == 0)
+                .any(|arg| arg == self.0.as_bytes());
+            if ours && prefork_testkit::process_alive(pid) {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+            }
+        }
+    }
+}

@@ -179,6 +179,13 @@ pub fn reset_signals_for_exec() -> io::Result<()> {
     Ok(())
 }
 
+/// Unblocks every signal (sigprocmask(2)), as in a process that forked to
+/// go on as itself ([`crate::daemon`]) rather than as a worker.
+pub fn unblock_all_signals() -> io::Result<()> {
+    signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)
+        .map_err(io::Error::from)
+}
+
 /// Clears close-on-exec on `fd`: the one deliberate exception, for the
 /// listening sockets handed to a new master across exec.
 pub fn set_inheritable(fd: BorrowedFd<'_>) -> io::Result<()> {
