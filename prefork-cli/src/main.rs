@@ -661,6 +661,14 @@ fn main() -> ExitCode {
     // A new master started by USR2 is already detached: it is the old
     // (daemon) master's child, and must stay so (nginx does the same).
     let upgrading = std::env::var_os(prefork_core::upgrade::INHERIT_VAR).is_some();
+    if cli.daemon && !upgrading && std::env::var_os("LISTEN_FDS").is_some() {
+        // The sockets are meant for this pid (LISTEN_PID); a detached child
+        // has another, and the service manager supervises the process anyway.
+        return fail(
+            "--daemon: the service manager passed sockets (LISTEN_FDS) to this process; run it in the foreground",
+            2,
+        );
+    }
     if cli.daemon && !upgrading {
         match prefork_core::daemon::daemonize() {
             Ok(prefork_core::daemon::Daemon::Starter(starter)) => {

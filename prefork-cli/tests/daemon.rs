@@ -178,3 +178,20 @@ fn a_daemon_upgrades_in_place() {
     kill(Pid::from_raw(new), Signal::SIGQUIT).expect("QUIT");
     assert!(wait_until(T, || !process_alive(new)));
 }
+
+#[test]
+fn a_daemon_refuses_sockets_from_the_service_manager() {
+    let out = Command::new(env!("CARGO_BIN_EXE_prefork"))
+        .args(["--daemon", "--bind", "127.0.0.1:0"])
+        .env("LISTEN_FDS", "1")
+        .env("LISTEN_PID", "1")
+        .output()
+        .expect("run prefork");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("--daemon: the service manager passed sockets"),
+        "{err}"
+    );
+}
