@@ -92,11 +92,6 @@ pub fn daemonize() -> crate::Result<Daemon> {
 }
 
 impl Starter {
-    /// The detached server's pid.
-    pub fn pid(&self) -> Pid {
-        self.child
-    }
-
     /// Copies the server's start-up output to stderr until it is ready
     /// (returns its ready line, to print) or gone (returns its exit code).
     pub fn wait(self) -> Result<String, i32> {

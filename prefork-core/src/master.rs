@@ -184,8 +184,6 @@ pub struct Master<S: AcceptStrategy, A: App> {
     scoreboard: Scoreboard,
     report: ReportMode,
     max_requests: Option<(u64, u64)>,
-    /// Observe the scoreboard at least every OBSERVE_TICK.
-    watch: bool,
     /// The pool sizes itself: sample it at this time next.
     next_sample: Option<MonoTime>,
     /// When the master last reaped (see [`MAX_SLEEP`]).
@@ -255,7 +253,7 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
         for (fd, key) in inherited.take_prefixed(&prefix) {
             own.push(listener::adopt_handed_over(fd, &key, &opts)?);
         }
-        for (fd, key) in inherited.take_prefixed("@") {
+        for (fd, key) in inherited.take_prefixed(crate::strategy::HANDOVER_MARK) {
             tracing::warn!(
                 "binary upgrade: {key} belongs to another strategy; closing this master's copy"
             );
@@ -398,7 +396,6 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
             scoreboard,
             report: cfg.report,
             max_requests: cfg.max_requests.map(|n| (n, cfg.max_requests_jitter)),
-            watch: cfg.timeout.is_some() || cfg.max_requests.is_some() || cfg.scale.is_some(),
             next_sample: cfg.scale.map(|_| MonoTime::now()),
             last_reap: MonoTime::now(),
             status,
@@ -488,7 +485,12 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
     fn wait(&mut self, signals: &mut Vec<Signal>) -> (Duration, bool) {
         let start = MonoTime::now();
         let mut timeout = self.sup.next_deadline().map(|t| t.saturating_since(start));
-        let mut cap = if self.watch { OBSERVE_TICK } else { MAX_SLEEP };
+        // Timeouts, recycling and pool sizing need the scoreboard looked at
+        // at least every OBSERVE_TICK.
+        let watch = self.sup.timeout().is_some()
+            || self.max_requests.is_some()
+            || self.sup.scale_config().is_some();
+        let mut cap = if watch { OBSERVE_TICK } else { MAX_SLEEP };
         if let Some(t) = self.next_sample {
             cap = cap.min(t.saturating_since(start));
         }
@@ -724,8 +726,6 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
         }
         let now = MonoTime::now();
         self.max_requests = new.max_requests.map(|n| (n, new.max_requests_jitter));
-        self.watch =
-            new.pool.timeout.is_some() || new.max_requests.is_some() || new.pool.scale.is_some();
         self.next_sample = match (new.pool.scale, self.next_sample) {
             (None, _) => None,
             (Some(_), Some(t)) => Some(t),

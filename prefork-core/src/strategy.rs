@@ -183,9 +183,12 @@ pub fn accept_error(e: io::Error) -> io::Result<Accepted> {
     }
 }
 
-/// The start of every key under which a strategy hands its own sockets to a
-/// new master (`@NAME/`): `@` is in no address, host name or path a `--bind`
-/// could give, so these never mix with the listeners.
+/// Starts every key under which a strategy hands its own sockets to a new
+/// master: `@` is in no address, host name or path a `--bind` could give, so
+/// these never mix with the listeners.
+pub const HANDOVER_MARK: &str = "@";
+
+/// The start of the keys of strategy `strategy`'s own sockets (`@NAME/`).
 pub fn handover_prefix(strategy: &str) -> String {
-    format!("@{strategy}/")
+    format!("{HANDOVER_MARK}{strategy}/")
 }

@@ -395,6 +395,11 @@ impl Supervisor {
         self.scaler.as_ref().map(Scaler::config)
     }
 
+    /// The busy-too-long limit (`--timeout`), if any.
+    pub fn timeout(&self) -> Option<Duration> {
+        self.cfg.timeout
+    }
+
     /// Workers wanted now.
     pub fn target(&self) -> usize {
         self.target
