@@ -258,8 +258,10 @@ pub fn run_step(
         ..LoadConfig::default()
     };
     std::thread::sleep(cfg.idle_before);
-    let burst_at = t0.elapsed();
+    let before = t0.elapsed();
     let report = load::run(&burst_cfg, &Arc::new(Progress::default()))?;
+    // The burst's clock starts once the generator is set up.
+    let burst_at = before + report.setup;
     let burst_end = t0.elapsed();
     let mut lost = report.errors.total();
     let mut requests = report.ok + lost;
@@ -281,7 +283,7 @@ pub fn run_step(
             let r = load::run(&tail_cfg, &Arc::new(Progress::default()))?;
             lost += r.errors.total();
             requests += r.ok + r.errors.total();
-            outcomes.extend(r.outcomes.iter().map(|o| (at, *o)));
+            outcomes.extend(r.outcomes.iter().map(|o| (at + r.setup, *o)));
             if sampler
                 .latest()
                 .is_some_and(|s| s.target == cfg.min as u64 && s.ready == cfg.min as u64)
