@@ -104,6 +104,20 @@ pub struct PoolSample {
     pub busy: u64,
 }
 
+/// Seconds from `at_s` until the pool, as sampled, met `pred`: 0 when the
+/// last sample before `at_s` already did (the pool is sampled only every
+/// 50 ms, and a fixed pool that was big enough before the burst did not
+/// become so at the next sample).
+fn since(samples: &[PoolSample], at_s: f64, pred: &dyn Fn(&PoolSample) -> bool) -> Option<f64> {
+    if samples.iter().rev().find(|s| s.t_s < at_s).is_some_and(pred) {
+        return Some(0.0);
+    }
+    samples
+        .iter()
+        .find(|s| s.t_s >= at_s && pred(s))
+        .map(|s| s.t_s - at_s)
+}
+
 /// Latency of the requests started in one bucket of the timeline.
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct LatencyPoint {
@@ -296,12 +310,7 @@ pub fn run_step(
     let log = server.log();
     server.stop(Duration::from_secs(10));
     let (burst_at_s, burst_end_s) = (burst_at.as_secs_f64(), burst_end.as_secs_f64());
-    let after_burst = |pred: &dyn Fn(&PoolSample) -> bool| {
-        samples
-            .iter()
-            .find(|s| s.t_s >= burst_at_s && pred(s))
-            .map(|s| s.t_s - burst_at_s)
-    };
+    let after_burst = |pred: &dyn Fn(&PoolSample) -> bool| since(&samples, burst_at_s, pred);
     let min = cfg.min as u64;
     let first_grow_s = (pool == Pool::Auto)
         .then(|| after_burst(&|s| s.ready > min))
@@ -578,6 +587,27 @@ mod tests {
         assert!((t[0].p99_ms - 300.0).abs() < 1.0, "{t:?}");
         assert_eq!((t[1].t_s, t[1].requests), (2.0, 1));
         assert!((t[1].p99_ms - 5.0).abs() < 0.1, "{t:?}");
+    }
+
+    #[test]
+    fn time_to_a_pool_state_counts_from_the_state_before_the_burst() {
+        let sample = |t_s: f64, ready: u64| PoolSample {
+            t_s,
+            target: ready,
+            ready,
+            busy: 0,
+        };
+        let samples = [sample(0.95, 12), sample(1.00, 12), sample(1.05, 12)];
+        let enough = |s: &PoolSample| s.ready >= 8;
+        // Big enough before the burst at 1.02 s: no wait at all.
+        assert_eq!(since(&samples, 1.02, &enough), Some(0.0));
+        let growing = [sample(0.95, 2), sample(1.00, 2), sample(1.05, 3), sample(1.30, 9)];
+        let t = since(&growing, 1.02, &enough).expect("reached");
+        assert!((t - 0.28).abs() < 1e-9, "{t}");
+        let grew = since(&growing, 1.02, &|s| s.ready > 2).expect("grew");
+        assert!((grew - 0.03).abs() < 1e-9, "{grew}");
+        assert_eq!(since(&growing, 1.02, &|s| s.ready > 12), None);
+        assert_eq!(since(&[], 1.0, &enough), None);
     }
 
     #[test]
