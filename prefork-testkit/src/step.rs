@@ -109,7 +109,12 @@ pub struct PoolSample {
 /// 50 ms, and a fixed pool that was big enough before the burst did not
 /// become so at the next sample).
 fn since(samples: &[PoolSample], at_s: f64, pred: &dyn Fn(&PoolSample) -> bool) -> Option<f64> {
-    if samples.iter().rev().find(|s| s.t_s < at_s).is_some_and(pred) {
+    if samples
+        .iter()
+        .rev()
+        .find(|s| s.t_s < at_s)
+        .is_some_and(pred)
+    {
         return Some(0.0);
     }
     samples
@@ -601,7 +606,12 @@ mod tests {
         let enough = |s: &PoolSample| s.ready >= 8;
         // Big enough before the burst at 1.02 s: no wait at all.
         assert_eq!(since(&samples, 1.02, &enough), Some(0.0));
-        let growing = [sample(0.95, 2), sample(1.00, 2), sample(1.05, 3), sample(1.30, 9)];
+        let growing = [
+            sample(0.95, 2),
+            sample(1.00, 2),
+            sample(1.05, 3),
+            sample(1.30, 9),
+        ];
         let t = since(&growing, 1.02, &enough).expect("reached");
         assert!((t - 0.28).abs() < 1e-9, "{t}");
         let grew = since(&growing, 1.02, &|s| s.ready > 2).expect("grew");
