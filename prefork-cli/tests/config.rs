@@ -10,6 +10,7 @@ use std::process::Command;
 
 use common::*;
 use rstest::rstest;
+use rstest_reuse::apply;
 
 fn write(path: &Path, text: &str) {
     std::fs::write(path, text).expect("write the config file");
@@ -92,12 +93,8 @@ fn a_bad_config_file_exits_2_with_one_line_naming_it(#[case] text: &str, #[case]
 /// L6: HUP reads the file again. A good file resizes the pool, replaces
 /// every worker and brings its new timeout; a file with a mistake is logged
 /// and changes nothing: the same workers keep serving, nothing is lost.
-#[rstest]
-#[case::blocking("blocking")]
-#[case::mutex("mutex")]
-#[case::fdpass("fdpass")]
-#[case::reuseport("reuseport")]
-fn l6_hup_rereads_the_config_file_and_a_broken_one_changes_nothing(#[case] strategy: &str) {
+#[apply(every_strategy)]
+fn l6_hup_rereads_the_config_file_and_a_broken_one_changes_nothing(strategy: &str) {
     let dir = tempfile::tempdir().expect("temp dir");
     let file = dir.path().join("prefork.toml");
     write(&file, "workers = 2\n");

@@ -11,6 +11,7 @@ use nix::sys::signal::kill;
 use nix::unistd::Pid;
 use prefork_testkit::process_alive;
 use rstest::rstest;
+use rstest_reuse::apply;
 
 /// Runs the starting command to its end (bounded): (exit code, stdout, stderr).
 fn run_to_end(args: &[&str]) -> (Option<i32>, String, String) {
@@ -64,12 +65,8 @@ fn stat_field(pid: i32, n: usize) -> i32 {
         .expect("number")
 }
 
-#[rstest]
-#[case::blocking("blocking")]
-#[case::mutex("mutex")]
-#[case::fdpass("fdpass")]
-#[case::reuseport("reuseport")]
-fn daemon_returns_once_ready_and_the_server_runs_detached(#[case] strategy: &str) {
+#[apply(every_strategy)]
+fn daemon_returns_once_ready_and_the_server_runs_detached(strategy: &str) {
     let dir = tempfile::tempdir().expect("temp dir");
     let pid_file = dir.path().join("p.pid");
     let log = dir.path().join("p.log");

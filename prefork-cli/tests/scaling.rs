@@ -9,13 +9,10 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use rstest::rstest;
+use rstest_reuse::apply;
 
-#[rstest]
-#[case::blocking("blocking")]
-#[case::mutex("mutex")]
-#[case::reuseport("reuseport")]
-#[case::fdpass("fdpass")]
-fn the_pool_grows_under_a_burst_and_shrinks_back_to_min_losing_nothing(#[case] strategy: &str) {
+#[apply(every_strategy)]
+fn the_pool_grows_under_a_burst_and_shrinks_back_to_min_losing_nothing(strategy: &str) {
     let mut s = start(
         strategy,
         &[
@@ -121,12 +118,8 @@ fn the_pool_grows_under_a_burst_and_shrinks_back_to_min_losing_nothing(#[case] s
 /// before the sleeper is done. With reuseport the connection sits in the
 /// sleeper's own socket queue, where no other worker can take it: it is
 /// served, but only when the sleeper is done (docs/strategies.md).
-#[rstest]
-#[case::blocking("blocking")]
-#[case::mutex("mutex")]
-#[case::reuseport("reuseport")]
-#[case::fdpass("fdpass")]
-fn a_busy_pool_with_a_waiting_connection_grows(#[case] strategy: &str) {
+#[apply(every_strategy)]
+fn a_busy_pool_with_a_waiting_connection_grows(strategy: &str) {
     let mut s = start(
         strategy,
         &[

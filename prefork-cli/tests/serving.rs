@@ -9,13 +9,10 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use rstest::rstest;
+use rstest_reuse::apply;
 
-#[rstest]
-#[case::blocking("blocking")]
-#[case::mutex("mutex")]
-#[case::fdpass("fdpass")]
-#[case::reuseport("reuseport")]
-fn http_app_answers_with_worker_header_sleep_and_errors(#[case] strategy: &str) {
+#[apply(every_strategy)]
+fn http_app_answers_with_worker_header_sleep_and_errors(strategy: &str) {
     let s = start(
         strategy,
         &["--workers", "2", "--app", "http", "--header-timeout", "1"],
@@ -60,12 +57,8 @@ fn http_app_answers_with_worker_header_sleep_and_errors(#[case] strategy: &str) 
     assert!(t0.elapsed() < Duration::from_secs(3));
 }
 
-#[rstest]
-#[case::blocking("blocking")]
-#[case::mutex("mutex")]
-#[case::fdpass("fdpass")]
-#[case::reuseport("reuseport")]
-fn keep_alive_when_asked_and_bounded(#[case] strategy: &str) {
+#[apply(every_strategy)]
+fn keep_alive_when_asked_and_bounded(strategy: &str) {
     let s = start(strategy, &["--workers", "1", "--keepalive-requests", "3"]);
     let mut c = TcpStream::connect(s.addr()).expect("connect");
     c.set_read_timeout(Some(T)).expect("timeout");
@@ -83,12 +76,8 @@ fn keep_alive_when_asked_and_bounded(#[case] strategy: &str) {
     assert_eq!(text.matches("Connection: close").count(), 1, "{text}");
 }
 
-#[rstest]
-#[case::blocking("blocking")]
-#[case::mutex("mutex")]
-#[case::fdpass("fdpass")]
-#[case::reuseport("reuseport")]
-fn hello_and_echo_apps(#[case] strategy: &str) {
+#[apply(every_strategy)]
+fn hello_and_echo_apps(strategy: &str) {
     let s = start(strategy, &["--workers", "1", "--app", "hello"]);
     let line = read_line_from(s.addr(), T).expect("hello");
     let pid = s.workers()[0];
@@ -114,12 +103,8 @@ fn hello_and_echo_apps(#[case] strategy: &str) {
 /// still accepted later (and cut with 408 at the header deadline). With
 /// `--defer-accept 0` the worker takes the silent connection first and the
 /// request waits for that deadline.
-#[rstest]
-#[case::blocking("blocking")]
-#[case::mutex("mutex")]
-#[case::fdpass("fdpass")]
-#[case::reuseport("reuseport")]
-fn a_client_that_sends_nothing_holds_no_worker(#[case] strategy: &str) {
+#[apply(every_strategy)]
+fn a_client_that_sends_nothing_holds_no_worker(strategy: &str) {
     // Returns how long the GET took, and whether it was answered before the
     // silent client was.
     let silent_then_get = |extra: &[&str]| {
@@ -200,12 +185,8 @@ fn several_listeners_tcp_and_unix_are_all_served(#[case] strategy: &str) {
     assert!(!sock.exists(), "the socket file is removed on exit");
 }
 
-#[rstest]
-#[case::blocking("blocking")]
-#[case::mutex("mutex")]
-#[case::fdpass("fdpass")]
-#[case::reuseport("reuseport")]
-fn two_thousand_connections_to_four_workers_all_answered_by_every_worker(#[case] strategy: &str) {
+#[apply(every_strategy)]
+fn two_thousand_connections_to_four_workers_all_answered_by_every_worker(strategy: &str) {
     let s = start(strategy, &["--workers", "4"]);
     let (answers, errors) = burst(s.addr(), 8, 250);
     let mut per_slot: BTreeMap<usize, u32> = BTreeMap::new();
@@ -221,12 +202,8 @@ fn two_thousand_connections_to_four_workers_all_answered_by_every_worker(#[case]
     );
 }
 
-#[rstest]
-#[case::blocking("blocking")]
-#[case::mutex("mutex")]
-#[case::fdpass("fdpass")]
-#[case::reuseport("reuseport")]
-fn ipv6_loopback_is_served_when_available(#[case] strategy: &str) {
+#[apply(every_strategy)]
+fn ipv6_loopback_is_served_when_available(strategy: &str) {
     if std::net::TcpListener::bind("[::1]:0").is_err() {
         eprintln!("skipping: no IPv6 loopback on this machine");
         return;
@@ -329,12 +306,8 @@ fn descriptors(pid: &str) -> Vec<(i32, String, bool)> {
 /// listener, its slot's socket or its channel; the master-alive pipe; its
 /// status pipe), and every one of them is close-on-exec, so a program the
 /// app runs gets only 0, 1, 2 and what was passed to prefork itself.
-#[rstest]
-#[case::blocking("blocking")]
-#[case::mutex("mutex")]
-#[case::fdpass("fdpass")]
-#[case::reuseport("reuseport")]
-fn s4_a_worker_holds_only_its_own_descriptors_all_close_on_exec(#[case] strategy: &str) {
+#[apply(every_strategy)]
+fn s4_a_worker_holds_only_its_own_descriptors_all_close_on_exec(strategy: &str) {
     let s = start(strategy, &["--workers", "2"]);
     assert!(s.wait_workers(2, T));
     // What this test process passes down to prefork: its own descriptors
@@ -367,12 +340,8 @@ fn s4_a_worker_holds_only_its_own_descriptors_all_close_on_exec(#[case] strategy
 /// the request, not from the last byte, so each is cut with a 408 at the
 /// deadline (a per-byte deadline would let them hold the workers for the
 /// whole 10 s they trickle), and a normal client is served meanwhile.
-#[rstest]
-#[case::blocking("blocking")]
-#[case::mutex("mutex")]
-#[case::fdpass("fdpass")]
-#[case::reuseport("reuseport")]
-fn l16_trickling_clients_are_cut_at_the_header_deadline(#[case] strategy: &str) {
+#[apply(every_strategy)]
+fn l16_trickling_clients_are_cut_at_the_header_deadline(strategy: &str) {
     let s = start(strategy, &["--workers", "2", "--header-timeout", "1"]);
     let slow: Vec<_> = (0..3)
         .map(|_| {
@@ -511,12 +480,8 @@ fn cpu_ticks(pid: i32) -> u64 {
 /// could not install) while a request waits. It backs off instead of
 /// spinning (little CPU in that time), logs it, and once relieved serves the
 /// request: nothing is lost.
-#[rstest]
-#[case::blocking("blocking")]
-#[case::mutex("mutex")]
-#[case::fdpass("fdpass")]
-#[case::reuseport("reuseport")]
-fn l14_a_worker_at_its_descriptor_limit_backs_off_and_serves_after_relief(#[case] strategy: &str) {
+#[apply(every_strategy)]
+fn l14_a_worker_at_its_descriptor_limit_backs_off_and_serves_after_relief(strategy: &str) {
     let s = start(strategy, &["--workers", "1", "--fault", "fd-limit-1s"]);
     let worker = s.workers()[0];
     let before = cpu_ticks(worker);

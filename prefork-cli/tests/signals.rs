@@ -10,13 +10,10 @@ use nix::sys::signal::kill;
 use nix::unistd::Pid;
 use prefork_testkit::{process_alive, zombie_children};
 use rstest::rstest;
+use rstest_reuse::apply;
 
-#[rstest]
-#[case::blocking("blocking")]
-#[case::mutex("mutex")]
-#[case::fdpass("fdpass")]
-#[case::reuseport("reuseport")]
-fn sigkilled_worker_comes_back_in_the_same_slot_with_a_new_pid_within_1s(#[case] strategy: &str) {
+#[apply(every_strategy)]
+fn sigkilled_worker_comes_back_in_the_same_slot_with_a_new_pid_within_1s(strategy: &str) {
     let s = start(strategy, &["--workers", "2"]);
     let (slot, pid) = who(s.addr());
     let t0 = Instant::now();
@@ -43,12 +40,8 @@ fn sigkilled_worker_comes_back_in_the_same_slot_with_a_new_pid_within_1s(#[case]
     }));
 }
 
-#[rstest]
-#[case::blocking("blocking")]
-#[case::mutex("mutex")]
-#[case::fdpass("fdpass")]
-#[case::reuseport("reuseport")]
-fn ttin_adds_and_ttou_removes_one_worker(#[case] strategy: &str) {
+#[apply(every_strategy)]
+fn ttin_adds_and_ttou_removes_one_worker(strategy: &str) {
     let s = start(strategy, &["--workers", "4"]);
     assert!(s.wait_workers(4, T));
     s.signal(Signal::SIGTTIN);
@@ -62,12 +55,8 @@ fn ttin_adds_and_ttou_removes_one_worker(#[case] strategy: &str) {
     assert!(zombie_children(s.pid()).is_empty());
 }
 
-#[rstest]
-#[case::blocking("blocking")]
-#[case::mutex("mutex")]
-#[case::fdpass("fdpass")]
-#[case::reuseport("reuseport")]
-fn quit_lets_the_request_in_hand_finish_then_exits_0_with_no_child_left(#[case] strategy: &str) {
+#[apply(every_strategy)]
+fn quit_lets_the_request_in_hand_finish_then_exits_0_with_no_child_left(strategy: &str) {
     let mut s = start(strategy, &["--workers", "2"]);
     let addr = s.addr().to_string();
     let slow = std::thread::spawn(move || http_get(&addr, "/sleep/1000", T));
@@ -87,12 +76,8 @@ fn quit_lets_the_request_in_hand_finish_then_exits_0_with_no_child_left(#[case] 
     assert!(workers.iter().all(|&w| !process_alive(w)));
 }
 
-#[rstest]
-#[case::blocking("blocking")]
-#[case::mutex("mutex")]
-#[case::fdpass("fdpass")]
-#[case::reuseport("reuseport")]
-fn term_stops_at_once_and_int_too(#[case] strategy: &str) {
+#[apply(every_strategy)]
+fn term_stops_at_once_and_int_too(strategy: &str) {
     for sig in [Signal::SIGTERM, Signal::SIGINT] {
         let mut s = start(strategy, &["--workers", "2"]);
         let addr = s.addr().to_string();
@@ -116,12 +101,8 @@ fn term_stops_at_once_and_int_too(#[case] strategy: &str) {
     }
 }
 
-#[rstest]
-#[case::blocking("blocking")]
-#[case::mutex("mutex")]
-#[case::fdpass("fdpass")]
-#[case::reuseport("reuseport")]
-fn graceful_stop_escalates_after_graceful_timeout(#[case] strategy: &str) {
+#[apply(every_strategy)]
+fn graceful_stop_escalates_after_graceful_timeout(strategy: &str) {
     let mut s = start(strategy, &["--workers", "1", "--graceful-timeout", "1"]);
     let addr = s.addr().to_string();
     let _slow = std::thread::spawn(move || http_get(&addr, "/sleep/30000", T));
@@ -147,12 +128,8 @@ fn graceful_stop_escalates_after_graceful_timeout(#[case] strategy: &str) {
     );
 }
 
-#[rstest]
-#[case::blocking("blocking")]
-#[case::mutex("mutex")]
-#[case::fdpass("fdpass")]
-#[case::reuseport("reuseport")]
-fn hup_replaces_every_worker_without_losing_a_connection(#[case] strategy: &str) {
+#[apply(every_strategy)]
+fn hup_replaces_every_worker_without_losing_a_connection(strategy: &str) {
     let s = start(strategy, &["--workers", "3"]);
     let old: HashSet<i32> = s.workers().into_iter().collect();
     let addr = s.addr().to_string();
@@ -176,12 +153,8 @@ fn hup_replaces_every_worker_without_losing_a_connection(#[case] strategy: &str)
     assert!(s.log().contains("replaced by a new generation"));
 }
 
-#[rstest]
-#[case::blocking("blocking")]
-#[case::mutex("mutex")]
-#[case::fdpass("fdpass")]
-#[case::reuseport("reuseport")]
-fn winch_stops_all_workers_keeps_master_and_ttin_brings_them_back(#[case] strategy: &str) {
+#[apply(every_strategy)]
+fn winch_stops_all_workers_keeps_master_and_ttin_brings_them_back(strategy: &str) {
     let s = start(strategy, &["--workers", "3"]);
     s.signal(Signal::SIGWINCH);
     assert!(s.wait_workers(0, T), "{}", s.log());
@@ -192,12 +165,8 @@ fn winch_stops_all_workers_keeps_master_and_ttin_brings_them_back(#[case] strate
         .is_ok_and(|r| r.status == 200)));
 }
 
-#[rstest]
-#[case::blocking("blocking")]
-#[case::mutex("mutex")]
-#[case::fdpass("fdpass")]
-#[case::reuseport("reuseport")]
-fn sigkill_of_the_master_leaves_no_worker_after_1s(#[case] strategy: &str) {
+#[apply(every_strategy)]
+fn sigkill_of_the_master_leaves_no_worker_after_1s(strategy: &str) {
     let s = start(strategy, &["--workers", "3"]);
     let workers = s.workers();
     assert_eq!(workers.len(), 3);
@@ -210,12 +179,8 @@ fn sigkill_of_the_master_leaves_no_worker_after_1s(#[case] strategy: &str) {
     );
 }
 
-#[rstest]
-#[case::blocking("blocking")]
-#[case::mutex("mutex")]
-#[case::fdpass("fdpass")]
-#[case::reuseport("reuseport")]
-fn usr1_is_logged_and_changes_nothing(#[case] strategy: &str) {
+#[apply(every_strategy)]
+fn usr1_is_logged_and_changes_nothing(strategy: &str) {
     let s = start(strategy, &["--workers", "1"]);
     let before = s.workers();
     s.signal(Signal::SIGUSR1);
@@ -228,12 +193,8 @@ fn usr1_is_logged_and_changes_nothing(#[case] strategy: &str) {
 /// After the file is moved away (logrotate), USR1 has the master, then
 /// every worker (blocked in accept or in recvmsg) write to a new file at
 /// the path; the moved one gets nothing more.
-#[rstest]
-#[case::blocking("blocking")]
-#[case::mutex("mutex")]
-#[case::fdpass("fdpass")]
-#[case::reuseport("reuseport")]
-fn usr1_reopens_the_log_file_in_the_master_and_every_worker(#[case] strategy: &str) {
+#[apply(every_strategy)]
+fn usr1_reopens_the_log_file_in_the_master_and_every_worker(strategy: &str) {
     let dir = tempfile::tempdir().expect("tempdir");
     let log = dir.path().join("prefork.log");
     let rotated = dir.path().join("prefork.log.1");
@@ -315,12 +276,8 @@ fn fd_kinds(pid: i32, port: u16) -> Vec<String> {
 /// serving, the pid file names the newest master (the old one's moves to
 /// `.oldbin` and goes with it), and the last master holds exactly the
 /// descriptors the first did (nothing leaked across exec).
-#[rstest]
-#[case::blocking("blocking")]
-#[case::mutex("mutex")]
-#[case::fdpass("fdpass")]
-#[case::reuseport("reuseport")]
-fn l5_binary_upgrade_five_times_under_load_loses_nothing(#[case] strategy: &str) {
+#[apply(every_strategy)]
+fn l5_binary_upgrade_five_times_under_load_loses_nothing(strategy: &str) {
     let dir = tempfile::tempdir().expect("tempdir");
     let pid_file = dir.path().join("prefork.pid");
     let oldbin = dir.path().join("prefork.pid.oldbin");
@@ -671,12 +628,8 @@ fn resize_to(s: &Server, sock: &str, n: usize) {
 /// brought back to 2 workers they serve, and the master holds no more
 /// descriptors than before (reuseport keeps one listening socket per slot
 /// the storm created: every extra one must be exactly that).
-#[rstest]
-#[case::blocking("blocking")]
-#[case::mutex("mutex")]
-#[case::fdpass("fdpass")]
-#[case::reuseport("reuseport")]
-fn l13_a_storm_of_1000_signals_leaves_the_master_healthy(#[case] strategy: &str) {
+#[apply(every_strategy)]
+fn l13_a_storm_of_1000_signals_leaves_the_master_healthy(strategy: &str) {
     let dir = tempfile::tempdir().expect("tempdir");
     let sock = format!("unix:{}", dir.path().join("status.sock").display());
     let s = start(strategy, &["--workers", "2", "--status", &sock]);

@@ -14,15 +14,12 @@ use nix::sys::signal::kill;
 use nix::unistd::Pid;
 use prefork_testkit::is_sleeping_in_nanosleep;
 use rstest::rstest;
+use rstest_reuse::apply;
 
 /// L8: a worker stuck on one request longer than --timeout is killed
 /// (stable log line), within timeout + 1 s, and its slot serves again.
-#[rstest]
-#[case::blocking("blocking")]
-#[case::mutex("mutex")]
-#[case::fdpass("fdpass")]
-#[case::reuseport("reuseport")]
-fn frozen_worker_is_killed_within_3s_and_its_slot_serves_again(#[case] strategy: &str) {
+#[apply(every_strategy)]
+fn frozen_worker_is_killed_within_3s_and_its_slot_serves_again(strategy: &str) {
     let s = start(strategy, &["--workers", "2", "--timeout", "2"]);
     let addr = s.addr().to_string();
     let stuck =
@@ -71,12 +68,8 @@ fn frozen_worker_is_killed_within_3s_and_its_slot_serves_again(#[case] strategy:
 
 /// L9: the master stopped for 4 s, then continued, kills no worker: busy
 /// workers get a fresh timeout instead of dying on a stale clock.
-#[rstest]
-#[case::blocking("blocking")]
-#[case::mutex("mutex")]
-#[case::fdpass("fdpass")]
-#[case::reuseport("reuseport")]
-fn a_master_stopped_for_4s_kills_no_worker(#[case] strategy: &str) {
+#[apply(every_strategy)]
+fn a_master_stopped_for_4s_kills_no_worker(strategy: &str) {
     let s = start(strategy, &["--workers", "2", "--timeout", "2"]);
     let before: HashSet<i32> = s.workers().into_iter().collect();
     // Keep one worker busy across the stop with a 1.5 s request at a time.
@@ -103,12 +96,8 @@ fn a_master_stopped_for_4s_kills_no_worker(#[case] strategy: &str) {
 }
 
 /// --max-requests: workers are recycled (replacement first), none lost.
-#[rstest]
-#[case::blocking("blocking")]
-#[case::mutex("mutex")]
-#[case::fdpass("fdpass")]
-#[case::reuseport("reuseport")]
-fn max_requests_recycles_workers_under_2000_connections_with_none_lost(#[case] strategy: &str) {
+#[apply(every_strategy)]
+fn max_requests_recycles_workers_under_2000_connections_with_none_lost(strategy: &str) {
     let s = start(
         strategy,
         &[
@@ -141,12 +130,8 @@ fn max_requests_recycles_workers_under_2000_connections_with_none_lost(#[case] s
 
 /// The status socket: mode 0600, a busy worker shown as busy with its
 /// duration, in the table and in JSON; garbage does not hurt the master.
-#[rstest]
-#[case::blocking("blocking")]
-#[case::mutex("mutex")]
-#[case::fdpass("fdpass")]
-#[case::reuseport("reuseport")]
-fn status_shows_a_sleeping_worker_as_busy(#[case] strategy: &str) {
+#[apply(every_strategy)]
+fn status_shows_a_sleeping_worker_as_busy(strategy: &str) {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("status.sock");
     let sock = format!("unix:{}", path.display());
@@ -409,12 +394,8 @@ fn l15_a_capped_backlog_is_warned_and_a_full_queue_shows_in_the_status() {
 /// writing where only its reports go) gets that worker replaced, its
 /// replacement first; garbage sent to the status socket is ignored. The
 /// master stays healthy and keeps serving.
-#[rstest]
-#[case::blocking("blocking")]
-#[case::mutex("mutex")]
-#[case::fdpass("fdpass")]
-#[case::reuseport("reuseport")]
-fn s5_garbage_on_a_status_channel_replaces_the_worker(#[case] strategy: &str) {
+#[apply(every_strategy)]
+fn s5_garbage_on_a_status_channel_replaces_the_worker(strategy: &str) {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("status.sock");
     let sock = format!("unix:{}", path.display());

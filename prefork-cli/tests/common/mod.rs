@@ -1,6 +1,7 @@
 //! Shared helpers for the black-box tests of the `prefork` binary.
-#![allow(dead_code, unused_imports)]
+#![allow(dead_code, unused_imports, unused_macros)]
 
+use rstest::rstest;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -9,8 +10,19 @@ pub use nix::sys::signal::Signal;
 #[allow(unused_imports)]
 pub use prefork_testkit::{http_get, read_line_from, wait_until, Server, ServerBuilder};
 
-/// Every strategy the binary offers; shared scenarios run for each.
+/// How long a test waits for an event before it fails.
 pub const T: Duration = Duration::from_secs(10);
+
+/// Every strategy the binary offers: a scenario that applies to all of them
+/// takes `#[apply(every_strategy)]` and a `strategy: &str` argument, and
+/// runs once per strategy (`case_1_blocking` ...).
+#[rstest_reuse::template]
+#[rstest]
+#[case::blocking("blocking")]
+#[case::mutex("mutex")]
+#[case::fdpass("fdpass")]
+#[case::reuseport("reuseport")]
+pub fn every_strategy(#[case] strategy: &str) {}
 
 /// A builder for the binary under test.
 pub fn prefork() -> ServerBuilder {
