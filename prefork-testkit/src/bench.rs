@@ -222,10 +222,18 @@ pub struct RunResult {
     pub scenario: &'static str,
     /// Server label.
     pub server: String,
+    /// Which pass over the servers the run belongs to (from 0). Runs of one
+    /// round ran one after another, so they are the ones compared in pairs
+    /// (see [`side_by_side`]).
+    pub round: usize,
     /// The load generator's figures.
     pub load: Summary,
     /// Server CPU (utime+stime, master and workers) per successful request, µs.
     pub cpu_us_per_req: f64,
+    /// The master's own part of it (without its workers), µs. Near 0 where
+    /// only workers take connections; fdpass's master accepts and hands
+    /// over every one.
+    pub master_cpu_us_per_req: f64,
     /// Workers' voluntary context switches (sleeps, each ended by a wakeup)
     /// per accepted connection.
     pub wakeups_per_conn: f64,
@@ -236,6 +244,11 @@ pub struct RunResult {
 /// CPU ticks (utime+stime+cutime+cstime) of a process.
 fn cpu_ticks(pid: i32) -> u64 {
     procs::stat(pid).map_or(0, |s| s.utime + s.stime + s.cutime + s.cstime)
+}
+
+/// CPU ticks (utime+stime) of a process itself, without reaped children.
+fn own_cpu_ticks(pid: i32) -> u64 {
+    procs::stat(pid).map_or(0, |s| s.utime + s.stime)
 }
 
 /// Voluntary context switches of a process.
@@ -282,10 +295,12 @@ fn clock_ticks_per_sec() -> f64 {
         .map_or(100.0, |t| t as f64)
 }
 
-/// Runs one scenario against one server and measures it.
+/// Runs one scenario against one server and measures it, as part of
+/// `round`.
 pub fn run_one(
     spec: &ServerSpec,
     scenario: Scenario,
+    round: usize,
     load_cfg: &BenchLoad,
     dir: &Path,
 ) -> std::io::Result<RunResult> {
@@ -329,19 +344,24 @@ pub fn run_one(
     let pid = server.pid();
     let workers_before = procs::children_of(pid);
     let cpu0: u64 = tree(pid).iter().map(|&p| cpu_ticks(p)).sum();
+    let master0 = own_cpu_ticks(pid);
     let sw0: u64 = workers_before.iter().map(|&p| voluntary_switches(p)).sum();
     let report = load::run(&cfg, &Arc::new(Progress::default()))?;
     let cpu1: u64 = tree(pid).iter().map(|&p| cpu_ticks(p)).sum();
+    let master1 = own_cpu_ticks(pid);
     let workers_after = procs::children_of(pid);
     let sw1: u64 = workers_after.iter().map(|&p| voluntary_switches(p)).sum();
     let pss: u64 = tree(pid).iter().map(|&p| pss_kib(p)).sum();
     server.stop(Duration::from_secs(10));
     let ok = report.ok.max(1) as f64;
+    let us_per_req = |ticks: u64| ticks as f64 / clock_ticks_per_sec() * 1e6 / ok;
     let summary = report.summary(Some(load_cfg.workers));
     Ok(RunResult {
         scenario: scenario.name(),
         server: spec.label(),
-        cpu_us_per_req: (cpu1.saturating_sub(cpu0)) as f64 / clock_ticks_per_sec() * 1e6 / ok,
+        round,
+        cpu_us_per_req: us_per_req(cpu1.saturating_sub(cpu0)),
+        master_cpu_us_per_req: us_per_req(master1.saturating_sub(master0)),
         wakeups_per_conn: sw1.saturating_sub(sw0) as f64 / report.connections.max(1) as f64,
         pss_kib: pss,
         load: summary,
@@ -372,11 +392,8 @@ pub fn aggregate(results: &[RunResult]) -> Vec<Aggregate> {
             .position(|x| x.name() == s)
             .unwrap_or(9)
     };
-    let mut first_seen: Vec<String> = Vec::new();
+    let first_seen = servers_in_order(results);
     for r in results {
-        if !first_seen.contains(&r.server) {
-            first_seen.push(r.server.clone());
-        }
         groups
             .entry((order(r.scenario), r.server.clone()))
             .or_default()
@@ -413,7 +430,9 @@ pub fn aggregate(results: &[RunResult]) -> Vec<Aggregate> {
     out.sort_by_key(|a| {
         (
             order(a.median.scenario),
-            first_seen.iter().position(|s| *s == a.median.server),
+            first_seen
+                .iter()
+                .position(|s| *s == a.median.server.as_str()),
         )
     });
     out
@@ -422,8 +441,8 @@ pub fn aggregate(results: &[RunResult]) -> Vec<Aggregate> {
 /// The comparison as a markdown table.
 pub fn markdown(aggs: &[Aggregate]) -> String {
     let mut s = String::from(
-        "| scenario | server | req/s | p50 µs | p99 µs | p99.9 µs | fast p99 µs | fairness | busiest | errors | CPU µs/req | wakeups/conn | PSS MiB |\n\
-         |---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n",
+        "| scenario | server | req/s | p50 µs | p99 µs | p99.9 µs | fast p99 µs | fairness | busiest | errors | CPU µs/req | master µs/req | wakeups/conn | PSS MiB |\n\
+         |---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n",
     );
     for a in aggs {
         let r = &a.median;
@@ -442,7 +461,7 @@ pub fn markdown(aggs: &[Aggregate]) -> String {
             )
         };
         s.push_str(&format!(
-            "| {} | {} | {:.0}{} | {} | {} | {} | {} | {} | {} | {} | {:.1} | {:.2} | {:.1} |\n",
+            "| {} | {} | {:.0}{} | {} | {} | {} | {} | {} | {} | {} | {:.1} | {:.1} | {:.2} | {:.1} |\n",
             r.scenario,
             r.server,
             l.rps,
@@ -455,11 +474,150 @@ pub fn markdown(aggs: &[Aggregate]) -> String {
             fair.1,
             l.errors.total(),
             r.cpu_us_per_req,
+            r.master_cpu_us_per_req,
             r.wakeups_per_conn,
             r.pss_kib as f64 / 1024.0
         ));
     }
     s
+}
+
+/// Servers in the order they first appear in `results`.
+fn servers_in_order(results: &[RunResult]) -> Vec<&str> {
+    let mut out: Vec<&str> = Vec::new();
+    for r in results {
+        if !out.contains(&r.server.as_str()) {
+            out.push(&r.server);
+        }
+    }
+    out
+}
+
+/// Middle value (mean of the two middle ones for an even count).
+fn median(values: &[f64]) -> Option<f64> {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(v[n / 2]),
+        _ => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
+    }
+}
+
+/// For each server but `base`: `figure` of its run in `scenario` divided by
+/// `base`'s in the same round, for every round where both ran. The machine
+/// drifts between rounds, so only runs made next to each other are divided.
+pub fn paired(
+    results: &[RunResult],
+    scenario: &str,
+    base: &str,
+    figure: impl Fn(&RunResult) -> f64,
+) -> Vec<(String, Vec<f64>)> {
+    let base_runs: Vec<&RunResult> = results
+        .iter()
+        .filter(|b| b.scenario == scenario && b.server == base && figure(b) > 0.0)
+        .collect();
+    servers_in_order(results)
+        .into_iter()
+        .filter(|&s| s != base)
+        .map(|s| {
+            let ratios = base_runs
+                .iter()
+                .filter_map(|b| {
+                    let r = results
+                        .iter()
+                        .find(|r| r.scenario == scenario && r.server == s && r.round == b.round)?;
+                    Some(figure(r) / figure(b))
+                })
+                .collect();
+            (s.to_string(), ratios)
+        })
+        .filter(|(_, ratios): &(String, Vec<f64>)| !ratios.is_empty())
+        .collect()
+}
+
+/// For each server that ran `scenario`: in how many rounds its p99 was the
+/// lowest (ties count for each), and in how many rounds it ran.
+pub fn lowest_p99(results: &[RunResult], scenario: &str) -> Vec<(String, usize, usize)> {
+    let runs: Vec<&RunResult> = results.iter().filter(|r| r.scenario == scenario).collect();
+    let best: BTreeMap<usize, u64> = runs.iter().fold(BTreeMap::new(), |mut m, r| {
+        let p = r.load.latency_us.p99;
+        m.entry(r.round)
+            .and_modify(|b: &mut u64| *b = (*b).min(p))
+            .or_insert(p);
+        m
+    });
+    servers_in_order(results)
+        .into_iter()
+        .filter_map(|s| {
+            let mine: Vec<&&RunResult> = runs.iter().filter(|r| r.server == s).collect();
+            if mine.is_empty() {
+                return None;
+            }
+            let wins = mine
+                .iter()
+                .filter(|r| best.get(&r.round) == Some(&r.load.latency_us.p99))
+                .count();
+            Some((s.to_string(), wins, mine.len()))
+        })
+        .collect()
+}
+
+/// The comparisons the issues ask for, made only between runs of the same
+/// round: closed-loop req/s against `blocking`, CPU per request against the
+/// C server (`c-blocking`), and who had the lowest p99 in each open-loop
+/// round. Empty when there is nothing to pair.
+pub fn side_by_side(results: &[RunResult]) -> String {
+    let fmt = |rows: Vec<(String, Vec<f64>)>| {
+        rows.iter()
+            .filter_map(|(s, v)| {
+                let each: Vec<String> = v.iter().map(|x| format!("{x:.2}")).collect();
+                Some(format!("{s} **{:.2}** ({})", median(v)?, each.join(", ")))
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
+    let mut lines = Vec::new();
+    for sc in Scenario::ALL {
+        let name = sc.name();
+        if !results.iter().any(|r| r.scenario == name) {
+            continue;
+        }
+        if !sc.open_loop() {
+            let rows = paired(results, name, "blocking", |r| r.load.rps);
+            if !rows.is_empty() {
+                lines.push(format!("- {name}, req/s ÷ blocking's: {}", fmt(rows)));
+            }
+        }
+        let rows = paired(results, name, "c-blocking", |r| r.cpu_us_per_req);
+        if !rows.is_empty() {
+            lines.push(format!(
+                "- {name}, CPU µs/req ÷ c-blocking's: {}",
+                fmt(rows)
+            ));
+        }
+        if sc.open_loop() {
+            let wins: Vec<String> = lowest_p99(results, name)
+                .into_iter()
+                .map(|(s, w, n)| format!("{s} {w} of {n}"))
+                .collect();
+            // Lowest of one server says nothing.
+            if wins.len() > 1 {
+                lines.push(format!(
+                    "- {name}, rounds with the lowest p99: {}",
+                    wins.join(", ")
+                ));
+            }
+        }
+    }
+    if lines.is_empty() {
+        return String::new();
+    }
+    format!(
+        "\nSide by side, each run against the one of the same round (median **bold**, then every round):\n\n{}\n",
+        lines.join("\n")
+    )
 }
 
 /// Series colours of the SVG charts.
@@ -608,7 +766,9 @@ mod tests {
                 max_share: 0.5,
                 min_share: 0.5,
             },
+            round: 0,
             cpu_us_per_req: 20.0,
+            master_cpu_us_per_req: 1.0,
             wakeups_per_conn: 1.0,
             pss_kib: 2048,
         }
@@ -641,6 +801,88 @@ mod tests {
         // Background, one bar per result in each of 2 panels, one legend box per server.
         assert!(chart.starts_with("<svg"));
         assert_eq!(chart.matches("<rect").count(), 1 + 3 * 2 + 2);
+    }
+
+    /// Ratios divide runs of the same round only; a round where either
+    /// server is missing gives no ratio, and the baseline is not listed.
+    #[test]
+    fn side_by_side_pairs_runs_of_the_same_round() {
+        let run = |scenario, server: &str, round, rps, cpu| {
+            let mut r = result(scenario, server, rps);
+            r.round = round;
+            r.cpu_us_per_req = cpu;
+            r
+        };
+        let rs = vec![
+            run("hello", "blocking", 0, 100.0, 25.0),
+            run("hello", "fdpass", 0, 90.0, 50.0),
+            run("hello", "c-blocking", 0, 100.0, 20.0),
+            run("hello", "blocking", 1, 200.0, 30.0),
+            run("hello", "fdpass", 1, 160.0, 66.0),
+            run("hello", "c-blocking", 1, 200.0, 30.0),
+            // Round 2: fdpass only; nothing to pair it with.
+            run("hello", "fdpass", 2, 1.0, 1.0),
+        ];
+        let by_rps = paired(&rs, "hello", "blocking", |r| r.load.rps);
+        assert_eq!(
+            by_rps,
+            vec![
+                ("fdpass".to_string(), vec![0.9, 0.8]),
+                ("c-blocking".to_string(), vec![1.0, 1.0])
+            ]
+        );
+        let by_cpu = paired(&rs, "hello", "c-blocking", |r| r.cpu_us_per_req);
+        assert_eq!(by_cpu[0], ("blocking".to_string(), vec![1.25, 1.0]));
+        assert_eq!(by_cpu[1].0, "fdpass");
+        assert!((by_cpu[1].1[0] - 2.5).abs() < 1e-9 && (by_cpu[1].1[1] - 2.2).abs() < 1e-9);
+        assert_eq!(median(&[2.5, 2.2]), Some(2.35));
+        assert_eq!(median(&[3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(&[]), None);
+        let text = side_by_side(&rs);
+        assert!(
+            text.contains("- hello, req/s ÷ blocking's: fdpass **0.85** (0.90, 0.80); c-blocking **1.00** (1.00, 1.00)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("- hello, CPU µs/req ÷ c-blocking's: blocking **1.12** (1.25, 1.00); fdpass **2.35** (2.50, 2.20)"),
+            "{text}"
+        );
+        // Nothing to pair: no section at all.
+        assert_eq!(side_by_side(&rs[1..2]), "");
+    }
+
+    /// Each open-loop round names the server with the lowest p99; a tie
+    /// counts for both.
+    #[test]
+    fn lowest_p99_counts_rounds_won() {
+        let run = |server: &str, round, p99| {
+            let mut r = result("mixed", server, 2000.0);
+            r.round = round;
+            r.load.latency_us.p99 = p99;
+            r
+        };
+        let rs = vec![
+            run("blocking", 0, 1500),
+            run("fdpass", 0, 4000),
+            run("blocking", 1, 2000),
+            run("fdpass", 1, 1800),
+            run("blocking", 2, 900),
+            run("fdpass", 2, 900),
+        ];
+        assert_eq!(
+            lowest_p99(&rs, "mixed"),
+            vec![("blocking".to_string(), 2, 3), ("fdpass".to_string(), 2, 3)]
+        );
+        assert!(side_by_side(&rs)
+            .contains("- mixed, rounds with the lowest p99: blocking 2 of 3, fdpass 2 of 3"));
+        assert!(lowest_p99(&rs, "hello").is_empty());
+        // One server alone is lowest every time, which says nothing.
+        let alone: Vec<RunResult> = rs.into_iter().filter(|r| r.server == "fdpass").collect();
+        assert_eq!(
+            lowest_p99(&alone, "mixed"),
+            vec![("fdpass".to_string(), 3, 3)]
+        );
+        assert_eq!(side_by_side(&alone), "");
     }
 
     /// In open loop every run carries the offered rate: the median run is

@@ -325,15 +325,15 @@ fn compare(cli: &Cli, dir: &std::path::Path) -> Result<(), String> {
     let total = cli.repeat * scenarios.len() * servers.len();
     let mut results = Vec::new();
     let mut k = 0;
-    for _ in 0..cli.repeat {
+    for round in 0..cli.repeat {
         for &sc in &scenarios {
             for spec in &servers {
                 k += 1;
-                match bench::run_one(spec, sc, &load, dir) {
+                match bench::run_one(spec, sc, round, &load, dir) {
                     Ok(r) => {
                         eprintln!(
-                            "[{k}/{total}] {:<15} {:<12} {:>8.0} req/s  p99 {:>6} µs  {:>5.1} µs CPU/req  {:.2} wakeups/conn",
-                            sc.name(), spec.label(), r.load.rps, r.load.latency_us.p99, r.cpu_us_per_req, r.wakeups_per_conn
+                            "[{k}/{total}] {:<15} {:<12} {:>8.0} req/s  p99 {:>6} µs  {:>5.1} µs CPU/req (master {:.1})  {:.2} wakeups/conn",
+                            sc.name(), spec.label(), r.load.rps, r.load.latency_us.p99, r.cpu_us_per_req, r.master_cpu_us_per_req, r.wakeups_per_conn
                         );
                         results.push(r);
                     }
@@ -353,6 +353,7 @@ fn compare(cli: &Cli, dir: &std::path::Path) -> Result<(), String> {
         load.mixed_rate, load.herd_rate
     );
     print!("{}", bench::markdown(&aggs));
+    print!("{}", bench::side_by_side(&results));
     if let Some(p) = &cli.json {
         let j = serde_json::json!({ "load": {
             "workers": load.workers, "connections": load.connections, "threads": load.threads,
