@@ -64,7 +64,8 @@ impl std::fmt::Display for Target {
 pub enum Protocol {
     /// GET a path; a 2xx status is success; `X-Worker` names the worker.
     Http,
-    /// Read until the server closes; `worker=N` in the line names the worker.
+    /// Send nothing, read until the server closes (a server that speaks
+    /// first); `worker=N` in the line names the worker.
     Line,
 }
 
@@ -532,10 +533,15 @@ impl<'a> Worker<'a> {
     ) -> io::Result<Worker<'a>> {
         // Placeholder until `start_at`.
         let start = Instant::now();
-        let request = |path: &str| {
-            let conn = if cfg.keepalive { "keep-alive" } else { "close" };
-            format!("GET {path} HTTP/1.1\r\nHost: prefork\r\nConnection: {conn}\r\n\r\n")
-                .into_bytes()
+        // The line protocol's server speaks first: nothing to send (bytes it
+        // never reads would turn its close into a reset).
+        let request = |path: &str| match cfg.protocol {
+            Protocol::Line => Vec::new(),
+            Protocol::Http => {
+                let conn = if cfg.keepalive { "keep-alive" } else { "close" };
+                format!("GET {path} HTTP/1.1\r\nHost: prefork\r\nConnection: {conn}\r\n\r\n")
+                    .into_bytes()
+            }
         };
         let interval = cfg
             .rate
@@ -798,6 +804,10 @@ impl<'a> Worker<'a> {
                     } else {
                         &self.req_fast
                     };
+                    if c.written == req.len() {
+                        c.state = State::Reading; // nothing (more) to send
+                        continue;
+                    }
                     let Some(s) = c.stream.as_mut() else {
                         return Ok(());
                     };
@@ -1064,6 +1074,43 @@ mod tests {
         let r = go(&requests_to(addr, 1, 5));
         h.join().expect("server");
         assert_eq!((r.ok, r.errors.bad_response), (0, 5));
+    }
+
+    /// The line protocol is for a server that speaks first (the `hello`
+    /// app): the client sends nothing, so the server's close is an orderly
+    /// FIN, not the RST that closing over unread bytes would send.
+    #[test]
+    fn line_protocol_sends_nothing_and_reads_until_close() {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let h = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            for k in 0..5 {
+                let (mut s, _) = l.accept().expect("accept");
+                s.write_all(format!("hello from worker={k} pid=1\n").as_bytes())
+                    .expect("write");
+                s.shutdown(std::net::Shutdown::Write).expect("shutdown");
+                // Until the client closes: whatever it sent arrives first.
+                s.set_read_timeout(Some(Duration::from_secs(5)))
+                    .expect("timeout");
+                let mut sent = Vec::new();
+                s.read_to_end(&mut sent).expect("read");
+                got.push(sent.len());
+            }
+            got
+        });
+        let cfg = LoadConfig {
+            protocol: Protocol::Line,
+            ..requests_to(addr, 1, 5)
+        };
+        let r = go(&cfg);
+        assert_eq!(
+            h.join().expect("server"),
+            vec![0; 5],
+            "bytes the client sent"
+        );
+        assert_eq!((r.ok, r.errors.total()), (5, 0));
+        assert_eq!(r.per_worker, (0..5).map(|k| (k, 1)).collect());
     }
 
     /// Regression: with one connection, a request answered within the same

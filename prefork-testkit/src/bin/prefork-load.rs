@@ -18,7 +18,7 @@ use prefork_testkit::load::{self, LoadConfig, Progress, Protocol, Target};
 enum Proto {
     /// GET a path; 2xx is success; X-Worker names the worker.
     Http,
-    /// Read until the server closes (the `hello` app); `worker=N` names the worker.
+    /// Send nothing, read until the server closes (the `hello` app); `worker=N` names the worker.
     Line,
 }
 
