@@ -61,7 +61,7 @@ const READY_MARK: &str = "\u{1}ready\u{1}";
 pub fn daemonize() -> crate::Result<Daemon> {
     let (rd, wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
         .map_err(|e| crate::Error::sys("pipe2() for --daemon", e))?;
-    match sys::fork()? {
+    match sys::fork().map_err(|e| crate::Error::sys("fork() to detach", e))? {
         Forked::Parent(child) => {
             drop(wr);
             Ok(Daemon::Starter(Starter {

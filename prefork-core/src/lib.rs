@@ -26,6 +26,8 @@
 //! strategy; see the `examples/` folder of the workspace.
 
 #![deny(missing_docs)]
+// `unsafe` is confined to `sys`: the compiler enforces it.
+#![deny(unsafe_code)]
 
 pub mod accept;
 pub mod app;
@@ -36,13 +38,16 @@ pub mod listener;
 pub mod logfile;
 pub mod master;
 pub mod pidfile;
+pub mod report;
 pub mod scaling;
 pub mod scoreboard;
 pub mod signals;
+pub mod state;
 pub mod status;
 pub mod status_server;
 pub mod strategy;
 pub mod supervisor;
+#[allow(unsafe_code)]
 pub mod sys;
 pub mod upgrade;
 pub mod user;
@@ -52,7 +57,8 @@ pub use app::{App, BoxError, Connection, Stream, WorkerInfo};
 pub use clock::MonoTime;
 pub use error::{Error, Result};
 pub use listener::{BindOptions, BindSpec, ListenAddr, Listener};
-pub use master::{Master, MasterConfig, ReadyInfo, ReloadSettings, ReportMode};
+pub use master::{Master, MasterConfig, ReadyInfo, ReloadSettings};
+pub use report::ReportMode;
 pub use scaling::ScaleConfig;
 pub use strategy::{accept_error, AcceptContext, AcceptStrategy, Accepted, WorkerAcceptor};
 pub use supervisor::{PoolSettings, Supervisor, SupervisorConfig, EXIT_BOOT_FAILED};

@@ -24,6 +24,7 @@ use crate::clock::{poll_timeout, MonoTime};
 use crate::error::{Error, Result};
 use crate::listener::{self, ActivationEnv, BindOptions, BindSpec, ListenAddr, Listener};
 use crate::pidfile::PidFile;
+use crate::report::ReportMode;
 use crate::scoreboard::{Scoreboard, WorkerState};
 use crate::signals::SelfPipe;
 use crate::status::{self, StatusKind, StatusWriter};
@@ -70,18 +71,6 @@ pub struct MasterConfig {
     /// Detached from the terminal (`--daemon`): without `log_file`, stderr
     /// goes to /dev/null at the same point, before any worker is forked.
     pub detached: bool,
-}
-
-/// How workers report busy and idle to the master.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ReportMode {
-    /// Atomic stores into a shared-memory scoreboard (no syscall).
-    Scoreboard,
-    /// A message per transition on the worker's status pipe.
-    Pipe,
-    /// Not at all (measurement only: timeouts, recycling and the status
-    /// interface then see no busy/idle).
-    Off,
 }
 
 impl Default for MasterConfig {
@@ -875,13 +864,8 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
         })?;
         let (status_rd, status_wr) =
             status::channel().map_err(|e| Error::sys(format!("pipe2() for worker {slot}"), e))?;
-        let forked = sys::fork().map_err(|e| match e {
-            Error::Sys { source, .. } => Error::sys(
-                format!("fork() failed while spawning worker {slot}"),
-                source,
-            ),
-            other => other,
-        });
+        let forked = sys::fork()
+            .map_err(|e| Error::sys(format!("fork() failed while spawning worker {slot}"), e));
         let forked = match forked {
             Ok(f) => f,
             Err(e) => {

@@ -13,57 +13,38 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::clock::MonoTime;
-use crate::sys::SharedMap;
-
-/// Types that are valid when all-zero and only touched through atomics,
-/// so they may live in a mapping shared between processes.
-///
-/// # Safety
-/// Implementors must be valid for the all-zero bit pattern and be `Sync`.
-pub unsafe trait ZeroValidAtomic: Sync {}
-
-/// What a worker does now.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WorkerState {
-    /// Booting (nothing reported yet).
-    Booting,
-    /// Waiting for a connection since `since`.
-    Idle {
-        /// When it became idle.
-        since: MonoTime,
-    },
-    /// Serving a connection since `since`.
-    Busy {
-        /// When it took the connection.
-        since: MonoTime,
-    },
-}
+pub use crate::state::WorkerState;
+use crate::sys::{CacheLine, SharedMap};
 
 const STATE_SHIFT: u32 = 62;
 const TIME_MASK: u64 = (1 << STATE_SHIFT) - 1;
 const IDLE: u64 = 1;
 const BUSY: u64 = 2;
 
-/// One worker process's cell.
-#[repr(C, align(64))]
-#[derive(Debug, Default)]
-pub struct Cell {
-    /// state << 62 | monotonic nanoseconds.
-    word: AtomicU64,
-    /// Connections served.
-    requests: AtomicU64,
+/// One worker process's cell: a cache line of the shared map, of which it
+/// uses two words (so two workers never write the same line).
+#[derive(Debug, Clone, Copy)]
+pub struct Cell<'a> {
+    line: &'a CacheLine,
 }
 
-// SAFETY: Cell holds only atomics, for which all-zero is a valid value.
-unsafe impl ZeroValidAtomic for Cell {}
-// SAFETY: an atomic integer is valid when all-zero and is Sync.
-unsafe impl ZeroValidAtomic for AtomicU64 {}
+impl Cell<'_> {
+    /// state << 62 | monotonic nanoseconds.
+    #[inline]
+    fn word(&self) -> &AtomicU64 {
+        self.line.word(0)
+    }
 
-impl Cell {
+    /// Connections served.
+    #[inline]
+    fn served(&self) -> &AtomicU64 {
+        self.line.word(1)
+    }
+
     /// The worker took a connection.
     #[inline]
     pub fn busy(&self, now: MonoTime) {
-        self.word.store(
+        self.word().store(
             BUSY << STATE_SHIFT | (now.as_nanos() & TIME_MASK),
             Ordering::Release,
         );
@@ -72,8 +53,8 @@ impl Cell {
     /// The worker is done with it.
     #[inline]
     pub fn idle(&self, now: MonoTime) {
-        self.requests.fetch_add(1, Ordering::Relaxed);
-        self.word.store(
+        self.served().fetch_add(1, Ordering::Relaxed);
+        self.word().store(
             IDLE << STATE_SHIFT | (now.as_nanos() & TIME_MASK),
             Ordering::Release,
         );
@@ -81,7 +62,7 @@ impl Cell {
 
     /// Booted and waiting.
     pub fn ready(&self, now: MonoTime) {
-        self.word.store(
+        self.word().store(
             IDLE << STATE_SHIFT | (now.as_nanos() & TIME_MASK),
             Ordering::Release,
         );
@@ -89,7 +70,7 @@ impl Cell {
 
     /// The state as last stored.
     pub fn state(&self) -> WorkerState {
-        let w = self.word.load(Ordering::Acquire);
+        let w = self.word().load(Ordering::Acquire);
         let since = MonoTime::from_nanos(w & TIME_MASK);
         match w >> STATE_SHIFT {
             IDLE => WorkerState::Idle { since },
@@ -100,12 +81,11 @@ impl Cell {
 
     /// Connections served.
     pub fn requests(&self) -> u64 {
-        self.requests.load(Ordering::Relaxed)
+        self.served().load(Ordering::Relaxed)
     }
 
     fn reset(&self) {
-        self.word.store(0, Ordering::Relaxed);
-        self.requests.store(0, Ordering::Relaxed);
+        self.line.clear();
     }
 }
 
@@ -119,7 +99,7 @@ pub struct Scoreboard {
 impl Scoreboard {
     /// Room for `cells` worker processes alive at once.
     pub fn new(cells: usize) -> std::io::Result<Scoreboard> {
-        let map = SharedMap::new(cells * std::mem::size_of::<Cell>())?;
+        let map = SharedMap::new(cells * std::mem::size_of::<CacheLine>())?;
         Ok(Scoreboard {
             map,
             free: (0..cells).rev().collect(),
@@ -129,7 +109,7 @@ impl Scoreboard {
     /// Takes a free cell for a new worker, reset.
     pub fn allocate(&mut self) -> Option<usize> {
         let i = self.free.pop()?;
-        self.cells()[i].reset();
+        self.cell(i)?.reset();
         Some(i)
     }
 
@@ -140,14 +120,12 @@ impl Scoreboard {
         }
     }
 
-    /// Every cell.
-    pub fn cells(&self) -> &[Cell] {
-        self.map.as_slice_of::<Cell>()
-    }
-
     /// One cell.
-    pub fn cell(&self, i: usize) -> Option<&Cell> {
-        self.cells().get(i)
+    pub fn cell(&self, i: usize) -> Option<Cell<'_>> {
+        self.map
+            .as_slice_of::<CacheLine>()
+            .get(i)
+            .map(|line| Cell { line })
     }
 }
 
@@ -159,18 +137,23 @@ mod tests {
     fn transitions_round_trip_and_cells_are_reused_clean() {
         let mut sb = Scoreboard::new(8).expect("map");
         let i = sb.allocate().expect("cell");
-        assert_eq!(sb.cells()[i].state(), WorkerState::Booting);
+        let cell = |i| sb.cell(i).expect("a cell");
+        assert_eq!(cell(i).state(), WorkerState::Booting);
         let t = MonoTime::from_nanos(123_456_789);
         // (Sharing across fork is exercised by the binary's status tests.)
-        sb.cells()[i].busy(t);
-        assert_eq!(sb.cells()[i].state(), WorkerState::Busy { since: t });
-        sb.cells()[i].idle(t);
-        assert_eq!(sb.cells()[i].requests(), 1);
-        assert_eq!(sb.cells()[i].state(), WorkerState::Idle { since: t });
+        cell(i).busy(t);
+        assert_eq!(cell(i).state(), WorkerState::Busy { since: t });
+        cell(i).idle(t);
+        assert_eq!(cell(i).requests(), 1);
+        assert_eq!(cell(i).state(), WorkerState::Idle { since: t });
         sb.release(i);
         let j = sb.allocate().expect("again");
         assert_eq!(j, i);
-        assert_eq!(sb.cells()[j].requests(), 0, "a reused cell starts clean");
-        assert_eq!(std::mem::size_of::<Cell>(), 64);
+        assert_eq!(
+            sb.cell(j).expect("a cell").requests(),
+            0,
+            "a reused cell starts clean"
+        );
+        assert_eq!(std::mem::size_of::<CacheLine>(), 64);
     }
 }

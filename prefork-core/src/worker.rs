@@ -9,8 +9,8 @@ use nix::unistd::Pid;
 
 use crate::app::{App, Connection, WorkerInfo};
 use crate::clock::{poll_timeout, MonoTime};
-use crate::master::ReportMode;
-use crate::scoreboard::{Cell, Scoreboard};
+use crate::report::{ReportMode, Reporter};
+use crate::scoreboard::Scoreboard;
 use crate::status::{StatusKind, StatusWriter};
 use crate::strategy::{AcceptContext, Accepted, WorkerAcceptor};
 use crate::supervisor::EXIT_BOOT_FAILED;
@@ -36,33 +36,6 @@ pub(crate) struct WorkerSetup {
     pub user: Option<crate::user::WorkerUser>,
     /// Reopened on USR1 (between connections).
     pub log_file: Option<crate::logfile::LogFile>,
-}
-
-/// Where busy/idle go.
-enum Reporter<'a> {
-    Off,
-    Scoreboard(&'a Cell),
-    Pipe(&'a StatusWriter),
-}
-
-impl Reporter<'_> {
-    #[inline]
-    fn busy(&self) {
-        match self {
-            Reporter::Scoreboard(c) => c.busy(MonoTime::now()),
-            Reporter::Pipe(w) => w.send(StatusKind::Busy),
-            Reporter::Off => {}
-        }
-    }
-
-    #[inline]
-    fn idle(&self) {
-        match self {
-            Reporter::Scoreboard(c) => c.idle(MonoTime::now()),
-            Reporter::Pipe(w) => w.send(StatusKind::Idle),
-            Reporter::Off => {}
-        }
-    }
 }
 
 /// First thing in the child: worker signal dispositions, and death with the

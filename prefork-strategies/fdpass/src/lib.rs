@@ -26,7 +26,10 @@
 //!   copy never delays the end of a connection.
 
 #![deny(missing_docs)]
+// `unsafe` is confined to `sys`: the compiler enforces it.
+#![deny(unsafe_code)]
 
+#[allow(unsafe_code)]
 mod sys;
 
 use std::collections::VecDeque;

@@ -29,7 +29,10 @@
 //! A detached guardian process does the same if the master is killed.
 
 #![deny(missing_docs)]
+// `unsafe` is confined to `sys`: the compiler enforces it.
+#![deny(unsafe_code)]
 
+#[allow(unsafe_code)]
 mod sys;
 
 use std::fs::File;
@@ -177,7 +180,9 @@ impl Mutex {
     fn spawn_guardian(&mut self) -> Result<()> {
         let (rd, wr) = nix::unistd::pipe2(OFlag::O_CLOEXEC)
             .map_err(|e| Error::sys("pipe2() for the mutex guardian", e))?;
-        match prefork_core::sys::fork()? {
+        match prefork_core::sys::fork()
+            .map_err(|e| Error::sys("fork() of the mutex guardian", e))?
+        {
             Forked::Parent(pid) => {
                 drop(rd);
                 // The intermediate child exits at once; reap it here so the

@@ -6,8 +6,7 @@ use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
-use prefork_core::scoreboard::ZeroValidAtomic;
-use prefork_core::sys::SharedMap;
+use prefork_core::sys::{SharedMap, ZeroValidAtomic};
 
 /// Shared by every worker: who holds the lock, and what was seen.
 #[repr(C, align(64))]

@@ -31,7 +31,10 @@
 //! error.
 
 #![deny(missing_docs)]
+// `unsafe` is confined to `sys`: the compiler enforces it.
+#![deny(unsafe_code)]
 
+#[allow(unsafe_code)]
 mod sys;
 
 use std::io;
