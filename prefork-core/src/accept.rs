@@ -47,6 +47,23 @@ impl ListenerSet {
         &self.listeners
     }
 
+    /// One connection, or [`Accepted::Idle`] after at most a tick.
+    ///
+    /// * **One listener**: accept(2) itself blocks (the listener is
+    ///   blocking, and its SO_RCVTIMEO, the tick, makes it return `EAGAIN`
+    ///   now and then). The kernel wakes one waiter per connection, and the
+    ///   accept path costs no syscall besides accept4(2).
+    /// * **Several listeners**: a worker cannot block in accept(2) on two
+    ///   sockets, so it polls them ([`ListenerSet::poll_and_accept`]); the
+    ///   listeners must then be non-blocking
+    ///   ([`ListenerSet::set_nonblocking`]`(listeners, listeners.len() > 1)`).
+    pub fn accept(&mut self, ctx: &AcceptContext<'_>) -> io::Result<Accepted> {
+        if self.listeners.len() == 1 {
+            return self.accept_from(0);
+        }
+        self.poll_and_accept(ctx)
+    }
+
     /// Wraps accept4(2) with SOCK_CLOEXEC on listener `i`. On a blocking
     /// listener it waits up to the listener's SO_RCVTIMEO (the tick).
     pub fn accept_from(&self, i: usize) -> io::Result<Accepted> {

@@ -60,7 +60,10 @@ pub use listener::{BindOptions, BindSpec, ListenAddr, Listener};
 pub use master::{Master, MasterConfig, ReadyInfo, ReloadSettings};
 pub use report::ReportMode;
 pub use scaling::ScaleConfig;
-pub use strategy::{accept_error, AcceptContext, AcceptStrategy, Accepted, WorkerAcceptor};
+pub use strategy::{
+    accept_error, AcceptContext, AcceptStrategy, Accepted, MasterIo, OwnSockets, Prepare, SlotKey,
+    SlotSocket, WorkerAcceptor,
+};
 pub use supervisor::{PoolSettings, Supervisor, SupervisorConfig, EXIT_BOOT_FAILED};
 pub use user::WorkerUser;
 pub use worker::EXIT_PANIC;

@@ -28,7 +28,7 @@ use crate::report::ReportMode;
 use crate::scoreboard::{Scoreboard, WorkerState};
 use crate::signals::SelfPipe;
 use crate::status::{self, StatusKind, StatusWriter};
-use crate::strategy::AcceptStrategy;
+use crate::strategy::{AcceptStrategy, Prepare, SlotKey, SlotSocket, HANDOVER_MARK};
 use crate::supervisor::{
     Action, Command, ExitStatus, PoolSettings, StopReason, Supervisor, SupervisorConfig,
 };
@@ -218,7 +218,9 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
         }
         let pid = nix::unistd::getpid();
         let mut opts = cfg.bind_options.clone();
-        strategy.bind_options(&mut opts);
+        if let Some(own) = strategy.own_sockets() {
+            own.bind_options(&mut opts);
+        }
         let mut listeners = Vec::new();
         if cfg.socket_activation {
             let env = ActivationEnv::take_from_process();
@@ -237,18 +239,22 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
         // The strategy's own sockets (reuseport's per-slot ones) go back to
         // the strategy; another strategy's (the upgrade changed --strategy)
         // are not listeners of this one, and this copy is closed.
-        let prefix = crate::strategy::handover_prefix(strategy.name());
-        let mut own = Vec::new();
-        for (fd, key) in inherited.take_prefixed(&prefix) {
-            own.push(listener::adopt_handed_over(fd, &key, &opts)?);
+        let mut handed_over = Vec::new();
+        for (fd, key) in inherited.take_prefixed(HANDOVER_MARK) {
+            match SlotKey::decode(strategy.name(), &key) {
+                Some(slot_key) => handed_over.push(SlotSocket {
+                    key: slot_key,
+                    listener: listener::adopt_handed_over(fd, &key, &opts)?,
+                }),
+                None => {
+                    tracing::warn!(
+                        "binary upgrade: {key} is not a socket of the {} strategy; closing this master's copy",
+                        strategy.name()
+                    );
+                    drop(sys::adopt_fd(fd));
+                }
+            }
         }
-        for (fd, key) in inherited.take_prefixed(crate::strategy::HANDOVER_MARK) {
-            tracing::warn!(
-                "binary upgrade: {key} belongs to another strategy; closing this master's copy"
-            );
-            drop(sys::adopt_fd(fd));
-        }
-        strategy.adopt_handed_over(own);
         for (fd, key) in inherited.rest() {
             listeners.push(listener::adopt_handed_over(fd, &key, &opts)?);
         }
@@ -258,8 +264,8 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
                 listeners.len()
             );
         }
-        let started =
-            Self::assemble(cfg, strategy, app, &mut listeners, pid, &opts).map(|mut m| {
+        let started = Self::assemble(cfg, strategy, app, &mut listeners, handed_over, pid, &opts)
+            .map(|mut m| {
                 m.inherited_from = from;
                 m
             });
@@ -278,6 +284,7 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
         mut strategy: S,
         mut app: A,
         listeners: &mut Vec<Listener>,
+        handed_over: Vec<SlotSocket>,
         pid: Pid,
         opts: &BindOptions,
     ) -> Result<Self> {
@@ -298,10 +305,11 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
             lf.check()
                 .map_err(|e| Error::sys(format!("log file {}", lf.path().display()), e))?;
         }
-        if let Some(u) = &cfg.user {
-            strategy.worker_owner(u.uid.as_raw(), u.gid.as_raw());
-        }
-        strategy.prepare(listeners)?;
+        strategy.prepare(Prepare {
+            listeners,
+            worker_owner: cfg.user.as_ref().map(|u| (u.uid.as_raw(), u.gid.as_raw())),
+            handed_over,
+        })?;
         let self_pipe =
             SelfPipe::install().map_err(|e| Error::sys("installing signal handlers", e))?;
         let (alive_rd, alive_wr) = nix::unistd::pipe2(OFlag::O_CLOEXEC)
@@ -484,7 +492,9 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
             cap = cap.min(t.saturating_since(start));
         }
         timeout = Some(timeout.map_or(cap, |t| t.min(cap)));
-        self.strategy.master_turn();
+        if let Some(io) = self.strategy.master_io() {
+            io.turn();
+        }
         let mut owners: Vec<Option<Pid>> = Vec::with_capacity(self.workers.len() + 1);
         let mut ready: Vec<(Option<Pid>, RawFd)> = Vec::new();
         {
@@ -496,9 +506,11 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
                     owners.push(Some(*pid));
                 }
             }
-            for fd in self.strategy.master_fds() {
-                fds.push(PollFd::new(fd, PollFlags::POLLIN));
-                owners.push(None);
+            if let Some(io) = self.strategy.master_io() {
+                for fd in io.fds() {
+                    fds.push(PollFd::new(fd, PollFlags::POLLIN));
+                    owners.push(None);
+                }
             }
             if let Some(st) = &self.status {
                 fds.push(PollFd::new(st.as_fd(), PollFlags::POLLIN));
@@ -532,7 +544,11 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
             match owner {
                 Some(pid) => self.read_status(pid, &mut msgs),
                 None if Some(raw) == status_fd => self.serve_status(),
-                None if raw != pipe_fd => self.strategy.master_ready(raw),
+                None if raw != pipe_fd => {
+                    if let Some(io) = self.strategy.master_io() {
+                        io.ready(raw);
+                    }
+                }
                 None => {}
             }
         }
@@ -571,8 +587,10 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
             return;
         }
         self.next_sample = Some(now + crate::scaling::SAMPLE_INTERVAL);
-        let fds = self.strategy.backlog_fds(&self.listeners);
-        let (backlog, queued) = probe_backlog(&fds);
+        let (backlog, queued) = match self.strategy.own_sockets() {
+            Some(own) => probe_backlog(&own.backlog_fds()),
+            None => probe_backlog(&self.listeners.iter().map(|l| l.as_fd()).collect::<Vec<_>>()),
+        };
         if let Some(event) = self.sup.scale(now, backlog, queued) {
             tracing::info!("{event}");
         }
@@ -753,7 +771,6 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
             let Some(r) = self.sup.exited(pid, status, MonoTime::now()) else {
                 continue; // a child that was not a worker (an app's subprocess)
             };
-            self.strategy.worker_exited(r.slot);
             let how = match status {
                 ExitStatus::Code(c) => format!("exit code {c}"),
                 ExitStatus::Signaled(s) => Signal::try_from(s)
@@ -855,7 +872,7 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
     }
 
     fn spawn_worker(&mut self, slot: usize, generation: u64) -> Result<Spawned> {
-        self.strategy.prepare_slot(slot, &self.listeners)?;
+        self.strategy.prepare_slot(slot)?;
         let cell = self.scoreboard.allocate().ok_or_else(|| {
             Error::sys(
                 format!("spawning worker {slot}"),
@@ -876,7 +893,9 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
         match forked {
             Forked::Parent(pid) => {
                 drop(status_wr);
-                self.strategy.worker_spawned(slot);
+                if let Some(io) = self.strategy.master_io() {
+                    io.worker_spawned(slot);
+                }
                 self.workers.insert(
                     pid,
                     WorkerProc {
@@ -999,30 +1018,25 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
             );
             return;
         }
-        if let Err(why) = self.strategy.upgrade_supported() {
-            tracing::warn!(
-                "USR2: binary upgrade is not available with the {} strategy: {why}",
-                self.strategy.name()
-            );
-            return;
-        }
         let Some(plan) = self.exec.clone() else {
             tracing::error!(
                 "USR2: binary upgrade impossible: this program's path could not be found at start"
             );
             return;
         };
-        let fds: Vec<(RawFd, String)> = self
+        let name = self.strategy.name();
+        let mut fds: Vec<(RawFd, String)> = self
             .listeners
             .iter()
             .map(|l| (l.as_fd().as_raw_fd(), l.key().to_string()))
-            .chain(
-                self.strategy
-                    .handover_fds()
-                    .into_iter()
-                    .map(|(fd, key)| (fd.as_raw_fd(), key)),
-            )
             .collect();
+        if let Some(own) = self.strategy.own_sockets() {
+            fds.extend(
+                own.handover()
+                    .into_iter()
+                    .map(|(key, fd)| (fd.as_raw_fd(), key.encode(name))),
+            );
+        }
         let env = upgrade::child_env(self.pid, &fds);
         if let Some(pf) = &mut self.pid_file {
             if let Err(e) = pf.move_to_oldbin() {
@@ -1041,7 +1055,9 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
         match sys::fork() {
             Ok(Forked::Parent(pid)) => {
                 self.new_master = Some(pid);
-                self.strategy.handed_over(true);
+                if let Some(own) = self.strategy.own_sockets() {
+                    own.handed_over(true);
+                }
                 tracing::info!(
                     "USR2: binary upgrade: started new master pid={pid} from {}; this master (pid={}) keeps serving until QUIT (QUIT the new master instead to roll back)",
                     plan.path().display(),
@@ -1057,11 +1073,12 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
                             .iter()
                             .try_for_each(|l| sys::set_inheritable(l.as_fd()))
                     })
-                    .and_then(|()| {
-                        self.strategy
-                            .handover_fds()
+                    .and_then(|()| match self.strategy.own_sockets() {
+                        Some(own) => own
+                            .handover()
                             .into_iter()
-                            .try_for_each(|(fd, _)| sys::set_inheritable(fd))
+                            .try_for_each(|(_, fd)| sys::set_inheritable(fd)),
+                        None => Ok(()),
                     });
                 let e = match prepared {
                     Ok(()) => std::io::Error::from(plan.exec(&env)),
@@ -1088,7 +1105,9 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
     /// this master takes back the pid file and the status socket.
     fn new_master_exited(&mut self, pid: Pid, status: ExitStatus) {
         self.new_master = None;
-        self.strategy.handed_over(false);
+        if let Some(own) = self.strategy.own_sockets() {
+            own.handed_over(false);
+        }
         let how = match status {
             ExitStatus::Code(c) => format!("exit code {c}"),
             ExitStatus::Signaled(s) => format!("signal {s}"),

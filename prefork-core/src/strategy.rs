@@ -1,16 +1,19 @@
 //! The accept-strategy contract: how workers get connections.
 //!
 //! A strategy has two sides. The master side ([`AcceptStrategy`]) lives in
-//! the master: it may adjust how listeners are bound, prepare per-slot
-//! resources before each fork, watch descriptors in the master's poll loop
-//! (a strategy that accepts in the master and dispatches), and learn when a
-//! slot's worker is gone or a slot is retired. The worker side
+//! the master: it prepares per-slot resources before each fork and learns
+//! when a slot is retired. Two optional capabilities serve the strategies
+//! that need them: [`MasterIo`] (descriptors watched in the master's loop,
+//! for a strategy that accepts in the master and dispatches) and
+//! [`OwnSockets`] (listening sockets of its own, handed across a binary
+//! upgrade under a typed [`SlotKey`]). The worker side
 //! ([`WorkerAcceptor`]) is built **in the child** right after fork, from the
 //! child's copy of the strategy and the listeners, so that it owns exactly
 //! what the worker needs and nothing of the master's is closed in the master.
 
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd, RawFd};
+use std::net::SocketAddr;
+use std::os::fd::{BorrowedFd, RawFd};
 use std::time::Duration;
 
 use crate::app::Connection;
@@ -38,7 +41,72 @@ pub enum Accepted {
     Idle,
 }
 
-/// The master side of an accept strategy.
+/// What [`AcceptStrategy::prepare`] is given: everything the master settled
+/// before it, so that no call has to come "before prepare" by convention.
+#[derive(Debug)]
+pub struct Prepare<'a> {
+    /// The master's listening sockets, bound or adopted.
+    pub listeners: &'a [Listener],
+    /// Workers will run as this uid and gid (`--user`): whatever they open
+    /// or use after fork (a lock file, a semaphore) must be theirs.
+    pub worker_owner: Option<(u32, u32)>,
+    /// In a new master started by a binary upgrade: the sockets of this
+    /// strategy's own that the old master handed over
+    /// ([`OwnSockets::handover`]). Dropping one closes this master's copy.
+    pub handed_over: Vec<SlotSocket>,
+}
+
+/// Which slot's socket on which address: the typed key under which a
+/// strategy's own socket crosses a binary upgrade.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SlotKey {
+    /// The worker slot the socket belongs to.
+    pub slot: usize,
+    /// The address it is bound to.
+    pub addr: SocketAddr,
+}
+
+impl SlotKey {
+    /// The key in `PREFORK_INHERIT`: `@NAME/SLOT/ADDR`. `@` is in no
+    /// address, host name or path a `--bind` could give, so these never mix
+    /// with the listeners' keys.
+    pub(crate) fn encode(&self, strategy: &str) -> String {
+        format!("{HANDOVER_MARK}{strategy}/{}/{}", self.slot, self.addr)
+    }
+
+    /// Reads back what [`SlotKey::encode`] wrote for `strategy`; `None` for
+    /// another strategy's key or a malformed one.
+    pub(crate) fn decode(strategy: &str, key: &str) -> Option<SlotKey> {
+        let rest = key.strip_prefix(HANDOVER_MARK)?.strip_prefix(strategy)?;
+        let (slot, addr) = rest.strip_prefix('/')?.split_once('/')?;
+        Some(SlotKey {
+            slot: slot.parse().ok()?,
+            addr: addr.parse().ok()?,
+        })
+    }
+}
+
+/// A strategy's own socket handed over by an old master, with its key.
+#[derive(Debug)]
+pub struct SlotSocket {
+    /// Whose it is.
+    pub key: SlotKey,
+    /// The socket, adopted by this master.
+    pub listener: Listener,
+}
+
+/// The master side of an accept strategy: what every strategy provides.
+///
+/// The master calls, in this order: [`OwnSockets::bind_options`] (if the
+/// strategy has own sockets) while binding; [`AcceptStrategy::prepare`]
+/// once, before any fork; then for each worker [`AcceptStrategy::prepare_slot`]
+/// before its fork and, in the child, [`AcceptStrategy::into_acceptor`];
+/// [`AcceptStrategy::slot_retired`] when a slot is no longer wanted; and
+/// [`AcceptStrategy::shutdown`] when the master exits.
+///
+/// What only some strategies need is a capability they return when they
+/// have it: [`MasterIo`] for one that does I/O in the master loop,
+/// [`OwnSockets`] for one with sockets of its own beyond the listeners.
 pub trait AcceptStrategy {
     /// The worker side, built in each child.
     type Acceptor: WorkerAcceptor;
@@ -46,79 +114,19 @@ pub trait AcceptStrategy {
     /// Name used by `--strategy` and in logs.
     fn name(&self) -> &'static str;
 
-    /// Adjust how the master binds listeners (e.g. set SO_REUSEPORT).
-    fn bind_options(&self, _opts: &mut BindOptions) {}
-
-    /// Workers will run as this uid and gid (`--user`): whatever they open
-    /// or use after fork (a lock file, a semaphore) must be theirs. Called
-    /// before [`AcceptStrategy::prepare`].
-    fn worker_owner(&mut self, _uid: u32, _gid: u32) {}
-
-    /// Whether a binary upgrade (USR2) can hand this strategy's sockets to a
-    /// new master without losing connections; `Err` says why not.
-    fn upgrade_supported(&self) -> std::result::Result<(), String> {
-        Ok(())
-    }
-
-    /// Sockets of the strategy's own (beyond the listeners) that a binary
-    /// upgrade hands to the new master, each under a key that starts with
-    /// [`handover_prefix`]`(self.name())` (so no `--bind` can take it).
-    fn handover_fds(&self) -> Vec<(BorrowedFd<'_>, String)> {
-        Vec::new()
-    }
-
-    /// In a new master started by a binary upgrade, before
-    /// [`AcceptStrategy::prepare`]: the sockets the old master's strategy
-    /// handed over ([`AcceptStrategy::handover_fds`]), each with its key.
-    /// Dropping one closes this master's copy.
-    fn adopt_handed_over(&mut self, _sockets: Vec<Listener>) {}
-
-    /// A new master now shares what [`AcceptStrategy::handover_fds`] gave it
-    /// (`true`, after USR2 started it), or no longer does (`false`: it
-    /// exited, this master is the only one again).
-    fn handed_over(&mut self, _active: bool) {}
-
     /// Once, in the master, after listeners are bound and before any fork.
-    fn prepare(&mut self, _listeners: &[Listener]) -> Result<()> {
+    fn prepare(&mut self, _ctx: Prepare<'_>) -> Result<()> {
         Ok(())
     }
 
     /// In the master, before forking the worker of `slot`.
-    fn prepare_slot(&mut self, _slot: usize, _listeners: &[Listener]) -> Result<()> {
+    fn prepare_slot(&mut self, _slot: usize) -> Result<()> {
         Ok(())
     }
-
-    /// In the master, right after the worker of `slot` was forked: close
-    /// what only the worker should hold (the worker's end of a channel).
-    fn worker_spawned(&mut self, _slot: usize) {}
 
     /// In the child, right after fork: build the worker side. `listeners`
     /// is the child's copy; whatever is not kept is closed in the child only.
     fn into_acceptor(self, slot: usize, listeners: Vec<Listener>) -> io::Result<Self::Acceptor>;
-
-    /// At the start of each master turn, before [`AcceptStrategy::master_fds`]:
-    /// housekeeping that must not wait for one of its descriptors to be ready
-    /// (the master turns at least once a second).
-    fn master_turn(&mut self) {}
-
-    /// Descriptors the master loop should poll for this strategy.
-    fn master_fds(&self) -> Vec<BorrowedFd<'_>> {
-        Vec::new()
-    }
-
-    /// Where connections wait to be accepted, for the pool sizing's backlog
-    /// probe (`--workers MIN:MAX`): the master polls these with a zero
-    /// timeout. The default is the listeners; a strategy with sockets of
-    /// its own (one per slot) returns those of the live slots.
-    fn backlog_fds<'a>(&'a self, listeners: &'a [Listener]) -> Vec<BorrowedFd<'a>> {
-        listeners.iter().map(|l| l.as_fd()).collect()
-    }
-
-    /// One of [`AcceptStrategy::master_fds`] is ready.
-    fn master_ready(&mut self, _fd: RawFd) {}
-
-    /// The worker in `slot` exited (the slot may be respawned).
-    fn worker_exited(&mut self, _slot: usize) {}
 
     /// Slot `slot` is no longer wanted: the pool shrank, or the master is
     /// stopping. Called before its worker is signalled.
@@ -127,6 +135,62 @@ pub trait AcceptStrategy {
     /// The master is exiting: release what outlives processes (lock files,
     /// semaphores).
     fn shutdown(&mut self) {}
+
+    /// The strategy does I/O in the master loop (fdpass).
+    fn master_io(&mut self) -> Option<&mut dyn MasterIo> {
+        None
+    }
+
+    /// The strategy has listening sockets of its own (reuseport).
+    fn own_sockets(&mut self) -> Option<&mut dyn OwnSockets> {
+        None
+    }
+}
+
+/// Capability of a strategy that works in the master loop: it polls
+/// descriptors of its own there (fdpass accepts and dispatches).
+///
+/// Each master turn calls [`MasterIo::turn`], then polls
+/// [`MasterIo::fds`] with everything else, then calls [`MasterIo::ready`]
+/// for each one that is ready.
+pub trait MasterIo {
+    /// Right after the worker of `slot` was forked, in the master: close
+    /// what only the worker should hold (the worker's end of a channel).
+    fn worker_spawned(&mut self, _slot: usize) {}
+
+    /// At the start of each master turn: housekeeping that must not wait for
+    /// one of its descriptors to be ready (the master turns at least once a
+    /// second).
+    fn turn(&mut self) {}
+
+    /// The descriptors to poll this turn. A query: it changes nothing.
+    fn fds(&self) -> Vec<BorrowedFd<'_>>;
+
+    /// One of [`MasterIo::fds`] is ready.
+    fn ready(&mut self, fd: RawFd);
+}
+
+/// Capability of a strategy with listening sockets of its own beyond the
+/// master's listeners (reuseport's per-slot sockets).
+pub trait OwnSockets {
+    /// Adjust how the master binds its listeners (e.g. set SO_REUSEPORT).
+    fn bind_options(&self, _opts: &mut BindOptions) {}
+
+    /// Where connections wait to be accepted, for the pool sizing's backlog
+    /// probe (`--workers MIN:MAX`): the master polls these with a zero
+    /// timeout instead of the listeners.
+    fn backlog_fds(&self) -> Vec<BorrowedFd<'_>>;
+
+    /// The sockets a binary upgrade hands to the new master, each under its
+    /// key; the new master's strategy receives them in [`Prepare::handed_over`].
+    fn handover(&self) -> Vec<(SlotKey, BorrowedFd<'_>)> {
+        Vec::new()
+    }
+
+    /// A new master now shares what [`OwnSockets::handover`] gave it
+    /// (`true`, after USR2 started it), or no longer does (`false`: it
+    /// exited, this master is the only one again).
+    fn handed_over(&mut self, _active: bool) {}
 }
 
 /// The worker side of an accept strategy.
@@ -184,11 +248,24 @@ pub fn accept_error(e: io::Error) -> io::Result<Accepted> {
 }
 
 /// Starts every key under which a strategy hands its own sockets to a new
-/// master: `@` is in no address, host name or path a `--bind` could give, so
-/// these never mix with the listeners.
-pub const HANDOVER_MARK: &str = "@";
+/// master (see [`SlotKey`]).
+pub(crate) const HANDOVER_MARK: &str = "@";
 
-/// The start of the keys of strategy `strategy`'s own sockets (`@NAME/`).
-pub fn handover_prefix(strategy: &str) -> String {
-    format!("{HANDOVER_MARK}{strategy}/")
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slot_keys_round_trip_and_stay_with_their_strategy() {
+        let key = SlotKey {
+            slot: 3,
+            addr: "[::1]:8080".parse().expect("addr"),
+        };
+        let text = key.encode("reuseport");
+        assert_eq!(text, "@reuseport/3/[::1]:8080");
+        assert_eq!(SlotKey::decode("reuseport", &text), Some(key));
+        assert_eq!(SlotKey::decode("fdpass", &text), None);
+        assert_eq!(SlotKey::decode("reuseport", "@reuseport/x/1.2.3.4:5"), None);
+        assert_eq!(SlotKey::decode("reuseport", "127.0.0.1:80"), None);
+    }
 }

@@ -86,7 +86,6 @@ pub fn adopt_fd(fd: RawFd) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -186,7 +186,6 @@ pub fn unblock_all_signals() -> io::Result<()> {
         .map_err(io::Error::from)
 }
 
-
 /// True once after the worker was asked to reopen its log file (SIGUSR1).
 pub fn take_worker_reopen() -> bool {
     // A plain load on the per-connection path; the swap only when set.
@@ -202,4 +201,3 @@ pub fn worker_quit_requested() -> bool {
 pub fn request_worker_quit() {
     WORKER_QUIT.store(true, Ordering::Relaxed);
 }
-

@@ -44,7 +44,7 @@ use std::io;
 
 use prefork_core::accept::ListenerSet;
 use prefork_core::{
-    AcceptContext, AcceptStrategy, Accepted, Error, Listener, Result, WorkerAcceptor,
+    AcceptContext, AcceptStrategy, Accepted, Error, Listener, Prepare, Result, WorkerAcceptor,
 };
 
 /// The blocking strategy (master side). Holds no state of its own: the
@@ -68,7 +68,8 @@ impl AcceptStrategy for Blocking {
         "blocking"
     }
 
-    fn prepare(&mut self, listeners: &[Listener]) -> Result<()> {
+    fn prepare(&mut self, ctx: Prepare<'_>) -> Result<()> {
+        let listeners = ctx.listeners;
         // Polling several listeners needs non-blocking accept, else a worker
         // that loses the race blocks on one socket and ignores the others.
         // O_NONBLOCK is on the shared file description: set it once, here.
@@ -101,10 +102,6 @@ impl BlockingAcceptor {
 
 impl WorkerAcceptor for BlockingAcceptor {
     fn accept(&mut self, ctx: &AcceptContext<'_>) -> io::Result<Accepted> {
-        if self.set.len() == 1 {
-            // Blocks until a connection or the tick (SO_RCVTIMEO → EAGAIN).
-            return self.set.accept_from(0);
-        }
-        self.set.poll_and_accept(ctx)
+        self.set.accept(ctx)
     }
 }

@@ -47,7 +47,7 @@ use nix::fcntl::{FcntlArg, OFlag};
 use prefork_core::accept::ListenerSet;
 use prefork_core::sys::{Forked, SharedMap};
 use prefork_core::{
-    AcceptContext, AcceptStrategy, Accepted, Error, Listener, Result, WorkerAcceptor,
+    AcceptContext, AcceptStrategy, Accepted, Error, Listener, Prepare, Result, WorkerAcceptor,
 };
 
 pub use sys::Audit;
@@ -235,11 +235,9 @@ impl AcceptStrategy for Mutex {
         "mutex"
     }
 
-    fn worker_owner(&mut self, uid: u32, gid: u32) {
-        self.owner = Some((uid, gid));
-    }
-
-    fn prepare(&mut self, listeners: &[Listener]) -> Result<()> {
+    fn prepare(&mut self, ctx: Prepare<'_>) -> Result<()> {
+        let listeners = ctx.listeners;
+        self.owner = ctx.worker_owner;
         self.locking = listeners.len() > 1 || self.lock_always;
         // With several listeners the holder polls them, so they are
         // non-blocking. A single one stays blocking even under the lock: the
@@ -482,10 +480,7 @@ impl WorkerAcceptor for MutexAcceptor {
 
     fn accept(&mut self, ctx: &AcceptContext<'_>) -> io::Result<Accepted> {
         if matches!(self.lock, WorkerLock::None) {
-            if self.set.len() == 1 {
-                return self.set.accept_from(0);
-            }
-            return self.set.poll_and_accept(ctx);
+            return self.set.accept(ctx);
         }
         match self.acquire(ctx.tick) {
             Ok(true) => {}
@@ -502,11 +497,7 @@ impl WorkerAcceptor for MutexAcceptor {
             self.release()?;
             return Ok(Accepted::Idle);
         }
-        let got = if self.set.len() == 1 {
-            self.set.accept_from(0)
-        } else {
-            self.set.poll_and_accept(ctx)
-        };
+        let got = self.set.accept(ctx);
         self.release()?;
         got
     }

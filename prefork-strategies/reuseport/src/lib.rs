@@ -45,6 +45,7 @@ use std::time::Duration;
 use nix::poll::{PollFd, PollFlags};
 use prefork_core::accept::ListenerSet;
 use prefork_core::clock::poll_timeout;
+use prefork_core::strategy::{OwnSockets, Prepare, SlotKey, SlotSocket};
 use prefork_core::{
     AcceptContext, AcceptStrategy, Accepted, BindOptions, Error, ListenAddr, Listener, Result,
     WorkerAcceptor,
@@ -76,9 +77,9 @@ pub struct Reuseport {
     /// Slots 0..live receive new connections.
     live: usize,
     opts: BindOptions,
-    /// Slot sockets an old master handed over (binary upgrade): (slot,
-    /// address, socket), taken by the slots they belong to.
-    handed: Vec<(usize, SocketAddr, Listener)>,
+    /// Slot sockets an old master handed over (binary upgrade), taken by
+    /// the slots they belong to.
+    handed: Vec<SlotSocket>,
     /// A new master started by USR2 shares this master's slot sockets and
     /// steers their groups: this one must not, until it is gone.
     steering_handed_over: bool,
@@ -112,24 +113,13 @@ impl Reuseport {
         Ok(Listener::from_socket(socket, ListenAddr::Tcp(sa)))
     }
 
-    /// The key under which slot `slot`'s socket on `sa` is handed over.
-    fn handover_key(slot: usize, sa: SocketAddr) -> String {
-        format!(
-            "{}{slot}/{sa}",
-            prefork_core::strategy::handover_prefix("reuseport")
-        )
-    }
-
     /// Slot `slot`'s socket on `sa`: the one an old master handed over, or
     /// a new one.
     fn slot_socket(&mut self, slot: usize, sa: SocketAddr) -> io::Result<Listener> {
-        match self
-            .handed
-            .iter()
-            .position(|(s, a, _)| *s == slot && *a == sa)
-        {
+        let key = SlotKey { slot, addr: sa };
+        match self.handed.iter().position(|h| h.key == key) {
             Some(i) => {
-                let l = self.handed.swap_remove(i).2;
+                let l = self.handed.swap_remove(i).listener;
                 l.socket().set_nonblocking(self.addrs.len() > 1)?;
                 Ok(l)
             }
@@ -160,14 +150,22 @@ fn migrate_req() -> Option<String> {
         .map(|s| s.trim().to_string())
 }
 
-impl AcceptStrategy for Reuseport {
-    type Acceptor = ReuseportAcceptor;
-
-    fn name(&self) -> &'static str {
-        "reuseport"
+impl OwnSockets for Reuseport {
+    fn bind_options(&self, opts: &mut BindOptions) {
+        opts.reuse_port = true;
     }
 
-    fn handover_fds(&self) -> Vec<(BorrowedFd<'_>, String)> {
+    fn backlog_fds(&self) -> Vec<BorrowedFd<'_>> {
+        // The live slots' sockets: a retired slot's socket gets nothing new.
+        self.slots
+            .iter()
+            .take(self.live)
+            .flatten()
+            .map(|l| l.as_fd())
+            .collect()
+    }
+
+    fn handover(&self) -> Vec<(SlotKey, BorrowedFd<'_>)> {
         // Every slot's sockets but slot 0's (the listeners, handed over
         // anyway), retired slots' too: the new master takes the same
         // sockets, so each group keeps its members in slot order, and no
@@ -178,32 +176,11 @@ impl AcceptStrategy for Reuseport {
             .skip(1)
             .flat_map(|(slot, socks)| {
                 socks.iter().filter_map(move |l| match l.addr() {
-                    ListenAddr::Tcp(sa) => Some((l.as_fd(), Self::handover_key(slot, *sa))),
+                    ListenAddr::Tcp(sa) => Some((SlotKey { slot, addr: *sa }, l.as_fd())),
                     ListenAddr::Unix(_) => None,
                 })
             })
             .collect()
-    }
-
-    fn adopt_handed_over(&mut self, sockets: Vec<Listener>) {
-        let prefix = prefork_core::strategy::handover_prefix("reuseport");
-        for l in sockets {
-            let slot = l
-                .key()
-                .strip_prefix(prefix.as_str())
-                .and_then(|rest| rest.split_once('/'))
-                .and_then(|(slot, _)| slot.parse::<usize>().ok());
-            match (slot, l.addr()) {
-                (Some(slot), ListenAddr::Tcp(sa)) if slot > 0 => {
-                    let sa = *sa;
-                    self.handed.push((slot, sa, l));
-                }
-                _ => tracing::warn!(
-                    "reuseport: {} handed over is not a slot socket; closed",
-                    l.key()
-                ),
-            }
-        }
     }
 
     fn handed_over(&mut self, active: bool) {
@@ -215,12 +192,30 @@ impl AcceptStrategy for Reuseport {
             }
         }
     }
+}
 
-    fn bind_options(&self, opts: &mut BindOptions) {
-        opts.reuse_port = true;
+impl AcceptStrategy for Reuseport {
+    type Acceptor = ReuseportAcceptor;
+
+    fn name(&self) -> &'static str {
+        "reuseport"
     }
 
-    fn prepare(&mut self, listeners: &[Listener]) -> Result<()> {
+    fn own_sockets(&mut self) -> Option<&mut dyn OwnSockets> {
+        Some(self)
+    }
+
+    fn prepare(&mut self, ctx: Prepare<'_>) -> Result<()> {
+        let listeners = ctx.listeners;
+        for h in ctx.handed_over {
+            match h.listener.addr() {
+                ListenAddr::Tcp(sa) if h.key.slot > 0 && *sa == h.key.addr => self.handed.push(h),
+                _ => tracing::warn!(
+                    "reuseport: {} handed over is not a slot socket; closed",
+                    h.listener.key()
+                ),
+            }
+        }
         let mut slot0 = Vec::new();
         for l in listeners {
             let sa = match l.addr() {
@@ -268,7 +263,7 @@ impl AcceptStrategy for Reuseport {
         // After a binary upgrade: the old master's slots, in slot order,
         // are this master's (a socket missing for an address is made, in
         // the same order); the pool may use fewer of them.
-        let inherited_slots = self.handed.iter().map(|(s, _, _)| *s).max().unwrap_or(0);
+        let inherited_slots = self.handed.iter().map(|h| h.key.slot).max().unwrap_or(0);
         for slot in 1..=inherited_slots {
             let sockets = self
                 .addrs
@@ -282,8 +277,9 @@ impl AcceptStrategy for Reuseport {
                 .collect::<Result<Vec<_>>>()?;
             self.slots.push(sockets);
         }
-        for (slot, sa, _) in self.handed.drain(..) {
-            tracing::warn!("reuseport: slot {slot}'s socket on {sa} handed over for an address this master does not serve; closed");
+        for h in self.handed.drain(..) {
+            let SlotKey { slot, addr } = h.key;
+            tracing::warn!("reuseport: slot {slot}'s socket on {addr} handed over for an address this master does not serve; closed");
         }
         if inherited_slots > 0 {
             tracing::info!("reuseport: took over the sockets of slots 1..={inherited_slots} from the old master");
@@ -301,7 +297,7 @@ impl AcceptStrategy for Reuseport {
         Ok(())
     }
 
-    fn prepare_slot(&mut self, slot: usize, _listeners: &[Listener]) -> Result<()> {
+    fn prepare_slot(&mut self, slot: usize) -> Result<()> {
         // Sockets are created in slot order so that the group's order is
         // the slot order the BPF program relies on.
         while self.slots.len() <= slot {
@@ -321,16 +317,6 @@ impl AcceptStrategy for Reuseport {
             self.steer()?;
         }
         Ok(())
-    }
-
-    fn backlog_fds<'a>(&'a self, _listeners: &'a [Listener]) -> Vec<BorrowedFd<'a>> {
-        // The live slots' sockets: a retired slot's socket gets nothing new.
-        self.slots
-            .iter()
-            .take(self.live)
-            .flatten()
-            .map(|l| l.as_fd())
-            .collect()
     }
 
     fn slot_retired(&mut self, slot: usize) {
@@ -370,10 +356,7 @@ pub struct ReuseportAcceptor {
 
 impl WorkerAcceptor for ReuseportAcceptor {
     fn accept(&mut self, ctx: &AcceptContext<'_>) -> io::Result<Accepted> {
-        if self.set.len() == 1 {
-            return self.set.accept_from(0);
-        }
-        self.set.poll_and_accept(ctx)
+        self.set.accept(ctx)
     }
 
     fn drain(&mut self, _ctx: &AcceptContext<'_>) -> io::Result<Accepted> {
@@ -421,6 +404,16 @@ mod tests {
     use super::*;
     use std::net::TcpStream;
 
+    /// What the master passes to `prepare`: the listeners, and the sockets
+    /// an old master handed over.
+    fn prepare_with(listeners: &[Listener], handed_over: Vec<SlotSocket>) -> Prepare<'_> {
+        Prepare {
+            listeners,
+            worker_owner: None,
+            handed_over,
+        }
+    }
+
     /// `--backlog` and `--defer-accept` reach every slot's socket, not only
     /// the one the master bound.
     #[test]
@@ -434,8 +427,9 @@ mod tests {
         let spec = prefork_core::BindSpec::parse("127.0.0.1:0").expect("spec");
         let bound = prefork_core::listener::bind_all(&[spec], &opts).expect("bind");
         let mut r = Reuseport::new();
-        r.prepare(&bound).expect("prepare");
-        r.prepare_slot(2, &bound).expect("slots");
+        r.prepare(prepare_with(&bound, Vec::new()))
+            .expect("prepare");
+        r.prepare_slot(2).expect("slots");
         assert_eq!(r.sockets(), 3);
         let want_defer = prefork_core::sys::tcp_defer_accept(bound[0].as_fd()).expect("get");
         assert!(want_defer > 0);
@@ -462,29 +456,37 @@ mod tests {
         let spec = prefork_core::BindSpec::parse("127.0.0.1:0").expect("spec");
         let bound = prefork_core::listener::bind_all(&[spec], &opts).expect("bind");
         let mut old = Reuseport::new();
-        old.prepare(&bound).expect("prepare");
-        old.prepare_slot(2, &bound).expect("slots");
-        let handed = old.handover_fds();
-        let keys: Vec<&str> = handed.iter().map(|(_, k)| k.as_str()).collect();
-        let sa = bound[0].addr().to_string();
+        old.prepare(prepare_with(&bound, Vec::new()))
+            .expect("prepare");
+        old.prepare_slot(2).expect("slots");
+        let handed = old.handover();
+        let keys: Vec<SlotKey> = handed.iter().map(|(k, _)| *k).collect();
+        let ListenAddr::Tcp(addr) = *bound[0].addr() else {
+            panic!("a TCP listener");
+        };
         assert_eq!(
             keys,
-            [format!("@reuseport/1/{sa}"), format!("@reuseport/2/{sa}")],
+            [SlotKey { slot: 1, addr }, SlotKey { slot: 2, addr }],
             "slots 1 and 2 (slot 0's socket is the listener)"
         );
         // What exec hands over: other descriptors of the same sockets.
-        let adopted: Vec<Listener> = handed
+        let adopted: Vec<SlotSocket> = handed
             .iter()
-            .map(|(fd, key)| {
+            .map(|(key, fd)| {
                 let raw = fd.try_clone_to_owned().expect("dup").into_raw_fd();
-                prefork_core::listener::adopt_handed_over(raw, key, &opts).expect("adopt")
+                let listener =
+                    prefork_core::listener::adopt_handed_over(raw, &addr.to_string(), &opts)
+                        .expect("adopt");
+                SlotSocket {
+                    key: *key,
+                    listener,
+                }
             })
             .collect();
         let inode = |l: &Listener| nix::sys::stat::fstat(l.as_fd()).expect("fstat").st_ino;
         let mut new = Reuseport::new();
-        new.adopt_handed_over(adopted);
-        new.prepare(&bound).expect("prepare");
-        new.prepare_slot(3, &bound).expect("one slot more");
+        new.prepare(prepare_with(&bound, adopted)).expect("prepare");
+        new.prepare_slot(3).expect("one slot more");
         assert_eq!(new.sockets(), 4);
         for slot in 0..3 {
             assert_eq!(

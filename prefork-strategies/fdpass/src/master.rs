@@ -1,0 +1,553 @@
+//! The master side: accepts when a worker is idle, hands each connection
+//! over its worker's channel, and keeps its own copy until the worker has
+//! counted it as received.
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+
+use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+use prefork_core::clock::MonoTime;
+use prefork_core::{AcceptStrategy, Error, Listener, MasterIo, Prepare, Result};
+use socket2::Socket;
+
+use crate::protocol::{connection_message, Receipts, CELLS, IDLE, RETURNED};
+use crate::sys;
+use crate::worker::FdpassAcceptor;
+
+fn strategy_err(reason: String) -> Error {
+    Error::Strategy {
+        strategy: "fdpass",
+        reason,
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct Channel {
+    pub(crate) master: OwnedFd,
+    /// The worker's end, until the worker takes it after fork.
+    pub(crate) worker: Option<OwnedFd>,
+    /// Its counters in the shared map.
+    pub(crate) cell: usize,
+    /// Connections sent on it.
+    pub(crate) sent: u64,
+    /// Its worker said it is ready (its first `D`).
+    pub(crate) booted: bool,
+    /// `D` reports after the first: each follows a finished connection.
+    pub(crate) reports: u64,
+    /// The master's copy of the last connection sent, and when it was sent,
+    /// kept until the worker counted it as received.
+    pub(crate) held: Option<(Conn, MonoTime)>,
+    /// The slot retired, or the channel was replaced or failed: never send
+    /// on it again (it is still read until EOF).
+    pub(crate) closed: bool,
+    /// EOF seen: the worker is gone.
+    pub(crate) eof: bool,
+}
+
+/// A connection the master accepted, and the listener it came in on.
+#[derive(Debug)]
+pub(crate) struct Conn {
+    pub(crate) sock: Socket,
+    pub(crate) listener: u16,
+    pub(crate) unix: bool,
+}
+
+impl Conn {
+    pub(crate) fn message(&self) -> [u8; 3] {
+        connection_message(self.listener, self.unix)
+    }
+}
+
+impl Channel {
+    /// Connections its worker finished: its shared counter, or the `D`
+    /// reports when they are ahead (a worker without the shared map).
+    fn finished(&self, map: Option<&Receipts>) -> u64 {
+        map.map_or(0, |m| m.finished(self.cell)).max(self.reports)
+    }
+
+    /// Its worker has taken every connection sent (it counts one before
+    /// reading a byte of it, and finishing implies taking).
+    fn took_all(&self, map: Option<&Receipts>) -> bool {
+        map.map_or(0, |m| m.received(self.cell)) >= self.sent || self.finished(map) >= self.sent
+    }
+
+    /// Ready, not closed, and done with everything sent to it.
+    fn idle(&self, map: Option<&Receipts>) -> bool {
+        self.booted && !self.closed && self.finished(map) >= self.sent
+    }
+}
+
+/// A channel: the current one of a slot, or a replaced one.
+#[derive(Debug, Clone, Copy)]
+enum Which {
+    Slot(usize),
+    Old(usize),
+}
+
+/// The fdpass strategy (master side).
+#[derive(Debug, Default)]
+pub struct Fdpass {
+    /// The master's polling copies of the listeners (same descriptions),
+    /// and whether each is a Unix socket.
+    pub(crate) listeners: Vec<(Socket, bool)>,
+    /// Per listener: poll(2) said readable and accept(2) has not yet found
+    /// it empty. Only these are tried, so an idle listener costs no
+    /// accept(2) per connection of another.
+    pub(crate) readable: Vec<bool>,
+    /// accept(2) hit the descriptor limit: the listeners are left alone
+    /// until then, instead of spinning on a readable listener (the master
+    /// wakes at least once a second, so it resumes within one).
+    pub(crate) accept_paused_until: Option<MonoTime>,
+    pub(crate) slots: Vec<Option<Channel>>,
+    /// Channels replaced in their slot (a reload, a respawn) whose worker may
+    /// still be alive: read until EOF.
+    pub(crate) old: Vec<Channel>,
+    /// Counters shared with the workers.
+    pub(crate) receipts: Option<Receipts>,
+    /// Free counter cells.
+    pub(crate) free: Vec<usize>,
+    /// Where the search for an idle worker starts (round robin).
+    pub(crate) next: usize,
+    /// Accepted but not yet handed over (a send failed): bounded by the
+    /// number of slots, because the master accepts only for idle workers.
+    pub(crate) pending: VecDeque<Conn>,
+    /// Connections handed over, those lost in a dead worker's hands, and
+    /// those handed again after a worker died before taking them.
+    pub(crate) passed: u64,
+    pub(crate) lost: u64,
+    pub(crate) rescued: u64,
+    /// Connections a worker at its descriptor limit could not take.
+    pub(crate) returned: u64,
+}
+
+impl Fdpass {
+    /// Creates the strategy.
+    pub fn new() -> Fdpass {
+        Fdpass::default()
+    }
+
+    pub(crate) fn accept_paused(&self) -> bool {
+        self.accept_paused_until
+            .is_some_and(|t| MonoTime::now() < t)
+    }
+
+    fn any_idle(&self) -> bool {
+        let map = self.receipts.as_ref();
+        self.slots.iter().flatten().any(|c| c.idle(map))
+    }
+
+    /// Tells the workers whether the master waits for one of them to be
+    /// idle. While it does not, a worker that finishes a connection only
+    /// counts it in shared memory and sends no `D`, which saves a wakeup of
+    /// the master per connection. The flag is set before the idle counters
+    /// are read again, and a worker counts before it reads the flag (both
+    /// sequentially consistent), so a worker going idle is either seen
+    /// here or sends its `D`.
+    fn set_waiting(&self, on: bool) {
+        if let Some(r) = &self.receipts {
+            r.set_waiting(on);
+        }
+    }
+
+    /// After each turn: hand on what can be handed on; then either some
+    /// worker is idle and nothing is pending (the listeners are polled, no
+    /// `D` is needed), or the flag is up and the next idle worker says so.
+    fn settle(&mut self) {
+        loop {
+            self.deliver_pending();
+            self.accept_ready();
+            // After the hand-overs: the copy released is usually the last
+            // reference of a connection its worker already closed, and its
+            // teardown need not delay the next connection.
+            self.release_received(None);
+            if self.pending.is_empty() && self.any_idle() {
+                self.set_waiting(false);
+                return;
+            }
+            self.set_waiting(true);
+            if !self.any_idle() {
+                return;
+            }
+            // A worker went idle before it could see the flag: again.
+        }
+    }
+
+    /// Hands `conn` to an idle worker, or keeps it for the next one.
+    pub(crate) fn dispatch(&mut self, conn: Conn) {
+        let n = self.slots.len();
+        for k in 0..n {
+            let i = (self.next + k) % n;
+            let Some(ch) = self.slots[i].as_mut() else {
+                continue;
+            };
+            if !ch.idle(self.receipts.as_ref()) {
+                continue;
+            }
+            match sys::send_with_fds(ch.master.as_fd(), &conn.message(), &[conn.sock.as_raw_fd()]) {
+                Ok(()) => {
+                    ch.sent += 1;
+                    // Kept until the worker counts it received (see above).
+                    ch.held = Some((conn, MonoTime::now()));
+                    self.next = (i + 1) % n;
+                    self.passed += 1;
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!("fdpass: sending to worker {i} failed: {e}; trying another");
+                    ch.closed = true;
+                }
+            }
+        }
+        self.pending.push_back(conn);
+    }
+
+    fn accept_ready(&mut self) {
+        // Accept only as many as there are idle workers, from the listeners
+        // poll(2) found readable, each until it is empty.
+        if self.accept_paused() {
+            return;
+        }
+        while self.pending.is_empty() && self.any_idle() {
+            let mut got = None;
+            for (i, (l, unix)) in self.listeners.iter().enumerate() {
+                if !self.readable.get(i).copied().unwrap_or(false) {
+                    continue;
+                }
+                match l.accept() {
+                    Ok((sock, _)) => {
+                        got = Some(Conn {
+                            sock,
+                            listener: u16::try_from(i).unwrap_or(u16::MAX),
+                            unix: *unix,
+                        });
+                        break;
+                    }
+                    Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => {
+                        got = None; // gone before it was taken; try again
+                        break;
+                    }
+                    Err(e)
+                        if e.raw_os_error() == Some(libc::EMFILE)
+                            || e.raw_os_error() == Some(libc::ENFILE) =>
+                    {
+                        tracing::warn!("fdpass: accept failed: {e}; pausing accept for 100 ms");
+                        self.accept_paused_until =
+                            Some(MonoTime::now() + std::time::Duration::from_millis(100));
+                        return;
+                    }
+                    Err(_) => {
+                        // EAGAIN: empty until poll(2) says otherwise.
+                        if let Some(r) = self.readable.get_mut(i) {
+                            *r = false;
+                        }
+                    }
+                }
+            }
+            match got {
+                Some(s) => self.dispatch(s),
+                None if self.readable.iter().any(|&r| r) => {}
+                None => return,
+            }
+        }
+    }
+
+    /// Reads one message from a ready channel: a `D` report, or the EOF that
+    /// says its worker is gone (then a connection it never took is handed
+    /// on). One per readiness saves the recvmsg that would only find the
+    /// channel empty; poll(2) is level-triggered, so anything more is read
+    /// on the next turn.
+    fn read_channel(&mut self, which: Which) {
+        let ch = match which {
+            Which::Slot(i) => self.slots.get_mut(i).and_then(Option::as_mut),
+            Which::Old(i) => self.old.get_mut(i),
+        };
+        let Some(ch) = ch.filter(|c| !c.eof) else {
+            return;
+        };
+        match sys::recv_with_fds(ch.master.as_fd(), true) {
+            // Workers send no descriptors; any that came are closed with `msg`.
+            Ok(Some(msg)) if msg.data == IDLE && msg.fds.is_empty() => {
+                if ch.booted {
+                    ch.reports += 1;
+                }
+                ch.booted = true;
+            }
+            Ok(Some(msg)) if msg.data == RETURNED && msg.fds.is_empty() => match ch.held.take() {
+                Some((conn, _)) => {
+                    // As if never sent: the worker is idle again, and the
+                    // connection (its bytes unread) goes to the next one.
+                    ch.sent = ch.sent.saturating_sub(1);
+                    self.returned += 1;
+                    if self.returned <= 3 || self.returned.is_power_of_two() {
+                        tracing::warn!(
+                            "fdpass: a worker could not take a connection (its descriptor limit); handing it on ({} so far)",
+                            self.returned
+                        );
+                    }
+                    self.pending.push_front(conn);
+                }
+                None => tracing::warn!(
+                    "fdpass: a worker returned a connection the master no longer holds"
+                ),
+            },
+            Ok(Some(_)) => tracing::warn!("fdpass: a worker sent a malformed message; ignored"),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EINTR)) => {}
+            // EOF, or a reset: the worker is gone.
+            Ok(None) | Err(_) => {
+                ch.closed = true;
+                ch.eof = true;
+                let map = self.receipts.as_ref();
+                let took = ch.took_all(map);
+                let outstanding = ch.finished(map) < ch.sent;
+                match ch.held.take() {
+                    Some((conn, _)) if !took => {
+                        // It died before taking it: nothing was read.
+                        self.rescued += 1;
+                        tracing::info!(
+                            "fdpass: a worker died before taking the connection sent to it; handing it to another"
+                        );
+                        self.pending.push_front(conn);
+                    }
+                    _ if outstanding => {
+                        self.lost += 1;
+                        tracing::warn!("fdpass: a worker died holding a connection");
+                    }
+                    _ => {}
+                }
+                self.free.push(ch.cell);
+            }
+        }
+    }
+
+    /// Closes the master's copies the workers have counted as received
+    /// (only those sent before `sent_before`, when given).
+    fn release_received(&mut self, sent_before: Option<MonoTime>) {
+        let map = self.receipts.as_ref();
+        let chans = self.slots.iter_mut().flatten().chain(self.old.iter_mut());
+        let due = |c: &&mut Channel| {
+            c.held
+                .as_ref()
+                .is_some_and(|(_, at)| sent_before.map_or(true, |t| *at < t))
+        };
+        for ch in chans.filter(due) {
+            if ch.took_all(map) {
+                ch.held = None;
+            }
+        }
+    }
+
+    fn deliver_pending(&mut self) {
+        while self.any_idle() {
+            match self.pending.pop_front() {
+                Some(conn) => self.dispatch(conn),
+                None => return,
+            }
+        }
+    }
+
+    /// Connections handed to workers so far.
+    pub fn passed(&self) -> u64 {
+        self.passed
+    }
+}
+
+impl AcceptStrategy for Fdpass {
+    type Acceptor = FdpassAcceptor;
+
+    fn name(&self) -> &'static str {
+        "fdpass"
+    }
+
+    fn master_io(&mut self) -> Option<&mut dyn MasterIo> {
+        Some(self)
+    }
+
+    fn prepare(&mut self, ctx: Prepare<'_>) -> Result<()> {
+        let listeners = ctx.listeners;
+        for l in listeners {
+            let dup = l
+                .socket()
+                .try_clone()
+                .map_err(|e| strategy_err(format!("dup() of {}: {e}", l.addr())))?;
+            dup.set_nonblocking(true)
+                .map_err(|e| strategy_err(format!("O_NONBLOCK on {}: {e}", l.addr())))?;
+            self.listeners.push((dup, l.is_unix()));
+            self.readable.push(false);
+        }
+        let map = Receipts::new().map_err(|e| Error::sys("mmap() for the fdpass counters", e))?;
+        self.receipts = Some(map);
+        // Until the first turn, every worker reports when it is idle.
+        self.set_waiting(true);
+        self.free = (0..CELLS).rev().collect();
+        Ok(())
+    }
+
+    fn prepare_slot(&mut self, slot: usize) -> Result<()> {
+        // A new channel for every new worker: nothing of an earlier worker
+        // of the slot can be read, and its end closes with it.
+        let (master, worker) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .map_err(|e| strategy_err(format!("socketpair() for slot {slot}: {e}")))?;
+        if self.slots.len() <= slot {
+            self.slots.resize_with(slot + 1, || None);
+        }
+        let cell = self
+            .free
+            .pop()
+            .ok_or_else(|| strategy_err(format!("no free receipt counter for slot {slot}")))?;
+        if let Some(r) = &self.receipts {
+            r.reset(cell);
+        }
+        // An earlier worker of the slot (a reload, or one that died and is
+        // not yet seen gone) keeps its channel until its EOF: it may still
+        // serve what it holds, and a connection it never took is handed on.
+        let previous = self.slots[slot].replace(Channel {
+            master,
+            worker: Some(worker),
+            cell,
+            sent: 0,
+            booted: false,
+            reports: 0,
+            held: None,
+            closed: false,
+            eof: false,
+        });
+        if let Some(mut prev) = previous {
+            prev.closed = true;
+            if !prev.eof {
+                self.old.push(prev);
+            }
+        }
+        Ok(())
+    }
+
+    fn into_acceptor(
+        mut self,
+        slot: usize,
+        _listeners: Vec<Listener>,
+    ) -> io::Result<FdpassAcceptor> {
+        // The worker keeps its end of its own channel and nothing else: no
+        // listener, no other worker's channel (all closed with `self`).
+        let (chan, cell) = self
+            .slots
+            .get_mut(slot)
+            .and_then(Option::as_mut)
+            .and_then(|c| c.worker.take().map(|w| (w, c.cell)))
+            .ok_or_else(|| io::Error::other(format!("no channel for slot {slot}")))?;
+        Ok(FdpassAcceptor::new(
+            chan,
+            self.receipts.take().map(|m| (m, cell)),
+        ))
+    }
+
+    fn slot_retired(&mut self, slot: usize) {
+        if let Some(ch) = self.slots.get_mut(slot).and_then(Option::as_mut) {
+            ch.closed = true;
+        }
+    }
+
+    fn shutdown(&mut self) {
+        tracing::info!(
+            "fdpass: {} connections handed to workers, {} handed again after a worker died before taking them, {} handed again after a worker at its descriptor limit could not take them, {} lost with workers that died holding them",
+            self.passed,
+            self.rescued,
+            self.returned,
+            self.lost
+        );
+    }
+}
+
+/// The master's work in its loop: read the channels, accept for idle
+/// workers, and hand on what is pending. Each channel belongs to exactly one
+/// worker, and its EOF says precisely when that worker is gone (so no
+/// "worker exited" hook is needed: during a reload a slot holds two
+/// workers, and the slot's channel may already be the new one's).
+impl MasterIo for Fdpass {
+    fn worker_spawned(&mut self, slot: usize) {
+        // Only the worker may hold its end: the master's copy would keep the
+        // channel open after the worker died, and hide its death.
+        if let Some(ch) = self.slots.get_mut(slot).and_then(Option::as_mut) {
+            ch.worker = None;
+        }
+    }
+
+    fn turn(&mut self) {
+        // A copy is released after the hand-overs of a turn (settle), so
+        // its teardown never delays the next connection. One that lingers
+        // there (its worker counted it only after that turn, and no other
+        // connection came) is released here once it is 100 ms old: on a
+        // quiet server it would otherwise keep the last connection's socket
+        // open in the master indefinitely. The master turns at least once a
+        // second.
+        self.release_received(Some(
+            MonoTime::now() - std::time::Duration::from_millis(100),
+        ));
+        // No idle worker: leave connections in the kernel's backlog, and
+        // have the next idle worker say so (a retirement since the last turn
+        // may have taken the last idle one). `fds` reads the counters again
+        // after this: a worker that went idle just before is seen there.
+        if !self.any_idle() {
+            self.set_waiting(true);
+        }
+    }
+
+    fn fds(&self) -> Vec<BorrowedFd<'_>> {
+        // Every channel until its EOF (a retired or replaced one too: its
+        // worker's death must be seen, with what it held).
+        let mut fds: Vec<BorrowedFd<'_>> = self
+            .slots
+            .iter()
+            .flatten()
+            .chain(self.old.iter())
+            .filter(|c| !c.eof)
+            .map(|c| c.master.as_fd())
+            .collect();
+        // The listeners only while a worker is idle (`turn` raised the
+        // waiting flag otherwise); connections wait in the kernel's backlog.
+        if self.pending.is_empty() && self.any_idle() && !self.accept_paused() {
+            fds.extend(self.listeners.iter().map(|(l, _)| l.as_fd()));
+        }
+        fds
+    }
+
+    fn ready(&mut self, fd: RawFd) {
+        let which = self
+            .slots
+            .iter()
+            .position(|c| c.as_ref().is_some_and(|c| c.master.as_raw_fd() == fd))
+            .map(Which::Slot)
+            .or_else(|| {
+                self.old
+                    .iter()
+                    .position(|c| c.master.as_raw_fd() == fd)
+                    .map(Which::Old)
+            });
+        if let Some(w) = which {
+            self.read_channel(w);
+            // A channel whose worker is gone is closed at once: a slot
+            // retired by TTOU may never be used again, and its channel
+            // would stay open for the master's lifetime.
+            self.old.retain(|c| !c.eof);
+            if let Which::Slot(i) = w {
+                if let Some(slot) = self.slots.get_mut(i) {
+                    if slot.as_ref().is_some_and(|c| c.eof) {
+                        *slot = None;
+                    }
+                }
+            }
+        } else if let Some(i) = self.listeners.iter().position(|(l, _)| l.as_raw_fd() == fd) {
+            self.readable[i] = true;
+        }
+        self.settle();
+    }
+
+    // worker_exited is not used: a slot may hold two workers during a
+    // reload, and the slot's channel may already be the new one's. Each
+    // channel belongs to exactly one worker, and its EOF (read_channel) says
+    // precisely when that worker is gone.
+}

@@ -1,0 +1,187 @@
+//! The worker side: receives connections from the master over its channel,
+//! counts each before reading a byte of it, and reports when it is idle.
+
+use std::io;
+use std::net::Shutdown;
+use std::os::fd::{AsFd, OwnedFd};
+
+use nix::poll::{PollFd, PollFlags};
+use prefork_core::clock::poll_timeout;
+use prefork_core::{AcceptContext, Accepted, Connection, WorkerAcceptor};
+use socket2::{Socket, Type};
+
+use crate::protocol::{parse_connection, Receipts, IDLE, RETURNED};
+use crate::sys;
+
+/// The worker side: receives connections from the master.
+#[derive(Debug)]
+pub struct FdpassAcceptor {
+    chan: OwnedFd,
+    /// The master closed the channel (a reload gave the slot to a new worker).
+    closed: bool,
+    rejected: u64,
+    /// The shared counters and this worker's cell (absent for a bare
+    /// channel in tests: then every `D` is sent).
+    receipt: Option<(Receipts, usize)>,
+    /// SO_RCVTIMEO set on the channel (the accept tick).
+    rcvtimeo: Option<std::time::Duration>,
+}
+
+impl FdpassAcceptor {
+    /// A worker side on its end of a channel (for tests and custom masters).
+    pub fn from_channel(chan: OwnedFd) -> FdpassAcceptor {
+        FdpassAcceptor::new(chan, None)
+    }
+
+    /// A worker side with its cell of the shared counters.
+    pub(crate) fn new(chan: OwnedFd, receipt: Option<(Receipts, usize)>) -> FdpassAcceptor {
+        FdpassAcceptor {
+            chan,
+            closed: false,
+            rejected: 0,
+            receipt,
+            rcvtimeo: None,
+        }
+    }
+
+    /// Messages rejected so far.
+    pub fn rejected(&self) -> u64 {
+        self.rejected
+    }
+
+    /// Reads one message; a valid one is a connection.
+    pub fn receive(&mut self, nonblocking: bool) -> io::Result<Accepted> {
+        let msg = match sys::recv_with_fds(self.chan.as_fd(), nonblocking) {
+            Ok(Some(m)) => m,
+            Ok(None) => {
+                self.closed = true;
+                return Ok(Accepted::Idle);
+            }
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EINTR)) => {
+                return Ok(Accepted::Idle)
+            }
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ECONNRESET | libc::EPIPE)) => {
+                // The master gave this slot to a new worker (reload).
+                self.closed = true;
+                return Ok(Accepted::Idle);
+            }
+            Err(e) => return Err(e),
+        };
+        let announced = parse_connection(&msg.data);
+        if announced.is_some() && msg.truncated && msg.fds.is_empty() && !msg.foreign_cmsg {
+            // A connection whose descriptor the kernel could not install
+            // here (this worker is at its descriptor limit: the message
+            // comes with MSG_CTRUNC and without it). Nothing is counted: the
+            // master still holds its copy and hands it on. The worker loop
+            // backs off, as after EMFILE from accept(2).
+            sys::send_with_fds(self.chan.as_fd(), RETURNED, &[])?;
+            return Err(io::Error::from_raw_os_error(libc::EMFILE));
+        }
+        let (unix, listener) = match announced {
+            Some(a) if !msg.truncated && !msg.foreign_cmsg && msg.fds.len() == 1 => a,
+            _ => {
+                return Ok(self.reject(format!(
+                    "{} descriptors, {} payload bytes{}",
+                    msg.fds.len(),
+                    msg.data.len(),
+                    if msg.truncated { ", truncated" } else { "" }
+                )))
+            }
+        };
+        let Some(fd) = msg.fds.into_iter().next() else {
+            return Ok(self.reject("no descriptor".into()));
+        };
+        let sock = Socket::from(fd);
+        // One getsockopt(SO_TYPE): it fails for anything but a socket.
+        if !matches!(sock.r#type(), Ok(t) if t == Type::STREAM) {
+            return Ok(self.reject("the descriptor is not a stream socket".into()));
+        }
+        // Counted before a byte is read: from here on the master must not
+        // hand this connection to anyone else.
+        self.count_received();
+        Ok(Accepted::Connection(Connection::from_socket(
+            sock,
+            unix,
+            usize::from(listener),
+        )))
+    }
+
+    fn reject(&mut self, why: String) -> Accepted {
+        self.rejected += 1;
+        if self.rejected <= 3 || self.rejected.is_power_of_two() {
+            tracing::warn!(
+                "fdpass: rejected a message from the master ({why}); {} so far",
+                self.rejected
+            );
+        }
+        // Whatever came is dealt with: the master may drop its copy, and
+        // this worker is idle again.
+        self.count_received();
+        self.finished();
+        Accepted::Idle
+    }
+
+    /// Counts one connection as taken (before a byte of it is read).
+    fn count_received(&self) {
+        if let Some((r, cell)) = &self.receipt {
+            r.count_received(*cell);
+        }
+    }
+
+    /// One connection finished: counted, and reported with a `D` only if
+    /// the master waits for an idle worker (see `Fdpass::set_waiting`).
+    fn finished(&mut self) {
+        if let Some((r, cell)) = &self.receipt {
+            r.count_finished(*cell);
+        }
+        if self.closed {
+            return;
+        }
+        let tell = self.receipt.as_ref().map_or(true, |(r, _)| r.waiting());
+        if tell {
+            let _ = sys::send_with_fds(self.chan.as_fd(), IDLE, &[]);
+        }
+    }
+}
+
+impl WorkerAcceptor for FdpassAcceptor {
+    fn init(&mut self) -> io::Result<()> {
+        sys::send_with_fds(self.chan.as_fd(), IDLE, &[])
+    }
+
+    fn accept(&mut self, ctx: &AcceptContext<'_>) -> io::Result<Accepted> {
+        if self.closed {
+            // Nothing more will come: wait for the master's word, or its end.
+            let mut fds = [PollFd::new(ctx.master_alive, PollFlags::POLLIN)];
+            return match nix::poll::poll(&mut fds, poll_timeout(Some(ctx.tick))) {
+                Ok(_) | Err(nix::Error::EINTR) => Ok(Accepted::Idle),
+                Err(e) => Err(e.into()),
+            };
+        }
+        // Block in recvmsg(2) itself, at most a tick (SO_RCVTIMEO; a signal
+        // interrupts it). The master's death needs no poll: only the master
+        // holds the other end, so its death is this channel's EOF.
+        if self.rcvtimeo != Some(ctx.tick) {
+            socket2::SockRef::from(&self.chan).set_read_timeout(Some(ctx.tick))?;
+            self.rcvtimeo = Some(ctx.tick);
+        }
+        self.receive(false)
+    }
+
+    fn closing(&mut self, conn: &Connection) {
+        // The master may still hold its copy: send the FIN now.
+        let _ = conn.shutdown(Shutdown::Write);
+    }
+
+    fn done(&mut self) {
+        self.finished();
+    }
+
+    fn drain(&mut self, _ctx: &AcceptContext<'_>) -> io::Result<Accepted> {
+        // A connection already handed to this worker is served before it exits.
+        if self.closed {
+            return Ok(Accepted::Idle);
+        }
+        self.receive(true)
+    }
+}
