@@ -38,6 +38,7 @@ pub mod listener;
 pub mod logfile;
 pub mod master;
 pub mod pidfile;
+mod pool;
 pub mod report;
 pub mod scaling;
 pub mod scoreboard;

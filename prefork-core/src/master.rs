@@ -1,13 +1,18 @@
 //! The master: binds, preloads, forks workers and supervises them.
 //!
-//! One thread, one poll(2). Each turn, read aloud:
-//! 1. wait until a signal, a worker report or the supervisor's next deadline;
-//! 2. drain the self-pipe, then turn signals into commands;
+//! One thread, one poll(2). [`Master::run`] is its loop, each turn read
+//! aloud:
+//! 1. wait for events: a poll that returns what is ready, nothing else;
+//! 2. act on signals (the self-pipe is drained first, so none is lost);
 //! 3. reap every exited child (waitpid(-1, WNOHANG) until none is left);
-//! 4. read worker reports;
-//! 5. ask the supervisor what to do now, and do it.
+//! 4. read worker reports, and let the strategy do its I/O;
+//! 5. observe the workers and size the pool;
+//! 6. perform the supervisor's actions (spawn, signal, exit).
+//!
+//! Its parts: the [`Pool`] of worker processes (the table, the scoreboard,
+//! their reports), the [`Upgrade`] component (USR2), and the pure
+//! [`Supervisor`] that decides.
 
-use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -24,16 +29,18 @@ use crate::clock::{poll_timeout, MonoTime};
 use crate::error::{Error, Result};
 use crate::listener::{self, ActivationEnv, BindOptions, BindSpec, ListenAddr, Listener};
 use crate::pidfile::PidFile;
+use crate::pool::Pool;
 use crate::report::ReportMode;
-use crate::scoreboard::{Scoreboard, WorkerState};
+use crate::scoreboard::Scoreboard;
 use crate::signals::SelfPipe;
-use crate::status::{self, StatusKind, StatusWriter};
-use crate::strategy::{AcceptStrategy, Prepare, SlotKey, SlotSocket, HANDOVER_MARK};
+use crate::status::{self, StatusWriter};
+use crate::status_server::StatusServer;
+use crate::strategy::{AcceptStrategy, Prepare};
 use crate::supervisor::{
     Action, Command, ExitStatus, PoolSettings, StopReason, Supervisor, SupervisorConfig,
 };
 use crate::sys::{self, Forked};
-use crate::upgrade::{self, ExecPlan, Inherited};
+use crate::upgrade::{self, MasterFiles, Upgrade};
 use crate::worker::{self, WorkerSetup, EXIT_PANIC};
 
 /// Everything the master needs to start.
@@ -133,20 +140,6 @@ pub struct ReadyInfo {
     pub addrs: Vec<ListenAddr>,
 }
 
-#[derive(Debug)]
-struct WorkerProc {
-    slot: usize,
-    /// The worker's status channel; `None` after EOF.
-    status: Option<OwnedFd>,
-    /// Its scoreboard cell.
-    cell: usize,
-    /// Last observed state and connections served.
-    state: WorkerState,
-    requests: u64,
-    /// It sent garbage on its status channel and is being replaced.
-    replacing: bool,
-}
-
 /// How often the master looks at the scoreboard when timeouts or recycling
 /// need it, and the gap beyond which it decides it was stopped or starved.
 const OBSERVE_TICK: Duration = Duration::from_millis(100);
@@ -160,41 +153,29 @@ const STALL_GAP: Duration = Duration::from_secs(1);
 pub struct Master<S: AcceptStrategy, A: App> {
     strategy: S,
     app: A,
+    pid: Pid,
     listeners: Vec<Listener>,
     pid_file: Option<PidFile>,
-    sup: Supervisor,
+    status: Option<StatusServer>,
+    /// Where stderr goes (`--log-file`), reopened on USR1.
+    log_file: Option<crate::logfile::LogFile>,
     self_pipe: SelfPipe,
     /// The master keeps the only write end; children inherit the read end.
-    alive_rd: OwnedFd,
-    alive_wr: OwnedFd,
-    workers: HashMap<Pid, WorkerProc>,
+    alive: (OwnedFd, OwnedFd),
+    sup: Supervisor,
+    pool: Pool,
+    upgrade: Upgrade,
+    /// What every worker is forked with: its accept tick and its user.
     tick: Duration,
-    pid: Pid,
-    scoreboard: Scoreboard,
-    report: ReportMode,
+    user: Option<crate::user::WorkerUser>,
     max_requests: Option<(u64, u64)>,
     /// The pool sizes itself: sample it at this time next.
     next_sample: Option<MonoTime>,
     /// When the master last reaped (see [`MAX_SLEEP`]).
     last_reap: MonoTime,
-    status: Option<crate::status_server::StatusServer>,
-    /// Who the workers become right after fork.
-    user: Option<crate::user::WorkerUser>,
-    /// How to start this program again (USR2).
-    exec: Option<ExecPlan>,
-    /// The new master started by USR2, while it runs.
-    new_master: Option<Pid>,
-    /// The old master this one took its sockets from (binary upgrade).
-    inherited_from: Option<Pid>,
-    /// The status socket's path, to bind again after a failed upgrade.
-    status_path: Option<PathBuf>,
-    /// Where stderr goes (`--log-file`), reopened on USR1.
-    log_file: Option<crate::logfile::LogFile>,
     /// Re-reads the configuration on HUP.
     reload: Option<ReloadHook<A>>,
     started: MonoTime,
-    /// Connections served by workers already reaped.
-    retired_requests: u64,
     rng: u64,
 }
 
@@ -204,11 +185,53 @@ enum Spawned {
     Child(WorkerSetup),
 }
 
+/// What one wait found ready.
+#[derive(Debug, Default)]
+struct Events {
+    /// The self-pipe: a signal came.
+    signals: bool,
+    /// Workers whose status channel is readable.
+    reports: Vec<Pid>,
+    /// The strategy's descriptors that are ready.
+    strategy: Vec<RawFd>,
+    /// A status client is waiting.
+    status_clients: bool,
+    /// How much longer than planned the sleep took (a stopped or starved
+    /// master).
+    overslept: Duration,
+}
+
+/// What start has left on disk so far: removed when dropped, so that every
+/// early return of a failed start leaves nothing behind; handed to the
+/// master when start succeeds.
+#[derive(Debug, Default)]
+struct Created {
+    listeners: Vec<Listener>,
+    pid_file: Option<PidFile>,
+    status: Option<StatusServer>,
+}
+
+impl Drop for Created {
+    fn drop(&mut self) {
+        for l in &mut self.listeners {
+            l.remove_socket_file();
+        }
+        if let Some(pf) = self.pid_file.take() {
+            pf.remove();
+        }
+        if let Some(st) = self.status.take() {
+            st.remove();
+        }
+    }
+}
+
 impl<S: AcceptStrategy, A: App> Master<S, A> {
     /// Binds every listener, writes the pid file and runs the app's preload,
     /// in that order; nothing is forked yet. Errors here lose nothing and
     /// leave nothing behind (socket files and the pid file are removed).
-    pub fn start(cfg: MasterConfig, mut strategy: S, app: A) -> Result<Self> {
+    pub fn start(cfg: MasterConfig, mut strategy: S, mut app: A) -> Result<Self> {
+        // Checked here for a clear error before anything is bound; sys::fork
+        // checks again at each fork, where soundness depends on it.
         let threads = sys::thread_count().map_err(|e| Error::sys("reading /proc/self/task", e))?;
         if threads != 1 {
             return Err(Error::NotSingleThreaded(threads));
@@ -216,79 +239,26 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
         if let Some(u) = &cfg.user {
             u.check_master()?;
         }
+        if cfg.scale.is_some() && cfg.report == ReportMode::Off {
+            return Err(Error::Config(
+                "a pool that sizes itself needs busy/idle reports (not --status-report off)".into(),
+            ));
+        }
         let pid = nix::unistd::getpid();
         let mut opts = cfg.bind_options.clone();
         if let Some(own) = strategy.own_sockets() {
             own.bind_options(&mut opts);
         }
-        let mut listeners = Vec::new();
+        let mut created = Created::default();
         if cfg.socket_activation {
             let env = ActivationEnv::take_from_process();
-            listeners = listener::adopt_activated(&env, pid.as_raw() as u32, 3, &opts)?;
+            created.listeners = listener::adopt_activated(&env, pid.as_raw() as u32, 3, &opts)?;
         }
-        // Sockets handed over by an old master (USR2): taken for their
-        // --bind instead of binding again; any other it listened on (from
-        // systemd) is kept too.
-        let mut inherited = Inherited::take_from_process();
-        let from = inherited.from;
-        listeners.extend(listener::bind_all_inheriting(
-            &cfg.binds,
-            &opts,
-            &mut inherited,
-        )?);
-        // The strategy's own sockets (reuseport's per-slot ones) go back to
-        // the strategy; another strategy's (the upgrade changed --strategy)
-        // are not listeners of this one, and this copy is closed.
-        let mut handed_over = Vec::new();
-        for (fd, key) in inherited.take_prefixed(HANDOVER_MARK) {
-            match SlotKey::decode(strategy.name(), &key) {
-                Some(slot_key) => handed_over.push(SlotSocket {
-                    key: slot_key,
-                    listener: listener::adopt_handed_over(fd, &key, &opts)?,
-                }),
-                None => {
-                    tracing::warn!(
-                        "binary upgrade: {key} is not a socket of the {} strategy; closing this master's copy",
-                        strategy.name()
-                    );
-                    drop(sys::adopt_fd(fd));
-                }
-            }
-        }
-        for (fd, key) in inherited.rest() {
-            listeners.push(listener::adopt_handed_over(fd, &key, &opts)?);
-        }
-        if let Some(old) = from {
-            tracing::info!(
-                "binary upgrade: took over {} listening socket(s) from master pid={old}",
-                listeners.len()
-            );
-        }
-        let started = Self::assemble(cfg, strategy, app, &mut listeners, handed_over, pid, &opts)
-            .map(|mut m| {
-                m.inherited_from = from;
-                m
-            });
-        if started.is_err() {
-            for l in &mut listeners {
-                l.remove_socket_file();
-            }
-        }
-        started
-    }
-
-    /// Everything after binding; `listeners` is moved into the master on
-    /// success and left with the caller (to clean up) on failure.
-    fn assemble(
-        cfg: MasterConfig,
-        mut strategy: S,
-        mut app: A,
-        listeners: &mut Vec<Listener>,
-        handed_over: Vec<SlotSocket>,
-        pid: Pid,
-        opts: &BindOptions,
-    ) -> Result<Self> {
-        if listeners.is_empty() {
+        // Sockets handed over by an old master (USR2) are taken for their
+        // --bind instead of binding again.
+        let taken = upgrade::take_over(&cfg.binds, &opts, strategy.name())?;
+        created.listeners.extend(taken.listeners);
+        if created.listeners.is_empty() {
             return Err(Error::BadAddress {
                 spec: String::new(),
                 reason: "nothing to listen on: give at least one --bind".into(),
@@ -306,70 +276,38 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
                 .map_err(|e| Error::sys(format!("log file {}", lf.path().display()), e))?;
         }
         strategy.prepare(Prepare {
-            listeners,
+            listeners: &created.listeners,
             worker_owner: cfg.user.as_ref().map(|u| (u.uid.as_raw(), u.gid.as_raw())),
-            handed_over,
+            handed_over: taken.own,
         })?;
         let self_pipe =
             SelfPipe::install().map_err(|e| Error::sys("installing signal handlers", e))?;
-        let (alive_rd, alive_wr) = nix::unistd::pipe2(OFlag::O_CLOEXEC)
+        let alive = nix::unistd::pipe2(OFlag::O_CLOEXEC)
             .map_err(|e| Error::sys("pipe2() for the master-alive pipe", e))?;
-        let status = match &cfg.status_socket {
-            Some(path) => Some(crate::status_server::StatusServer::bind(path)?),
-            None => None,
-        };
+        if let Some(path) = &cfg.status_socket {
+            created.status = Some(StatusServer::bind(path)?);
+        }
         // Room for every worker alive at once: a full pool, its replacements
         // during a reload, and those still stopping.
         let scoreboard = Scoreboard::new(4 * crate::supervisor::MAX_WORKERS)
             .map_err(|e| Error::sys("mmap() for the scoreboard", e))?;
-        let pid_file = match &cfg.pid_file {
-            Some(p) => match PidFile::create(p, pid.as_raw() as u32) {
-                Ok(pf) => Some(pf),
-                Err(e) => {
-                    if let Some(st) = status {
-                        st.remove();
-                    }
-                    return Err(e);
-                }
-            },
-            None => None,
-        };
-        if let Err(e) = app.preload() {
-            if let Some(pf) = pid_file {
-                pf.remove();
-            }
-            if let Some(st) = status {
-                st.remove();
-            }
-            return Err(Error::Preload(e.to_string()));
+        if let Some(p) = &cfg.pid_file {
+            created.pid_file = Some(PidFile::create(p, pid.as_raw() as u32)?);
         }
-        if cfg.scale.is_some() && cfg.report == ReportMode::Off {
-            return Err(Error::Config(
-                "a pool that sizes itself needs busy/idle reports (not --status-report off)".into(),
-            ));
-        }
+        app.preload().map_err(|e| Error::Preload(e.to_string()))?;
         // Everything is in place: from here on the logs go to the file (or,
         // detached, nowhere: the pipe to the starting command must not
         // reach the workers).
-        let redirected = match &log_file {
+        match &log_file {
             Some(lf) => lf
                 .reopen()
-                .map_err(|e| Error::sys(format!("log file {}", lf.path().display()), e)),
+                .map_err(|e| Error::sys(format!("log file {}", lf.path().display()), e))?,
             None if cfg.detached => std::fs::OpenOptions::new()
                 .write(true)
                 .open("/dev/null")
                 .and_then(|f| Ok(nix::unistd::dup2_stderr(f)?))
-                .map_err(|e| Error::sys("stderr to /dev/null", e)),
-            None => Ok(()),
-        };
-        if let Err(e) = redirected {
-            if let Some(pf) = pid_file {
-                pf.remove();
-            }
-            if let Some(st) = status {
-                st.remove();
-            }
-            return Err(e);
+                .map_err(|e| Error::sys("stderr to /dev/null", e))?,
+            None => {}
         }
         let sup = Supervisor::new(SupervisorConfig {
             workers: cfg.workers,
@@ -381,30 +319,23 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
         Ok(Master {
             strategy,
             app,
-            listeners: std::mem::take(listeners),
-            pid_file,
-            sup,
-            self_pipe,
-            alive_rd,
-            alive_wr,
-            workers: HashMap::new(),
-            tick: opts.accept_tick,
             pid,
-            scoreboard,
-            report: cfg.report,
+            listeners: std::mem::take(&mut created.listeners),
+            pid_file: created.pid_file.take(),
+            status: created.status.take(),
+            log_file,
+            self_pipe,
+            alive,
+            sup,
+            pool: Pool::new(scoreboard, cfg.report),
+            upgrade: Upgrade::new(taken.from, cfg.status_socket.clone()),
+            tick: opts.accept_tick,
+            user: cfg.user,
             max_requests: cfg.max_requests.map(|n| (n, cfg.max_requests_jitter)),
             next_sample: cfg.scale.map(|_| MonoTime::now()),
             last_reap: MonoTime::now(),
-            status,
-            status_path: cfg.status_socket.clone(),
-            log_file,
-            user: cfg.user,
-            exec: ExecPlan::current(),
-            new_master: None,
-            inherited_from: None,
             reload: None,
             started: MonoTime::now(),
-            retired_requests: 0,
             rng: u64::from(pid.as_raw().unsigned_abs()) ^ MonoTime::now().as_nanos() | 1,
         })
     }
@@ -436,30 +367,37 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
         let mut announced = false;
         let mut signals = Vec::new();
         loop {
-            let (slept, pipe_ready) = self.wait(&mut signals);
-            for sig in signals.drain(..) {
-                self.handle_signal(sig);
+            let events = self.wait();
+            if events.signals {
+                self.self_pipe.drain(&mut signals);
+                for sig in signals.drain(..) {
+                    self.handle_signal(sig);
+                }
             }
-            // A SIGCHLD always leaves the self-pipe readable; a busy turn
-            // without it (fdpass wakes for every connection) skips the
-            // waitpid, but never for longer than MAX_SLEEP.
-            if pipe_ready || MonoTime::now().saturating_since(self.last_reap) >= MAX_SLEEP {
-                self.last_reap = MonoTime::now();
-                self.reap_children();
+            self.reap_children(events.signals);
+            for pid in &events.reports {
+                self.pool.read_reports(*pid, &mut self.sup);
             }
-            self.observe_workers(slept);
+            if let Some(io) = self.strategy.master_io() {
+                for &fd in &events.strategy {
+                    io.ready(fd);
+                }
+            }
+            self.observe_workers(events.overslept);
+            if events.status_clients {
+                self.serve_status();
+            }
             self.size_pool();
             for action in self.sup.actions(MonoTime::now()) {
-                match self.perform(action) {
-                    Ok(None) => {}
-                    Ok(Some(Flow::Exit(code))) => return Ok(self.finish(code)),
-                    Ok(Some(Flow::Child(setup))) => {
+                match self.perform(action)? {
+                    None => {}
+                    Some(Flow::Exit(code)) => return Ok(self.finish(code)),
+                    Some(Flow::Child(setup)) => {
                         // What the callback holds (a daemon's ready pipe)
                         // is the master's, not the worker's.
                         drop(on_ready);
                         self.become_worker(setup)
                     }
-                    Err(e) => return Err(e),
                 }
             }
             if !announced && self.sup.all_ready() && self.sup.live() > 0 {
@@ -475,106 +413,91 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
         }
     }
 
-    /// Sleeps in poll(2) until a signal, a worker report, a strategy fd or
-    /// the next deadline; reads what arrived. Returns how much longer than
-    /// planned the sleep took (a stopped or starved master), and whether the
-    /// self-pipe was readable (a signal came).
-    fn wait(&mut self, signals: &mut Vec<Signal>) -> (Duration, bool) {
-        let start = MonoTime::now();
-        let mut timeout = self.sup.next_deadline().map(|t| t.saturating_since(start));
-        // Timeouts, recycling and pool sizing need the scoreboard looked at
-        // at least every OBSERVE_TICK.
+    /// How long the next wait may sleep: until the supervisor's next
+    /// deadline, at most OBSERVE_TICK when the scoreboard must be watched
+    /// (timeouts, recycling, pool sizing) and MAX_SLEEP otherwise, and no
+    /// later than the next pool sample.
+    fn sleep_budget(&self, now: MonoTime) -> Duration {
         let watch = self.sup.timeout().is_some()
             || self.max_requests.is_some()
             || self.sup.scale_config().is_some();
         let mut cap = if watch { OBSERVE_TICK } else { MAX_SLEEP };
         if let Some(t) = self.next_sample {
-            cap = cap.min(t.saturating_since(start));
+            cap = cap.min(t.saturating_since(now));
         }
-        timeout = Some(timeout.map_or(cap, |t| t.min(cap)));
+        match self.sup.next_deadline() {
+            Some(t) => t.saturating_since(now).min(cap),
+            None => cap,
+        }
+    }
+
+    /// Sleeps in poll(2) until a signal, a worker report, a strategy
+    /// descriptor, a status client or the next deadline, and says which were
+    /// ready. Reads nothing.
+    fn wait(&mut self) -> Events {
+        let start = MonoTime::now();
+        let timeout = self.sleep_budget(start);
         if let Some(io) = self.strategy.master_io() {
             io.turn();
         }
-        let mut owners: Vec<Option<Pid>> = Vec::with_capacity(self.workers.len() + 1);
-        let mut ready: Vec<(Option<Pid>, RawFd)> = Vec::new();
-        {
-            let mut fds = vec![PollFd::new(self.self_pipe.read_fd(), PollFlags::POLLIN)];
-            owners.push(None);
-            for (pid, w) in &self.workers {
-                if let Some(fd) = &w.status {
-                    fds.push(PollFd::new(fd.as_fd(), PollFlags::POLLIN));
-                    owners.push(Some(*pid));
-                }
-            }
-            if let Some(io) = self.strategy.master_io() {
-                for fd in io.fds() {
-                    fds.push(PollFd::new(fd, PollFlags::POLLIN));
-                    owners.push(None);
-                }
-            }
-            if let Some(st) = &self.status {
-                fds.push(PollFd::new(st.as_fd(), PollFlags::POLLIN));
-                owners.push(None);
-            }
-            match nix::poll::poll(&mut fds, poll_timeout(timeout)) {
-                Ok(0) | Err(_) => {}
-                Ok(_) => {
-                    for (i, p) in fds.iter().enumerate() {
-                        if p.revents().is_some_and(|r| !r.is_empty()) {
-                            let raw = p.as_fd().as_raw_fd();
-                            ready.push((owners.get(i).copied().flatten(), raw));
-                        }
-                    }
-                }
+        let mut events = Events::default();
+        let reports: Vec<(Pid, BorrowedFd<'_>)> = self.pool.channels().collect();
+        let strategy_fds = match self.strategy.master_io() {
+            Some(io) => io.fds(),
+            None => Vec::new(),
+        };
+        let mut fds = Vec::with_capacity(2 + reports.len() + strategy_fds.len());
+        fds.push(PollFd::new(self.self_pipe.read_fd(), PollFlags::POLLIN));
+        if let Some(st) = &self.status {
+            fds.push(PollFd::new(st.as_fd(), PollFlags::POLLIN));
+        }
+        let first_report = fds.len();
+        fds.extend(
+            reports
+                .iter()
+                .map(|(_, fd)| PollFd::new(*fd, PollFlags::POLLIN)),
+        );
+        let first_strategy = fds.len();
+        fds.extend(
+            strategy_fds
+                .iter()
+                .map(|fd| PollFd::new(*fd, PollFlags::POLLIN)),
+        );
+        if let Ok(n) = nix::poll::poll(&mut fds, poll_timeout(Some(timeout))) {
+            if n > 0 {
+                let ready = |p: &PollFd<'_>| p.revents().is_some_and(|r| !r.is_empty());
+                events.signals = ready(&fds[0]);
+                events.status_clients = first_report > 1 && ready(&fds[1]);
+                events.reports = reports
+                    .iter()
+                    .zip(&fds[first_report..first_strategy])
+                    .filter(|(_, p)| ready(p))
+                    .map(|((pid, _), _)| *pid)
+                    .collect();
+                events.strategy = fds[first_strategy..]
+                    .iter()
+                    .filter(|p| ready(p))
+                    .map(|p| p.as_fd().as_raw_fd())
+                    .collect();
             }
         }
-        let overslept = timeout.map_or(Duration::ZERO, |t| {
-            MonoTime::now().saturating_since(start).saturating_sub(t)
-        });
-        let pipe_fd = self.self_pipe.read_fd().as_raw_fd();
-        let pipe_ready = ready
-            .iter()
-            .any(|&(owner, raw)| owner.is_none() && raw == pipe_fd);
-        if pipe_ready {
-            self.self_pipe.drain(signals);
-        }
-        let mut msgs = Vec::new();
-        let status_fd = self.status.as_ref().map(|s| s.as_fd().as_raw_fd());
-        for (owner, raw) in ready {
-            match owner {
-                Some(pid) => self.read_status(pid, &mut msgs),
-                None if Some(raw) == status_fd => self.serve_status(),
-                None if raw != pipe_fd => {
-                    if let Some(io) = self.strategy.master_io() {
-                        io.ready(raw);
-                    }
-                }
-                None => {}
-            }
-        }
-        (overslept, pipe_ready)
+        events.overslept = MonoTime::now()
+            .saturating_since(start)
+            .saturating_sub(timeout);
+        events
     }
 
     /// Feeds every worker's busy/idle state to the supervisor; tells it when
     /// the master itself was stopped or starved.
     fn observe_workers(&mut self, overslept: Duration) {
-        let now = MonoTime::now();
         if overslept > STALL_GAP {
             tracing::warn!(
                 "master was stopped or starved for {:.1}s; busy workers get a fresh timeout",
                 overslept.as_secs_f64()
             );
-            self.sup.stalled(now);
+            self.sup.stalled(MonoTime::now());
         }
-        for (pid, w) in self.workers.iter_mut() {
-            if self.report == ReportMode::Scoreboard {
-                if let Some(cell) = self.scoreboard.cell(w.cell) {
-                    w.state = cell.state();
-                    w.requests = cell.requests();
-                }
-            }
-            self.sup.observe(*pid, w.state, w.requests);
-        }
+        self.pool.observe(&mut self.sup);
     }
 
     /// The pool sizing policy's turn, every SAMPLE_INTERVAL: probe the
@@ -606,13 +529,7 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
             .sup
             .view()
             .into_iter()
-            .map(|v| {
-                let state = self
-                    .workers
-                    .get(&v.pid)
-                    .map_or(WorkerState::Booting, |p| p.state);
-                crate::status_server::WorkerStatus::new(&v, state, now)
-            })
+            .map(|v| crate::status_server::WorkerStatus::new(&v, self.pool.state(v.pid), now))
             .collect();
         workers.sort_by_key(|w| (w.slot, w.pid));
         let listeners = self
@@ -634,55 +551,10 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
             self.sup.target(),
             self.sup.scale_config(),
             &workers,
-            self.retired_requests,
+            self.pool.retired_requests(),
             &listeners,
         );
         server.answer_all(&doc);
-    }
-
-    fn read_status(&mut self, pid: Pid, msgs: &mut Vec<Option<status::StatusMessage>>) {
-        let Some(w) = self.workers.get_mut(&pid) else {
-            return;
-        };
-        let Some(fd) = &w.status else { return };
-        msgs.clear();
-        let eof = status::read_messages(fd.as_fd(), msgs) == status::ChannelState::Closed;
-        let slot = w.slot;
-        if eof {
-            w.status = None; // stop polling it; the exit is seen through SIGCHLD
-        }
-        for m in msgs.iter() {
-            match m {
-                Some(m) if m.kind == StatusKind::Ready => {
-                    if self.sup.ready(pid, m.at) {
-                        tracing::info!("worker={slot} pid={pid} ready");
-                    }
-                }
-                Some(m) if self.report == ReportMode::Pipe => {
-                    if let Some(w) = self.workers.get_mut(&pid) {
-                        if m.kind == StatusKind::Busy {
-                            w.state = WorkerState::Busy { since: m.at };
-                        } else {
-                            w.state = WorkerState::Idle { since: m.at };
-                            w.requests += 1;
-                        }
-                    }
-                }
-                Some(_) => {}
-                None => {
-                    // Something in the worker writes where only its status
-                    // reports should go: replace it (S5). Its replacement
-                    // starts first; it finishes its connection, then leaves.
-                    if let Some(w) = self.workers.get_mut(&pid).filter(|w| !w.replacing) {
-                        w.replacing = true;
-                        self.sup.limit_requests(pid, 0);
-                        tracing::warn!(
-                            "worker={slot} pid={pid} sent a malformed status message; replacing it"
-                        );
-                    }
-                }
-            }
-        }
     }
 
     fn handle_signal(&mut self, sig: Signal) {
@@ -702,7 +574,7 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
                 return;
             }
             Signal::SIGUSR2 => {
-                self.upgrade();
+                self.start_new_master();
                 return;
             }
             _ => return, // SIGCHLD: reaping follows
@@ -726,7 +598,7 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
                 return;
             }
         };
-        if let (Some(sc), ReportMode::Off) = (new.pool.scale, self.report) {
+        if let (Some(sc), ReportMode::Off) = (new.pool.scale, self.pool.report()) {
             tracing::warn!("SIGHUP: a pool that sizes itself needs busy/idle reports, which are off: keeping a fixed pool of {}", sc.min);
             new.pool.workers = sc.min;
             new.pool.scale = None;
@@ -742,8 +614,16 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
         tracing::info!("SIGHUP: configuration re-read; {what}");
     }
 
-    /// waitpid(-1, WNOHANG) until nothing is left: SIGCHLDs coalesce.
-    fn reap_children(&mut self) {
+    /// waitpid(-1, WNOHANG) until nothing is left: SIGCHLDs coalesce. A
+    /// SIGCHLD always leaves the self-pipe readable (`signalled`); a busy
+    /// turn without it (fdpass wakes for every connection) skips the
+    /// waitpid, but never for longer than MAX_SLEEP.
+    fn reap_children(&mut self, signalled: bool) {
+        let now = MonoTime::now();
+        if !signalled && now.saturating_since(self.last_reap) < MAX_SLEEP {
+            return;
+        }
+        self.last_reap = now;
         loop {
             let (pid, status) = match waitpid(None::<Pid>, Some(WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::Exited(pid, code)) => (pid, ExitStatus::Code(code)),
@@ -756,26 +636,25 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
                     return;
                 }
             };
-            if Some(pid) == self.new_master {
-                self.new_master_exited(pid, status);
-                continue;
-            }
-            if let Some(w) = self.workers.remove(&pid) {
-                self.scoreboard.release(w.cell);
-                let served = match self.scoreboard.cell(w.cell) {
-                    Some(c) if self.report == ReportMode::Scoreboard => c.requests(),
-                    _ => w.requests,
-                };
-                self.retired_requests += served;
-            }
-            let Some(r) = self.sup.exited(pid, status, MonoTime::now()) else {
-                continue; // a child that was not a worker (an app's subprocess)
-            };
             let how = match status {
                 ExitStatus::Code(c) => format!("exit code {c}"),
                 ExitStatus::Signaled(s) => Signal::try_from(s)
                     .map(|s| format!("killed by {s}"))
                     .unwrap_or_else(|_| format!("killed by signal {s}")),
+            };
+            let files = MasterFiles {
+                pid_file: self.pid_file.as_mut(),
+                status: &mut self.status,
+            };
+            if self.upgrade.reaped(pid, &how, self.pid, files) {
+                if let Some(own) = self.strategy.own_sockets() {
+                    own.handed_over(false);
+                }
+                continue;
+            }
+            self.pool.remove(pid);
+            let Some(r) = self.sup.exited(pid, status, MonoTime::now()) else {
+                continue; // a child that was not a worker (an app's subprocess)
             };
             let slot = r.slot;
             let up = r.uptime.as_secs_f64();
@@ -873,7 +752,7 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
 
     fn spawn_worker(&mut self, slot: usize, generation: u64) -> Result<Spawned> {
         self.strategy.prepare_slot(slot)?;
-        let cell = self.scoreboard.allocate().ok_or_else(|| {
+        let cell = self.pool.allocate_cell().ok_or_else(|| {
             Error::sys(
                 format!("spawning worker {slot}"),
                 std::io::Error::other("the scoreboard is full"),
@@ -881,13 +760,14 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
         })?;
         let (status_rd, status_wr) =
             status::channel().map_err(|e| Error::sys(format!("pipe2() for worker {slot}"), e))?;
-        let forked = sys::fork()
-            .map_err(|e| Error::sys(format!("fork() failed while spawning worker {slot}"), e));
-        let forked = match forked {
+        let forked = match sys::fork() {
             Ok(f) => f,
             Err(e) => {
-                self.scoreboard.release(cell);
-                return Err(e);
+                self.pool.release_cell(cell);
+                return Err(Error::sys(
+                    format!("fork() failed while spawning worker {slot}"),
+                    e,
+                ));
             }
         };
         match forked {
@@ -896,17 +776,7 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
                 if let Some(io) = self.strategy.master_io() {
                     io.worker_spawned(slot);
                 }
-                self.workers.insert(
-                    pid,
-                    WorkerProc {
-                        slot,
-                        status: Some(status_rd),
-                        cell,
-                        state: WorkerState::Booting,
-                        requests: 0,
-                        replacing: false,
-                    },
-                );
+                self.pool.add(pid, slot, status_rd, cell);
                 Ok(Spawned::Parent(pid))
             }
             Forked::Child => {
@@ -914,7 +784,8 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
                 // try_clone is F_DUPFD_CLOEXEC: a plain dup(2) would drop
                 // close-on-exec, and a program the app runs would inherit it.
                 let master_alive = self
-                    .alive_rd
+                    .alive
+                    .0
                     .try_clone()
                     .map_err(|e| Error::sys("dup() of the master-alive pipe", e))?;
                 Ok(Spawned::Child(WorkerSetup {
@@ -925,7 +796,7 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
                     master_pid: self.pid,
                     tick: self.tick,
                     cell,
-                    report: self.report,
+                    report: self.pool.report(),
                     user: self.user.clone(),
                     log_file: self.log_file.clone(),
                 }))
@@ -944,17 +815,17 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
             listeners,
             pid_file,
             self_pipe,
-            alive_rd,
-            alive_wr,
-            workers,
-            scoreboard,
+            alive,
+            pool,
             status,
             ..
         } = self;
         // Close in the child what belongs to the master: other workers'
-        // channels, the self-pipe, the master-alive write end, the status
-        // socket. The pid file and socket files are the master's to remove.
-        drop((workers, self_pipe, alive_wr, alive_rd));
+        // channels, the self-pipe, the master-alive pipe (the worker has its
+        // own copy of the read end), the status socket. The pid file and
+        // socket files are the master's to remove.
+        let scoreboard = pool.into_scoreboard();
+        drop((self_pipe, alive));
         if let Some(st) = status {
             st.forget_in_child();
         }
@@ -990,147 +861,42 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
             "USR1: reopened {}; workers reopen it between connections",
             lf.path().display()
         );
-        for pid in self.workers.keys() {
+        for pid in self.pool.pids() {
             // ESRCH: already gone, reaped on the next turn.
-            let _ = kill(*pid, Signal::SIGUSR1);
+            let _ = kill(pid, Signal::SIGUSR1);
         }
     }
 
-    /// USR2: start a new master from the binary at this one's path, with
-    /// the same arguments, handing it the listening sockets. Both serve
-    /// until the operator QUITs one of them.
-    fn upgrade(&mut self) {
+    /// USR2: hand the listeners (and the strategy's own sockets) to a new
+    /// master started from the binary at this one's path.
+    fn start_new_master(&mut self) {
         if self.sup.is_stopping() {
             tracing::warn!("USR2: this master is stopping; no binary upgrade");
             return;
         }
-        // As nginx: one upgrade at a time. The old master still holds
-        // `PATH.oldbin`, which a second upgrade would overwrite.
-        if let Some(old) = self.old_master_running() {
-            tracing::warn!(
-                "USR2: the old master (pid={old}) is still running; QUIT it (or this master) first"
-            );
-            return;
-        }
-        if let Some(pid) = self.new_master {
-            tracing::warn!(
-                "USR2: a new master (pid={pid}) is already running; QUIT it or this master first"
-            );
-            return;
-        }
-        let Some(plan) = self.exec.clone() else {
-            tracing::error!(
-                "USR2: binary upgrade impossible: this program's path could not be found at start"
-            );
-            return;
-        };
         let name = self.strategy.name();
-        let mut fds: Vec<(RawFd, String)> = self
+        let mut handover: Vec<(BorrowedFd<'_>, String)> = self
             .listeners
             .iter()
-            .map(|l| (l.as_fd().as_raw_fd(), l.key().to_string()))
+            .map(|l| (l.as_fd(), l.key().to_string()))
             .collect();
-        if let Some(own) = self.strategy.own_sockets() {
-            fds.extend(
+        let mut own = self.strategy.own_sockets();
+        if let Some(own) = own.as_deref_mut() {
+            handover.extend(
                 own.handover()
                     .into_iter()
-                    .map(|(key, fd)| (fd.as_raw_fd(), key.encode(name))),
+                    .map(|(key, fd)| (fd, key.encode(name))),
             );
         }
-        let env = upgrade::child_env(self.pid, &fds);
-        if let Some(pf) = &mut self.pid_file {
-            if let Err(e) = pf.move_to_oldbin() {
-                tracing::error!(
-                    "USR2: binary upgrade not started: renaming the pid file {}: {e}",
-                    pf.path().display()
-                );
-                return;
-            }
-        }
-        // The new master binds the status socket; it is this one's again if
-        // the new master exits.
-        if let Some(st) = self.status.take() {
-            st.remove();
-        }
-        match sys::fork() {
-            Ok(Forked::Parent(pid)) => {
-                self.new_master = Some(pid);
-                if let Some(own) = self.strategy.own_sockets() {
-                    own.handed_over(true);
-                }
-                tracing::info!(
-                    "USR2: binary upgrade: started new master pid={pid} from {}; this master (pid={}) keeps serving until QUIT (QUIT the new master instead to roll back)",
-                    plan.path().display(),
-                    self.pid
-                );
-            }
-            Ok(Forked::Child) => {
-                // Nothing of the old master runs here: plain signal
-                // dispositions, the listeners open across exec, then exec.
-                let prepared = sys::reset_signals_for_exec()
-                    .and_then(|()| {
-                        self.listeners
-                            .iter()
-                            .try_for_each(|l| sys::set_inheritable(l.as_fd()))
-                    })
-                    .and_then(|()| match self.strategy.own_sockets() {
-                        Some(own) => own
-                            .handover()
-                            .into_iter()
-                            .try_for_each(|(_, fd)| sys::set_inheritable(fd)),
-                        None => Ok(()),
-                    });
-                let e = match prepared {
-                    Ok(()) => std::io::Error::from(plan.exec(&env)),
-                    Err(e) => e,
-                };
-                eprintln!("error: binary upgrade: exec {}: {e}", plan.path().display());
-                sys::exit_now(127);
-            }
-            Err(e) => {
-                tracing::error!("USR2: binary upgrade not started: {e}");
-                self.take_back_after_upgrade();
-            }
-        }
-    }
-
-    /// The old master this one took its sockets from, while it still runs
-    /// (it is this master's parent until it exits).
-    fn old_master_running(&self) -> Option<Pid> {
-        self.inherited_from
-            .filter(|&old| nix::unistd::getppid() == old)
-    }
-
-    /// The new master is gone (it failed to start, or was told to stop):
-    /// this master takes back the pid file and the status socket.
-    fn new_master_exited(&mut self, pid: Pid, status: ExitStatus) {
-        self.new_master = None;
-        if let Some(own) = self.strategy.own_sockets() {
-            own.handed_over(false);
-        }
-        let how = match status {
-            ExitStatus::Code(c) => format!("exit code {c}"),
-            ExitStatus::Signaled(s) => format!("signal {s}"),
+        let files = MasterFiles {
+            pid_file: self.pid_file.as_mut(),
+            status: &mut self.status,
         };
-        tracing::warn!(
-            "new master pid={pid} exited ({how}); this master (pid={}) carries on as the only one",
-            self.pid
-        );
-        self.take_back_after_upgrade();
-    }
-
-    fn take_back_after_upgrade(&mut self) {
-        if let Some(pf) = &mut self.pid_file {
-            if let Err(e) = pf.move_back() {
-                tracing::error!("moving the pid file back from {}: {e}", pf.path().display());
-            }
-        }
-        if let Some(path) = self.status_path.clone() {
-            if self.status.is_none() {
-                match crate::status_server::StatusServer::bind(&path) {
-                    Ok(st) => self.status = Some(st),
-                    Err(e) => tracing::error!("status socket: {e}"),
-                }
+        let started = self.upgrade.start(self.pid, &handover, files).is_some();
+        drop(handover);
+        if started {
+            if let Some(own) = own {
+                own.handed_over(true);
             }
         }
     }
@@ -1140,8 +906,7 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
         self.strategy.shutdown();
         // A Unix socket file stays while another master serves it: the new
         // one this master started, or the old one it came from (a rollback).
-        let other_serves = self.new_master.is_some() || self.old_master_running().is_some();
-        if !other_serves {
+        if !self.upgrade.another_master_serves() {
             for l in &mut self.listeners {
                 l.remove_socket_file();
             }

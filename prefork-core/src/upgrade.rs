@@ -12,11 +12,18 @@
 //! file to `PATH.oldbin` while the new one runs, and back if it exits.
 
 use std::ffi::{CString, OsString};
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 
 use nix::unistd::Pid;
+
+use crate::error::Result;
+use crate::listener::{self, BindOptions, BindSpec, Listener};
+use crate::pidfile::PidFile;
+use crate::status_server::StatusServer;
+use crate::strategy::{SlotKey, SlotSocket, HANDOVER_MARK};
+use crate::sys::{self, Forked};
 
 /// The variable that hands the sockets over.
 pub const INHERIT_VAR: &str = "PREFORK_INHERIT";
@@ -168,6 +175,243 @@ impl Inherited {
     /// What no `--bind` asked for.
     pub fn rest(&mut self) -> Vec<(RawFd, String)> {
         std::mem::take(&mut self.entries)
+    }
+}
+
+/// What an old master handed over, sorted (binary upgrade, in a new master).
+#[derive(Debug, Default)]
+pub(crate) struct TakenOver {
+    /// The listeners: one for each `--bind` (handed over, or bound now when
+    /// the old master had none for it), then any other it listened on
+    /// (from systemd).
+    pub listeners: Vec<Listener>,
+    /// The strategy's own sockets, under their typed keys.
+    pub own: Vec<SlotSocket>,
+    /// The old master's pid.
+    pub from: Option<Pid>,
+}
+
+/// Binds `binds`, taking for each the socket an old master handed over for
+/// it, if any (`PREFORK_INHERIT`), and sorts the rest: the sockets of
+/// `strategy`'s own (another strategy's are closed: the upgrade changed
+/// `--strategy`), and what no `--bind` asked for.
+pub(crate) fn take_over(
+    binds: &[BindSpec],
+    opts: &BindOptions,
+    strategy: &str,
+) -> Result<TakenOver> {
+    let mut inherited = Inherited::take_from_process();
+    let mut taken = TakenOver {
+        listeners: listener::bind_all_inheriting(binds, opts, &mut inherited)?,
+        own: Vec::new(),
+        from: inherited.from,
+    };
+    let sorted = sort_handed_over(&mut inherited, opts, strategy, &mut taken);
+    if sorted.is_err() {
+        for l in &mut taken.listeners {
+            l.remove_socket_file();
+        }
+    }
+    sorted.map(|()| taken)
+}
+
+fn sort_handed_over(
+    inherited: &mut Inherited,
+    opts: &BindOptions,
+    strategy: &str,
+    taken: &mut TakenOver,
+) -> Result<()> {
+    for (fd, key) in inherited.take_prefixed(HANDOVER_MARK) {
+        match SlotKey::decode(strategy, &key) {
+            Some(slot_key) => taken.own.push(SlotSocket {
+                key: slot_key,
+                listener: listener::adopt_handed_over(fd, &key, opts)?,
+            }),
+            None => {
+                tracing::warn!(
+                    "binary upgrade: {key} is not a socket of the {strategy} strategy; closing this master's copy"
+                );
+                drop(sys::adopt_fd(fd));
+            }
+        }
+    }
+    for (fd, key) in inherited.rest() {
+        taken
+            .listeners
+            .push(listener::adopt_handed_over(fd, &key, opts)?);
+    }
+    if let Some(old) = taken.from {
+        tracing::info!(
+            "binary upgrade: took over {} listening socket(s) from master pid={old}",
+            taken.listeners.len()
+        );
+    }
+    Ok(())
+}
+
+/// What a binary upgrade moves between masters and takes back when the new
+/// one exits: the pid file (to `PATH.oldbin` and back) and the status
+/// socket (the new master binds it).
+#[derive(Debug)]
+pub(crate) struct MasterFiles<'a> {
+    pub pid_file: Option<&'a mut PidFile>,
+    pub status: &'a mut Option<StatusServer>,
+}
+
+/// The binary upgrade (USR2), one component of the master: how to start
+/// this program again, and the masters before and after this one.
+#[derive(Debug)]
+pub(crate) struct Upgrade {
+    /// How to start this program again.
+    exec: Option<ExecPlan>,
+    /// The new master started by USR2, while it runs.
+    new_master: Option<Pid>,
+    /// The old master this one took its sockets from.
+    inherited_from: Option<Pid>,
+    /// The status socket's path, to bind again after a failed upgrade.
+    status_path: Option<PathBuf>,
+}
+
+impl Upgrade {
+    /// This master came from `inherited_from` (if it was started by USR2),
+    /// and serves its status on `status_path`.
+    pub(crate) fn new(inherited_from: Option<Pid>, status_path: Option<PathBuf>) -> Upgrade {
+        Upgrade {
+            exec: ExecPlan::current(),
+            new_master: None,
+            inherited_from,
+            status_path,
+        }
+    }
+
+    /// The old master this one took its sockets from, while it still runs
+    /// (it is this master's parent until it exits).
+    pub(crate) fn old_master_running(&self) -> Option<Pid> {
+        self.inherited_from
+            .filter(|&old| nix::unistd::getppid() == old)
+    }
+
+    /// Another master shares the sockets: the new one this master started,
+    /// or the old one it came from (a roll-back).
+    pub(crate) fn another_master_serves(&self) -> bool {
+        self.new_master.is_some() || self.old_master_running().is_some()
+    }
+
+    /// USR2: start a new master from the binary at this one's path, with
+    /// the same arguments, handing it `handover` (each descriptor with its
+    /// key). Both serve until the operator QUITs one of them. Returns the
+    /// new master's pid when one was started.
+    pub(crate) fn start(
+        &mut self,
+        me: Pid,
+        handover: &[(BorrowedFd<'_>, String)],
+        files: MasterFiles<'_>,
+    ) -> Option<Pid> {
+        // As nginx: one upgrade at a time. The old master still holds
+        // `PATH.oldbin`, which a second upgrade would overwrite.
+        if let Some(old) = self.old_master_running() {
+            tracing::warn!(
+                "USR2: the old master (pid={old}) is still running; QUIT it (or this master) first"
+            );
+            return None;
+        }
+        if let Some(pid) = self.new_master {
+            tracing::warn!(
+                "USR2: a new master (pid={pid}) is already running; QUIT it or this master first"
+            );
+            return None;
+        }
+        let Some(plan) = self.exec.clone() else {
+            tracing::error!(
+                "USR2: binary upgrade impossible: this program's path could not be found at start"
+            );
+            return None;
+        };
+        let fds: Vec<(RawFd, String)> = handover
+            .iter()
+            .map(|(fd, key)| (fd.as_raw_fd(), key.clone()))
+            .collect();
+        let env = child_env(me, &fds);
+        let MasterFiles {
+            mut pid_file,
+            status,
+        } = files;
+        if let Some(pf) = pid_file.as_deref_mut() {
+            if let Err(e) = pf.move_to_oldbin() {
+                tracing::error!(
+                    "USR2: binary upgrade not started: renaming the pid file {}: {e}",
+                    pf.path().display()
+                );
+                return None;
+            }
+        }
+        // The new master binds the status socket; it is this one's again if
+        // the new master exits.
+        if let Some(st) = status.take() {
+            st.remove();
+        }
+        match sys::fork() {
+            Ok(Forked::Parent(pid)) => {
+                self.new_master = Some(pid);
+                tracing::info!(
+                    "USR2: binary upgrade: started new master pid={pid} from {}; this master (pid={me}) keeps serving until QUIT (QUIT the new master instead to roll back)",
+                    plan.path().display()
+                );
+                Some(pid)
+            }
+            Ok(Forked::Child) => {
+                // Nothing of the old master runs here: plain signal
+                // dispositions, the handed-over descriptors open across
+                // exec, then exec.
+                let prepared = sys::reset_signals_for_exec().and_then(|()| {
+                    handover
+                        .iter()
+                        .try_for_each(|(fd, _)| sys::set_inheritable(*fd))
+                });
+                let e = match prepared {
+                    Ok(()) => std::io::Error::from(plan.exec(&env)),
+                    Err(e) => e,
+                };
+                eprintln!("error: binary upgrade: exec {}: {e}", plan.path().display());
+                sys::exit_now(127);
+            }
+            Err(e) => {
+                tracing::error!("USR2: binary upgrade not started: fork(): {e}");
+                self.take_back(MasterFiles { pid_file, status });
+                None
+            }
+        }
+    }
+
+    /// `pid` was reaped: if it was the new master (it failed to start, or was
+    /// told to stop), this master carries on as the only one and takes back
+    /// the pid file and the status socket. Returns whether it was.
+    pub(crate) fn reaped(&mut self, pid: Pid, how: &str, me: Pid, files: MasterFiles<'_>) -> bool {
+        if self.new_master != Some(pid) {
+            return false;
+        }
+        self.new_master = None;
+        tracing::warn!(
+            "new master pid={pid} exited ({how}); this master (pid={me}) carries on as the only one"
+        );
+        self.take_back(files);
+        true
+    }
+
+    fn take_back(&mut self, files: MasterFiles<'_>) {
+        if let Some(pf) = files.pid_file {
+            if let Err(e) = pf.move_back() {
+                tracing::error!("moving the pid file back from {}: {e}", pf.path().display());
+            }
+        }
+        if let Some(path) = &self.status_path {
+            if files.status.is_none() {
+                match StatusServer::bind(path) {
+                    Ok(st) => *files.status = Some(st),
+                    Err(e) => tracing::error!("status socket: {e}"),
+                }
+            }
+        }
     }
 }
 
