@@ -4,6 +4,9 @@
 //! (a port in use, an unwritable pid file) print `error: ...` and exit 1.
 
 #![forbid(unsafe_code)]
+// Doc comments here are clap's --help text, not rustdoc: `[IPV6]:PORT` is
+// an address form, not a link.
+#![allow(rustdoc::broken_intra_doc_links)]
 
 mod apps;
 mod config;

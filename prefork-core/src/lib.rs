@@ -23,7 +23,79 @@
 //!   in its own crate (`prefork-blocking`, ...).
 //!
 //! A library user writes an [`App`] and hands it to a [`Master`] with a
-//! strategy; see the `examples/` folder of the workspace.
+//! strategy (one of the strategy crates, or their own); see also the
+//! `examples/` folder of the workspace.
+//!
+//! # Example
+//!
+//! An app that answers every connection with one line, a strategy in which
+//! every worker accepts from the listeners it inherited (what the
+//! `prefork-blocking` crate does), and a master with two workers. When they
+//! are up, the ready callback is a client once, then asks the master to stop
+//! gracefully (QUIT), as an operator would.
+//!
+//! ```
+//! use std::io::{Read, Write};
+//!
+//! use prefork_core::accept::ListenerSet;
+//! use prefork_core::{
+//!     AcceptContext, AcceptStrategy, Accepted, App, BindSpec, Connection, ListenAddr, Listener,
+//!     Master, MasterConfig, WorkerAcceptor,
+//! };
+//!
+//! /// The app: what a worker does with one connection.
+//! struct Hello;
+//!
+//! impl App for Hello {
+//!     fn handle(&mut self, conn: &mut Connection) -> std::io::Result<()> {
+//!         conn.write_all(b"hello\n")
+//!     }
+//! }
+//!
+//! /// The strategy's master side: nothing to prepare; each worker keeps the
+//! /// listeners it inherited.
+//! struct Shared;
+//!
+//! impl AcceptStrategy for Shared {
+//!     type Acceptor = SharedAcceptor;
+//!
+//!     fn name(&self) -> &'static str {
+//!         "shared"
+//!     }
+//!
+//!     fn into_acceptor(self, _slot: usize, listeners: Vec<Listener>) -> std::io::Result<SharedAcceptor> {
+//!         Ok(SharedAcceptor(ListenerSet::new(listeners)))
+//!     }
+//! }
+//!
+//! /// The strategy's worker side: accept(2) from the shared listeners.
+//! struct SharedAcceptor(ListenerSet);
+//!
+//! impl WorkerAcceptor for SharedAcceptor {
+//!     fn accept(&mut self, ctx: &AcceptContext<'_>) -> std::io::Result<Accepted> {
+//!         self.0.accept(ctx)
+//!     }
+//! }
+//!
+//! let cfg = MasterConfig {
+//!     binds: vec![BindSpec::parse("127.0.0.1:0")?],
+//!     workers: 2,
+//!     ..MasterConfig::default()
+//! };
+//! let master = Master::start(cfg, Shared, Hello)?;
+//! let code = master.run(|ready| {
+//!     let ListenAddr::Tcp(addr) = ready.addrs[0] else { unreachable!("a TCP bind") };
+//!     let mut reply = String::new();
+//!     std::net::TcpStream::connect(addr)
+//!         .and_then(|mut c| c.read_to_string(&mut reply))
+//!         .expect("a worker answers");
+//!     assert_eq!(reply, "hello\n");
+//!     let me = nix::unistd::Pid::from_raw(ready.pid as i32);
+//!     nix::sys::signal::kill(me, nix::sys::signal::Signal::SIGQUIT).expect("QUIT");
+//! })?;
+//! assert_eq!(code, 0, "a graceful stop");
+//! # Ok::<(), prefork_core::Error>(())
+//! ```
 
 #![deny(missing_docs)]
 // `unsafe` is confined to `sys`: the compiler enforces it.

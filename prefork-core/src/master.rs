@@ -9,9 +9,9 @@
 //! 5. observe the workers and size the pool;
 //! 6. perform the supervisor's actions (spawn, signal, exit).
 //!
-//! Its parts: the [`Pool`] of worker processes (the table, the scoreboard,
-//! their reports), the [`Upgrade`] component (USR2), and the pure
-//! [`Supervisor`] that decides.
+//! Its parts: the pool of worker processes (the table, the scoreboard,
+//! their reports; `pool.rs`), the upgrade component (USR2; `upgrade.rs`),
+//! and the pure [`Supervisor`] that decides.
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::path::PathBuf;

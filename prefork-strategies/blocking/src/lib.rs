@@ -16,24 +16,43 @@
 //!   `mutex` strategy exists to fix. The testkit measures it as wakeups per
 //!   accepted connection.
 //!
-//! ```no_run
-//! use prefork_core::{App, Connection, Master, MasterConfig, BindSpec};
-//! use std::io::Write;
+//! # Example
+//!
+//! An app that answers each connection with one line, served by two workers
+//! that block in accept(2) on the listener they share. The ready callback is
+//! a client once, then asks the master to stop, as an operator would.
+//!
+//! ```
+//! use std::io::{Read, Write};
+//!
+//! use prefork_core::{App, BindSpec, Connection, ListenAddr, Master, MasterConfig};
 //!
 //! struct Hello;
+//!
 //! impl App for Hello {
-//!     fn handle(&mut self, c: &mut Connection) -> std::io::Result<()> {
-//!         c.write_all(b"hello\n")
+//!     fn handle(&mut self, conn: &mut Connection) -> std::io::Result<()> {
+//!         conn.write_all(b"hello\n")
 //!     }
 //! }
 //!
 //! let cfg = MasterConfig {
-//!     binds: vec![BindSpec::parse("127.0.0.1:8080")?],
-//!     workers: 4,
+//!     binds: vec![BindSpec::parse("127.0.0.1:0")?],
+//!     workers: 2,
 //!     ..MasterConfig::default()
 //! };
 //! let master = Master::start(cfg, prefork_blocking::Blocking::new(), Hello)?;
-//! std::process::exit(master.run(|ready| println!("ready on {:?}", ready.addrs))?);
+//! let code = master.run(|ready| {
+//!     // Every worker is up: be a client once, then stop gracefully (QUIT).
+//!     let ListenAddr::Tcp(addr) = ready.addrs[0] else { unreachable!("a TCP bind") };
+//!     let mut reply = String::new();
+//!     std::net::TcpStream::connect(addr)
+//!         .and_then(|mut c| c.read_to_string(&mut reply))
+//!         .expect("a worker answers");
+//!     assert_eq!(reply, "hello\n");
+//!     let me = nix::unistd::Pid::from_raw(ready.pid as i32);
+//!     nix::sys::signal::kill(me, nix::sys::signal::Signal::SIGQUIT).expect("QUIT");
+//! })?;
+//! assert_eq!(code, 0, "a graceful stop");
 //! # Ok::<(), prefork_core::Error>(())
 //! ```
 

@@ -24,6 +24,49 @@
 //!   the count short, the master hands its copy to another worker. The
 //!   worker sends the FIN itself (shutdown) before closing, so the master's
 //!   copy never delays the end of a connection.
+//!
+//! # Example
+//!
+//! Two workers; the master accepts and hands each connection to an idle
+//! one. The master does this in its own loop, and the ready callback runs in
+//! that loop, so the callback must not wait for a reply: it connects, asks
+//! for a graceful stop (QUIT), and the reply is read once `run` returns. A
+//! graceful stop serves every connection already handed over.
+//!
+//! ```
+//! use std::io::{Read, Write};
+//! use std::net::TcpStream;
+//!
+//! use prefork_core::{App, BindSpec, Connection, ListenAddr, Master, MasterConfig};
+//! use prefork_fdpass::Fdpass;
+//!
+//! struct Hello;
+//!
+//! impl App for Hello {
+//!     fn handle(&mut self, conn: &mut Connection) -> std::io::Result<()> {
+//!         conn.write_all(b"hello\n")
+//!     }
+//! }
+//!
+//! let cfg = MasterConfig {
+//!     binds: vec![BindSpec::parse("127.0.0.1:0")?],
+//!     workers: 2,
+//!     ..MasterConfig::default()
+//! };
+//! let master = Master::start(cfg, Fdpass::new(), Hello)?;
+//! let mut client: Option<TcpStream> = None;
+//! let code = master.run(|ready| {
+//!     let ListenAddr::Tcp(addr) = ready.addrs[0] else { unreachable!("a TCP bind") };
+//!     client = Some(TcpStream::connect(addr).expect("connect"));
+//!     let me = nix::unistd::Pid::from_raw(ready.pid as i32);
+//!     nix::sys::signal::kill(me, nix::sys::signal::Signal::SIGQUIT).expect("QUIT");
+//! })?;
+//! assert_eq!(code, 0, "a graceful stop");
+//! let mut reply = String::new();
+//! client.expect("connected").read_to_string(&mut reply).expect("read");
+//! assert_eq!(reply, "hello\n");
+//! # Ok::<(), prefork_core::Error>(())
+//! ```
 
 #![deny(missing_docs)]
 // `unsafe` is confined to `sys`: the compiler enforces it.

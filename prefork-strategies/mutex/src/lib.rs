@@ -27,6 +27,47 @@
 //! `$XDG_RUNTIME_DIR` or the temp dir), created O_EXCL|O_NOFOLLOW with mode
 //! 0600. The master removes the directory and the semaphore when it exits.
 //! A detached guardian process does the same if the master is killed.
+//!
+//! # Example
+//!
+//! Two workers that take a flock(2) lock before each accept. With one
+//! listener the kernel already wakes one waiter per connection, so the lock
+//! is used only when asked (`lock_always`), as here.
+//!
+//! ```
+//! use std::io::{Read, Write};
+//!
+//! use prefork_core::{App, BindSpec, Connection, ListenAddr, Master, MasterConfig};
+//! use prefork_mutex::{LockKind, Mutex};
+//!
+//! struct Hello;
+//!
+//! impl App for Hello {
+//!     fn handle(&mut self, conn: &mut Connection) -> std::io::Result<()> {
+//!         conn.write_all(b"hello\n")
+//!     }
+//! }
+//!
+//! let cfg = MasterConfig {
+//!     binds: vec![BindSpec::parse("127.0.0.1:0")?],
+//!     workers: 2,
+//!     ..MasterConfig::default()
+//! };
+//! let master = Master::start(cfg, Mutex::new(LockKind::Flock, true), Hello)?;
+//! let code = master.run(|ready| {
+//!     // Every worker is up: be a client once, then stop gracefully (QUIT).
+//!     let ListenAddr::Tcp(addr) = ready.addrs[0] else { unreachable!("a TCP bind") };
+//!     let mut reply = String::new();
+//!     std::net::TcpStream::connect(addr)
+//!         .and_then(|mut c| c.read_to_string(&mut reply))
+//!         .expect("a worker answers");
+//!     assert_eq!(reply, "hello\n");
+//!     let me = nix::unistd::Pid::from_raw(ready.pid as i32);
+//!     nix::sys::signal::kill(me, nix::sys::signal::Signal::SIGQUIT).expect("QUIT");
+//! })?;
+//! assert_eq!(code, 0, "a graceful stop");
+//! # Ok::<(), prefork_core::Error>(())
+//! ```
 
 #![deny(missing_docs)]
 // `unsafe` is confined to `sys`: the compiler enforces it.

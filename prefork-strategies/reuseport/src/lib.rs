@@ -29,6 +29,45 @@
 //! (Linux does not balance them), and sockets inherited from systemd or
 //! `fd:N` were bound without it: both are refused at start with a clear
 //! error.
+//!
+//! # Example
+//!
+//! Two workers, each accepting from its own SO_REUSEPORT socket on the same
+//! port; the kernel spreads connections across them.
+//!
+//! ```
+//! use std::io::{Read, Write};
+//!
+//! use prefork_core::{App, BindSpec, Connection, ListenAddr, Master, MasterConfig};
+//!
+//! struct Hello;
+//!
+//! impl App for Hello {
+//!     fn handle(&mut self, conn: &mut Connection) -> std::io::Result<()> {
+//!         conn.write_all(b"hello\n")
+//!     }
+//! }
+//!
+//! let cfg = MasterConfig {
+//!     binds: vec![BindSpec::parse("127.0.0.1:0")?],
+//!     workers: 2,
+//!     ..MasterConfig::default()
+//! };
+//! let master = Master::start(cfg, prefork_reuseport::Reuseport::new(), Hello)?;
+//! let code = master.run(|ready| {
+//!     // Every worker is up: be a client once, then stop gracefully (QUIT).
+//!     let ListenAddr::Tcp(addr) = ready.addrs[0] else { unreachable!("a TCP bind") };
+//!     let mut reply = String::new();
+//!     std::net::TcpStream::connect(addr)
+//!         .and_then(|mut c| c.read_to_string(&mut reply))
+//!         .expect("a worker answers");
+//!     assert_eq!(reply, "hello\n");
+//!     let me = nix::unistd::Pid::from_raw(ready.pid as i32);
+//!     nix::sys::signal::kill(me, nix::sys::signal::Signal::SIGQUIT).expect("QUIT");
+//! })?;
+//! assert_eq!(code, 0, "a graceful stop");
+//! # Ok::<(), prefork_core::Error>(())
+//! ```
 
 #![deny(missing_docs)]
 // `unsafe` is confined to `sys`: the compiler enforces it.

@@ -223,7 +223,7 @@ pub struct RunResult {
     pub server: String,
     /// Which pass over the servers the run belongs to (from 0). Runs of one
     /// round ran one after another, so they are the ones compared in pairs
-    /// (see [`side_by_side`]).
+    /// (see [`side_by_side`](super::side_by_side)).
     pub round: usize,
     /// The load generator's figures.
     pub load: Summary,

@@ -5,6 +5,9 @@
 //!     prefork-load --protocol line -c 4 -n 1000 --json 127.0.0.1:9000
 
 #![forbid(unsafe_code)]
+// Doc comments here are clap's --help text, not rustdoc: `[IPV6]:PORT` is
+// an address form, not a link.
+#![allow(rustdoc::broken_intra_doc_links)]
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
