@@ -264,17 +264,7 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
                 reason: "nothing to listen on: give at least one --bind".into(),
             });
         }
-        let log_file = cfg.log_file.as_deref().map(|p| {
-            let mut lf = crate::logfile::LogFile::new(p);
-            if let Some(u) = &cfg.user {
-                lf.set_owner(u.uid.as_raw(), u.gid.as_raw());
-            }
-            lf
-        });
-        if let Some(lf) = &log_file {
-            lf.check()
-                .map_err(|e| Error::sys(format!("log file {}", lf.path().display()), e))?;
-        }
+        let log_file = log_file(&cfg)?;
         strategy.prepare(Prepare {
             listeners: &created.listeners,
             worker_owner: cfg.user.as_ref().map(|u| (u.uid.as_raw(), u.gid.as_raw())),
@@ -298,17 +288,7 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
         // Everything is in place: from here on the logs go to the file (or,
         // detached, nowhere: the pipe to the starting command must not
         // reach the workers).
-        match &log_file {
-            Some(lf) => lf
-                .reopen()
-                .map_err(|e| Error::sys(format!("log file {}", lf.path().display()), e))?,
-            None if cfg.detached => std::fs::OpenOptions::new()
-                .write(true)
-                .open("/dev/null")
-                .and_then(|f| Ok(nix::unistd::dup2_stderr(f)?))
-                .map_err(|e| Error::sys("stderr to /dev/null", e))?,
-            None => {}
-        }
+        redirect_stderr(log_file.as_ref(), cfg.detached)?;
         let sup = Supervisor::new(SupervisorConfig {
             workers: cfg.workers,
             graceful_timeout: cfg.graceful_timeout,
@@ -929,6 +909,37 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
 enum Flow {
     Exit(i32),
     Child(WorkerSetup),
+}
+
+/// The `--log-file`, given to `--user` when it is created, checked to be
+/// writable before anything is bound.
+fn log_file(cfg: &MasterConfig) -> Result<Option<crate::logfile::LogFile>> {
+    let Some(path) = cfg.log_file.as_deref() else {
+        return Ok(None);
+    };
+    let mut lf = crate::logfile::LogFile::new(path);
+    if let Some(u) = &cfg.user {
+        lf.set_owner(u.uid.as_raw(), u.gid.as_raw());
+    }
+    lf.check()
+        .map_err(|e| Error::sys(format!("log file {}", lf.path().display()), e))?;
+    Ok(Some(lf))
+}
+
+/// stderr (the logs) to the log file, or to /dev/null when detached
+/// without one.
+fn redirect_stderr(log_file: Option<&crate::logfile::LogFile>, detached: bool) -> Result<()> {
+    match log_file {
+        Some(lf) => lf
+            .reopen()
+            .map_err(|e| Error::sys(format!("log file {}", lf.path().display()), e)),
+        None if detached => std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/null")
+            .and_then(|f| Ok(nix::unistd::dup2_stderr(f)?))
+            .map_err(|e| Error::sys("stderr to /dev/null", e)),
+        None => Ok(()),
+    }
 }
 
 /// Does any of `fds` have a connection waiting, and if so how many wait in

@@ -68,6 +68,22 @@ where
     W: WorkerAcceptor,
     F: FnOnce() -> std::io::Result<W>,
 {
+    match boot(app, make_acceptor, &setup) {
+        Ok(acceptor) => serve(app, acceptor, &setup, scoreboard),
+        Err(code) => code,
+    }
+}
+
+/// Everything before the first accept: the process name, the user, the
+/// app's `after_fork`, the strategy's acceptor, the last words for a
+/// frozen-worker kill. `Err` is the exit code (a boot failure, or 0 when
+/// the master is already gone).
+fn boot<A, W, F>(app: &mut A, make_acceptor: F, setup: &WorkerSetup) -> Result<W, i32>
+where
+    A: App,
+    W: WorkerAcceptor,
+    F: FnOnce() -> std::io::Result<W>,
+{
     let info = WorkerInfo {
         slot: setup.slot,
         pid: std::process::id(),
@@ -85,12 +101,12 @@ where
                 info.pid,
                 u.name
             );
-            return EXIT_BOOT_FAILED;
+            return Err(EXIT_BOOT_FAILED);
         }
         // A change of credentials clears the parent-death signal: set it
         // again, and check the parent once more.
         if !die_with(setup.master_pid) {
-            return 0;
+            return Err(0);
         }
     }
     if let Err(e) = app.after_fork(&info) {
@@ -98,16 +114,16 @@ where
             "worker={slot} pid={} failed to boot: app after_fork: {e}",
             info.pid
         );
-        return EXIT_BOOT_FAILED;
+        return Err(EXIT_BOOT_FAILED);
     }
-    let mut acceptor = match make_acceptor().and_then(|mut a| a.init().map(|()| a)) {
+    let acceptor = match make_acceptor().and_then(|mut a| a.init().map(|()| a)) {
         Ok(a) => a,
         Err(e) => {
             tracing::error!(
                 "worker={slot} pid={} failed to boot: accept strategy: {e}",
                 info.pid
             );
-            return EXIT_BOOT_FAILED;
+            return Err(EXIT_BOOT_FAILED);
         }
     };
     sys::set_last_words(
@@ -117,6 +133,19 @@ where
             info.pid
         ),
     );
+    Ok(acceptor)
+}
+
+/// Reports ready, then accepts and serves one connection at a time until
+/// asked to stop (then serves what only this worker can take) or the master
+/// is gone. Returns the exit code.
+fn serve<A: App, W: WorkerAcceptor>(
+    app: &mut A,
+    mut acceptor: W,
+    setup: &WorkerSetup,
+    scoreboard: &Scoreboard,
+) -> i32 {
+    let slot = setup.slot;
     let cell = scoreboard.cell(setup.cell);
     if let Some(c) = cell {
         c.ready(MonoTime::now());
@@ -132,7 +161,7 @@ where
         tick: setup.tick,
     };
     let mut backoff = Duration::ZERO;
-    let mut serve = |conn: Connection, acceptor: &mut W| {
+    let mut serve_one = |conn: Connection, acceptor: &mut W| {
         let mut conn = conn;
         report.busy();
         if let Err(e) = app.handle(&mut conn) {
@@ -145,33 +174,21 @@ where
     };
     while !sys::worker_quit_requested() {
         if sys::take_worker_reopen() {
-            if let Some(lf) = &setup.log_file {
-                if let Err(e) = lf.reopen() {
-                    tracing::error!("worker={slot} USR1: reopening {}: {e}", lf.path().display());
-                }
-            }
+            reopen_log(setup);
         }
         match acceptor.accept(&ctx) {
             Ok(Accepted::Connection(conn)) => {
                 backoff = Duration::ZERO;
-                serve(conn, &mut acceptor);
+                serve_one(conn, &mut acceptor);
             }
             Ok(Accepted::Idle) => {
-                if master_gone(&setup) {
+                if master_gone(setup) {
                     tracing::info!("worker={slot} master is gone; exiting");
                     return 0;
                 }
             }
             Err(e) => {
-                // EMFILE and friends: the connection stays queued; wait for
-                // relief instead of spinning on a readable listener (L14).
-                backoff = (backoff * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
-                if backoff == Duration::from_millis(10) {
-                    tracing::warn!("worker={slot} accept failed: {e}; backing off");
-                }
-                let mut fds = [PollFd::new(setup.master_alive.as_fd(), PollFlags::POLLIN)];
-                let _ = nix::poll::poll(&mut fds, poll_timeout(Some(backoff)));
-                if master_gone(&setup) {
+                if !back_off(&mut backoff, &e, setup) {
                     return 0;
                 }
             }
@@ -179,9 +196,32 @@ where
     }
     // Asked to stop: serve what only this worker can take.
     while let Ok(Accepted::Connection(conn)) = acceptor.drain(&ctx) {
-        serve(conn, &mut acceptor);
+        serve_one(conn, &mut acceptor);
     }
     0
+}
+
+/// USR1 was received: reopen the log file (between connections).
+fn reopen_log(setup: &WorkerSetup) {
+    if let Some(lf) = &setup.log_file {
+        if let Err(e) = lf.reopen() {
+            let slot = setup.slot;
+            tracing::error!("worker={slot} USR1: reopening {}: {e}", lf.path().display());
+        }
+    }
+}
+
+/// accept failed with EMFILE and friends: the connection stays queued, so
+/// wait for relief (10 ms, doubling up to 1 s) instead of spinning on a
+/// readable listener (L14). Returns false when the master is gone.
+fn back_off(backoff: &mut Duration, e: &std::io::Error, setup: &WorkerSetup) -> bool {
+    *backoff = (*backoff * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
+    if *backoff == Duration::from_millis(10) {
+        tracing::warn!("worker={} accept failed: {e}; backing off", setup.slot);
+    }
+    let mut fds = [PollFd::new(setup.master_alive.as_fd(), PollFlags::POLLIN)];
+    let _ = nix::poll::poll(&mut fds, poll_timeout(Some(*backoff)));
+    !master_gone(setup)
 }
 
 /// The master-alive pipe is readable (EOF) or our parent changed.
