@@ -21,8 +21,8 @@ use std::time::Duration;
 use clap::parser::ValueSource;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use prefork_core::{
-    AcceptStrategy, App, BindOptions, BindSpec, BoxError, Connection, Master, MasterConfig,
-    PoolSettings, ReadyInfo, ReloadSettings, ReportMode, ScaleConfig, WorkerInfo,
+    AcceptStrategy, App, BindOptions, BindSpec, BoxError, Connection, Frame, Master, MasterConfig,
+    Next, PoolSettings, ReadyInfo, ReloadSettings, ReportMode, ScaleConfig, WorkerInfo,
 };
 
 /// The accept strategies compiled into this binary.
@@ -36,6 +36,15 @@ enum StrategyName {
     Reuseport,
     /// The master accepts and hands each connection to an idle worker.
     Fdpass,
+}
+
+/// When the fdpass master hands a connection to a worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum DispatchName {
+    /// Once its request is whole; kept-alive connections parked in the master.
+    Ready,
+    /// At once, unread (plain fdpass).
+    Accept,
 }
 
 /// The lock of the mutex strategy.
@@ -227,17 +236,45 @@ struct Cli {
     #[arg(long, value_name = "OCTAL", value_parser = parse_mode)]
     unix_mode: Option<u32>,
 
-    /// http app: seconds a client has to send a whole request head.
+    /// Seconds a client has to send a whole request head (the http app; the
+    /// fdpass master enforces it for every app with framing, and answers
+    /// the app's timeout response, the http app's 408). On a kept-alive
+    /// connection, the http app gives all its heads together this long.
     #[arg(long, value_name = "SECS", default_value = "10", value_parser = parse_secs)]
     header_timeout: Duration,
 
-    /// http app: seconds an idle kept-alive connection is kept.
+    /// Seconds an idle kept-alive connection is kept: waiting in the worker
+    /// (blocking, mutex, reuseport), or parked in the master (fdpass).
     #[arg(long, value_name = "SECS", default_value = "5", value_parser = parse_secs)]
     keepalive_timeout: Duration,
 
     /// http app: requests served on one kept-alive connection at most.
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
     keepalive_requests: u32,
+
+    /// http app: the largest request body read (and discarded); a larger
+    /// one gets 413 (e.g. 1m, 64k, 1048576).
+    #[arg(long, value_name = "SIZE", default_value = "1m", value_parser = parse_size_arg)]
+    max_body: u64,
+
+    /// fdpass: the largest request body the master buffers before handing
+    /// the request to a worker, so that a slow upload holds no worker; a
+    /// larger body, or a chunked one, is handed over after the head.
+    #[arg(long, value_name = "SIZE", default_value = "1m", value_parser = parse_size_arg)]
+    max_body_buffer: u64,
+
+    /// fdpass: connections the master holds at most (requests arriving,
+    /// kept-alive connections, requests waiting for a worker). At the
+    /// limit it stops accepting; new connections wait in the backlog.
+    #[arg(long, value_name = "N", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    max_connections: u32,
+
+    /// fdpass: when a connection goes to a worker. `ready`: once its
+    /// request is whole, and kept-alive connections are parked in the
+    /// master (the front: no slow or idle client holds a worker). `accept`:
+    /// at once, unread, as plain fdpass (to compare).
+    #[arg(long, value_enum, value_name = "WHEN")]
+    dispatch: Option<DispatchName>,
 
     /// Inject a fault into every worker (for the test suite).
     #[arg(long, value_enum, hide = true)]
@@ -324,6 +361,32 @@ fn parse_secs(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(v))
 }
 
+/// A size in bytes: a number, with a k, m or g suffix for KiB, MiB, GiB
+/// (`1m`, `64k`, `1048576`), as nginx writes them.
+fn parse_size_arg(s: &str) -> Result<u64, String> {
+    parse_size::Config::new()
+        .with_binary()
+        .parse_size(s)
+        .map_err(|e| format!("{s:?} is not a size such as 64k or 1m: {e}"))
+}
+
+/// The fdpass master's front, from the flags.
+fn front_config(cli: &Cli) -> prefork_fdpass::FrontConfig {
+    prefork_fdpass::FrontConfig {
+        dispatch: match cli.dispatch {
+            Some(DispatchName::Accept) => prefork_fdpass::Dispatch::AtAccept,
+            Some(DispatchName::Ready) | None => prefork_fdpass::Dispatch::WhenReady,
+        },
+        header_timeout: cli.header_timeout,
+        keepalive_timeout: cli.keepalive_timeout,
+        max_connections: cli.max_connections as usize,
+        // The head (the http app refuses one over 8 KiB) and the body.
+        max_buffer: usize::try_from(cli.max_body_buffer)
+            .unwrap_or(usize::MAX)
+            .saturating_add(64 << 10),
+    }
+}
+
 fn parse_mode(s: &str) -> Result<u32, String> {
     u32::from_str_radix(s.trim_start_matches("0o"), 8)
         .ok()
@@ -375,7 +438,21 @@ impl App for Served {
         }
     }
 
-    fn handle(&mut self, c: &mut Connection) -> std::io::Result<()> {
+    fn frame(&self, buf: &[u8]) -> Frame {
+        match &self.app {
+            Builtin::Http(a) => a.frame(buf),
+            Builtin::Hello(_) | Builtin::Echo(_) => Frame::Complete(0),
+        }
+    }
+
+    fn timeout_response(&self) -> Option<Vec<u8>> {
+        match &self.app {
+            Builtin::Http(a) => a.timeout_response(),
+            Builtin::Hello(_) | Builtin::Echo(_) => None,
+        }
+    }
+
+    fn handle(&mut self, c: &mut Connection) -> std::io::Result<Next> {
         match &mut self.app {
             Builtin::Hello(a) => a.handle(c),
             Builtin::Echo(a) => a.handle(c),
@@ -496,6 +573,15 @@ fn check(cli: &Cli) -> Result<(), String> {
     if (cli.lock.is_some() || cli.lock_always) && cli.strategy != StrategyName::Mutex {
         return Err("--lock and --lock-always apply only to --strategy mutex".into());
     }
+    if cli.dispatch.is_some() && cli.strategy != StrategyName::Fdpass {
+        return Err("--dispatch applies only to --strategy fdpass".into());
+    }
+    if cli.max_body_buffer > cli.max_body {
+        return Err(format!(
+            "--max-body-buffer ({}) is larger than --max-body ({}): a body that large is refused anyway",
+            cli.max_body_buffer, cli.max_body
+        ));
+    }
     if cli.app == AppName::Hello && cli.defer_accept.unwrap_or(0) > 0 {
         return Err("--defer-accept: the hello app speaks first and its clients send nothing, so every connection would wait that long to be accepted".into());
     }
@@ -533,14 +619,16 @@ fn reload_settings(cli: &Cli) -> ReloadSettings {
         },
         max_requests: cli.max_requests,
         max_requests_jitter: cli.max_requests_jitter,
+        keepalive_timeout: cli.keepalive_timeout,
     }
 }
 
 fn http_limits(cli: &Cli) -> apps::HttpLimits {
     apps::HttpLimits {
         header_timeout: cli.header_timeout,
-        keepalive_timeout: cli.keepalive_timeout,
         keepalive_requests: cli.keepalive_requests,
+        max_body: cli.max_body,
+        max_body_buffer: cli.max_body_buffer,
         max_sleep: Duration::from_secs(3600),
     }
 }
@@ -718,6 +806,7 @@ fn main() -> ExitCode {
         timeout: pool.pool.timeout,
         max_requests: pool.max_requests,
         max_requests_jitter: pool.max_requests_jitter,
+        keepalive_timeout: pool.keepalive_timeout,
         report: match cli.status_report {
             Report::Scoreboard => ReportMode::Scoreboard,
             Report::Pipe => ReportMode::Pipe,
@@ -767,7 +856,13 @@ fn main() -> ExitCode {
             reloader,
             ready,
         ),
-        StrategyName::Fdpass => serve(cfg, prefork_fdpass::Fdpass::new(), app, reloader, ready),
+        StrategyName::Fdpass => serve(
+            cfg,
+            prefork_fdpass::Fdpass::with(front_config(&cli)),
+            app,
+            reloader,
+            ready,
+        ),
     };
     match result {
         Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),

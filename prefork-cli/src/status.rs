@@ -93,9 +93,23 @@ pub fn table(doc: &Value) -> String {
         ));
     }
     out.push_str(&format!(
-        "\nworkers {} of {}: {} busy, {} idle, {} booting, {} stopping; {} requests served\n",
-        t["workers"], t["target"], t["busy"], t["idle"], t["booting"], t["stopping"], t["requests"]
+        "\nworkers {} of {}: {} busy, {} idle, {} keepalive, {} booting, {} stopping; {} requests served\n",
+        t["workers"],
+        t["target"],
+        t["busy"],
+        t["idle"],
+        t["keepalive"].as_u64().unwrap_or(0),
+        t["booting"],
+        t["stopping"],
+        t["requests"]
     ));
+    let held = &doc["held"];
+    if let Some(total) = held["total"].as_u64() {
+        out.push_str(&format!(
+            "held by the master: {total} ({} reading a request, {} queued for a worker, {} parked between requests)\n",
+            held["reading"], held["queued"], held["parked"]
+        ));
+    }
     let sc = &doc["scale"];
     if let (Some(min), Some(max)) = (sc["min"].as_u64(), sc["max"].as_u64()) {
         out.push_str(&format!(

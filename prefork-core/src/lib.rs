@@ -40,15 +40,16 @@
 //! use prefork_core::accept::ListenerSet;
 //! use prefork_core::{
 //!     AcceptContext, AcceptStrategy, Accepted, App, BindSpec, Connection, ListenAddr, Listener,
-//!     Master, MasterConfig, WorkerAcceptor,
+//!     Master, MasterConfig, Next, WorkerAcceptor,
 //! };
 //!
 //! /// The app: what a worker does with one connection.
 //! struct Hello;
 //!
 //! impl App for Hello {
-//!     fn handle(&mut self, conn: &mut Connection) -> std::io::Result<()> {
-//!         conn.write_all(b"hello\n")
+//!     fn handle(&mut self, conn: &mut Connection) -> std::io::Result<Next> {
+//!         conn.write_all(b"hello\n")?;
+//!         Ok(Next::Close)
 //!     }
 //! }
 //!
@@ -126,7 +127,7 @@ pub mod upgrade;
 pub mod user;
 mod worker;
 
-pub use app::{App, BoxError, Connection, Stream, WorkerInfo};
+pub use app::{App, BoxError, Connection, Frame, Framing, Next, Stream, WorkerInfo};
 pub use clock::MonoTime;
 pub use error::{Error, Result};
 pub use listener::{BindOptions, BindSpec, ListenAddr, Listener};

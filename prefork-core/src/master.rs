@@ -66,6 +66,10 @@ pub struct MasterConfig {
     pub max_requests: Option<u64>,
     /// Add 0..=this to each worker's limit, so workers do not recycle together.
     pub max_requests_jitter: u64,
+    /// How long a worker keeps a kept-alive connection waiting in place for
+    /// its next request (blocking, mutex, reuseport; fdpass's master parks
+    /// it instead, with its own timeout).
+    pub keepalive_timeout: Duration,
     /// How workers report busy/idle.
     pub report: ReportMode,
     /// Serve the scoreboard as JSON on this Unix socket (mode 0600).
@@ -93,6 +97,7 @@ impl Default for MasterConfig {
             timeout: None,
             max_requests: None,
             max_requests_jitter: 0,
+            keepalive_timeout: Duration::from_secs(5),
             report: ReportMode::Scoreboard,
             status_socket: None,
             user: None,
@@ -112,6 +117,8 @@ pub struct ReloadSettings {
     pub max_requests: Option<u64>,
     /// Add 0..=this to each worker's limit.
     pub max_requests_jitter: u64,
+    /// How long a kept-alive connection waits in place in a worker.
+    pub keepalive_timeout: Duration,
 }
 
 type ReloadFn<A> = Box<dyn FnMut(&mut A) -> std::result::Result<ReloadSettings, BoxError>>;
@@ -167,6 +174,7 @@ pub struct Master<S: AcceptStrategy, A: App> {
     upgrade: Upgrade,
     /// What every worker is forked with: its accept tick and its user.
     tick: Duration,
+    keepalive_timeout: Duration,
     user: Option<crate::user::WorkerUser>,
     max_requests: Option<(u64, u64)>,
     /// The pool sizes itself: sample it at this time next.
@@ -310,6 +318,7 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
             pool: Pool::new(scoreboard, cfg.report),
             upgrade: Upgrade::new(taken.from, cfg.status_socket.clone()),
             tick: opts.accept_tick,
+            keepalive_timeout: cfg.keepalive_timeout,
             user: cfg.user,
             max_requests: cfg.max_requests.map(|n| (n, cfg.max_requests_jitter)),
             next_sample: cfg.scale.map(|_| MonoTime::now()),
@@ -360,7 +369,7 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
             }
             if let Some(io) = self.strategy.master_io() {
                 for &fd in &events.strategy {
-                    io.ready(fd);
+                    io.ready(fd, &self.app);
                 }
             }
             self.observe_workers(events.overslept);
@@ -397,12 +406,15 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
     /// deadline, at most OBSERVE_TICK when the scoreboard must be watched
     /// (timeouts, recycling, pool sizing) and MAX_SLEEP otherwise, and no
     /// later than the next pool sample.
-    fn sleep_budget(&self, now: MonoTime) -> Duration {
+    fn sleep_budget(&mut self, now: MonoTime) -> Duration {
         let watch = self.sup.timeout().is_some()
             || self.max_requests.is_some()
             || self.sup.scale_config().is_some();
         let mut cap = if watch { OBSERVE_TICK } else { MAX_SLEEP };
         if let Some(t) = self.next_sample {
+            cap = cap.min(t.saturating_since(now));
+        }
+        if let Some(t) = self.strategy.master_io().and_then(|io| io.next_deadline()) {
             cap = cap.min(t.saturating_since(now));
         }
         match self.sup.next_deadline() {
@@ -415,11 +427,11 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
     /// descriptor, a status client or the next deadline, and says which were
     /// ready. Reads nothing.
     fn wait(&mut self) -> Events {
+        if let Some(io) = self.strategy.master_io() {
+            io.turn(&self.app);
+        }
         let start = MonoTime::now();
         let timeout = self.sleep_budget(start);
-        if let Some(io) = self.strategy.master_io() {
-            io.turn();
-        }
         let mut events = Events::default();
         let reports: Vec<(Pid, BorrowedFd<'_>)> = self.pool.channels().collect();
         let strategy_fds = match self.strategy.master_io() {
@@ -501,6 +513,7 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
 
     /// Answers every waiting status client with the scoreboard as JSON.
     fn serve_status(&mut self) {
+        let held = self.strategy.master_io().and_then(|io| io.held());
         let Some(server) = &self.status else {
             return;
         };
@@ -533,6 +546,7 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
             &workers,
             self.pool.retired_requests(),
             &listeners,
+            held,
         );
         server.answer_all(&doc);
     }
@@ -559,6 +573,11 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
             }
             _ => return, // SIGCHLD: reaping follows
         };
+        if matches!(cmd, Command::GracefulStop | Command::FastStop) {
+            if let Some(io) = self.strategy.master_io() {
+                io.stopping();
+            }
+        }
         let what = self.sup.command(cmd, MonoTime::now());
         tracing::info!("{sig}: {what}");
     }
@@ -585,6 +604,7 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
         }
         let now = MonoTime::now();
         self.max_requests = new.max_requests.map(|n| (n, new.max_requests_jitter));
+        self.keepalive_timeout = new.keepalive_timeout;
         self.next_sample = match (new.pool.scale, self.next_sample) {
             (None, _) => None,
             (Some(_), Some(t)) => Some(t),
@@ -775,6 +795,7 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
                     status: StatusWriter::new(status_wr, slot),
                     master_pid: self.pid,
                     tick: self.tick,
+                    keepalive_timeout: self.keepalive_timeout,
                     cell,
                     report: self.pool.report(),
                     user: self.user.clone(),

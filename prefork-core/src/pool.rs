@@ -151,7 +151,15 @@ impl Pool {
                         w.state = WorkerState::Idle { since: m.at };
                         w.requests += 1;
                     }
-                    StatusKind::Busy | StatusKind::Idle => {}
+                    StatusKind::KeepAlive if pipe => {
+                        w.state = WorkerState::KeepAlive { since: m.at };
+                        w.requests += 1;
+                    }
+                    StatusKind::Released if pipe => w.state = WorkerState::Idle { since: m.at },
+                    StatusKind::Busy
+                    | StatusKind::Idle
+                    | StatusKind::KeepAlive
+                    | StatusKind::Released => {}
                 },
                 None if !w.replacing => {
                     // Something in the worker writes where only its status

@@ -35,6 +35,25 @@ impl Reporter<'_> {
     }
 
     #[inline]
+    pub(crate) fn kept_alive(&self) {
+        match self {
+            Reporter::Scoreboard(c) => c.kept_alive(MonoTime::now()),
+            Reporter::Pipe(w) => w.send(StatusKind::KeepAlive),
+            Reporter::Off => {}
+        }
+    }
+
+    /// A kept-alive connection ended without another request: idle again,
+    /// nothing more served.
+    pub(crate) fn released(&self) {
+        match self {
+            Reporter::Scoreboard(c) => c.ready(MonoTime::now()),
+            Reporter::Pipe(w) => w.send(StatusKind::Released),
+            Reporter::Off => {}
+        }
+    }
+
+    #[inline]
     pub(crate) fn idle(&self) {
         match self {
             Reporter::Scoreboard(c) => c.idle(MonoTime::now()),

@@ -20,6 +20,7 @@ const STATE_SHIFT: u32 = 62;
 const TIME_MASK: u64 = (1 << STATE_SHIFT) - 1;
 const IDLE: u64 = 1;
 const BUSY: u64 = 2;
+const KEEPALIVE: u64 = 3;
 
 /// One worker process's cell: a cache line of the shared map, of which it
 /// uses two words (so two workers never write the same line).
@@ -60,6 +61,17 @@ impl Cell<'_> {
         );
     }
 
+    /// The worker served a request and waits in place for the next one on
+    /// the same connection.
+    #[inline]
+    pub fn kept_alive(&self, now: MonoTime) {
+        self.served().fetch_add(1, Ordering::Relaxed);
+        self.word().store(
+            KEEPALIVE << STATE_SHIFT | (now.as_nanos() & TIME_MASK),
+            Ordering::Release,
+        );
+    }
+
     /// Booted and waiting.
     pub fn ready(&self, now: MonoTime) {
         self.word().store(
@@ -75,6 +87,7 @@ impl Cell<'_> {
         match w >> STATE_SHIFT {
             IDLE => WorkerState::Idle { since },
             BUSY => WorkerState::Busy { since },
+            KEEPALIVE => WorkerState::KeepAlive { since },
             _ => WorkerState::Booting,
         }
     }
@@ -146,6 +159,9 @@ mod tests {
         cell(i).idle(t);
         assert_eq!(cell(i).requests(), 1);
         assert_eq!(cell(i).state(), WorkerState::Idle { since: t });
+        cell(i).kept_alive(t);
+        assert_eq!(cell(i).requests(), 2);
+        assert_eq!(cell(i).state(), WorkerState::KeepAlive { since: t });
         sb.release(i);
         let j = sb.allocate().expect("again");
         assert_eq!(j, i);

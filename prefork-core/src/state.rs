@@ -12,9 +12,17 @@ pub enum WorkerState {
         /// When it became idle.
         since: MonoTime,
     },
-    /// Serving a connection since `since`.
+    /// Serving a request since `since`.
     Busy {
-        /// When it took the connection.
+        /// When it took the request.
+        since: MonoTime,
+    },
+    /// Waiting in place for the next request on a kept-alive connection
+    /// since `since` (blocking, mutex and reuseport keep the connection in
+    /// the worker): not busy, so not timed out as frozen, but not available
+    /// for a new connection either.
+    KeepAlive {
+        /// When the last response was sent.
         since: MonoTime,
     },
 }

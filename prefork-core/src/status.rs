@@ -22,6 +22,11 @@ pub enum StatusKind {
     Busy,
     /// Done with it.
     Idle,
+    /// Done with a request; waits in place for the next one on the same
+    /// connection.
+    KeepAlive,
+    /// The kept-alive connection ended without another request: idle.
+    Released,
 }
 
 /// One report.
@@ -44,6 +49,8 @@ impl StatusMessage {
             StatusKind::Ready => 1,
             StatusKind::Busy => 2,
             StatusKind::Idle => 3,
+            StatusKind::KeepAlive => 4,
+            StatusKind::Released => 5,
         };
         b[4..8].copy_from_slice(&self.slot.to_le_bytes());
         b[8..16].copy_from_slice(&self.at.as_nanos().to_le_bytes());
@@ -59,6 +66,8 @@ impl StatusMessage {
             1 => StatusKind::Ready,
             2 => StatusKind::Busy,
             3 => StatusKind::Idle,
+            4 => StatusKind::KeepAlive,
+            5 => StatusKind::Released,
             _ => return None,
         };
         let slot = u32::from_le_bytes(b[4..8].try_into().ok()?);

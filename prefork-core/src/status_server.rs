@@ -36,7 +36,8 @@ pub struct WorkerStatus {
     pub pid: i32,
     /// Generation.
     pub generation: u64,
-    /// booting, idle, busy, stopping.
+    /// booting, idle, busy, keepalive (waiting in place on a kept-alive
+    /// connection), stopping.
     pub state: &'static str,
     /// Seconds in that state (since fork while booting).
     pub for_s: f64,
@@ -51,6 +52,7 @@ impl WorkerStatus {
             (true, _) => ("stopping", None),
             (false, WorkerState::Busy { since }) => ("busy", Some(since)),
             (false, WorkerState::Idle { since }) => ("idle", Some(since)),
+            (false, WorkerState::KeepAlive { since }) => ("keepalive", Some(since)),
             (false, WorkerState::Booting) if v.ready => ("idle", None),
             (false, WorkerState::Booting) => ("booting", None),
         };
@@ -86,6 +88,7 @@ pub fn document(
     workers: &[WorkerStatus],
     retired_requests: u64,
     listeners: &[(String, Option<(u32, u32)>)],
+    held: Option<(usize, usize, usize)>,
 ) -> String {
     let count = |s: &str| workers.iter().filter(|w| w.state == s).count();
     let served: u64 = workers.iter().map(|w| w.requests).sum::<u64>() + retired_requests;
@@ -102,8 +105,12 @@ pub fn document(
             "window_s": c.window.as_secs_f64(), "stall_s": c.stall.as_secs_f64(),
         })),
         "totals": { "target": target, "workers": workers.len(), "busy": count("busy"),
-                    "idle": count("idle"), "booting": count("booting"),
+                    "idle": count("idle"), "keepalive": count("keepalive"), "booting": count("booting"),
                     "stopping": count("stopping"), "requests": served },
+        "held": held.map(|(reading, queued, parked)| json!({
+            "reading": reading, "queued": queued, "parked": parked,
+            "total": reading + queued + parked,
+        })),
         "listeners": listeners.iter().map(|(addr, q)| json!({
             "addr": addr,
             "accept_queue": q.map(|(n, _)| n),

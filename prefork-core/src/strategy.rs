@@ -16,7 +16,8 @@ use std::net::SocketAddr;
 use std::os::fd::{BorrowedFd, RawFd};
 use std::time::Duration;
 
-use crate::app::Connection;
+use crate::app::{Connection, Framing};
+use crate::clock::MonoTime;
 use crate::error::Result;
 use crate::listener::{BindOptions, Listener};
 
@@ -148,26 +149,44 @@ pub trait AcceptStrategy {
 }
 
 /// Capability of a strategy that works in the master loop: it polls
-/// descriptors of its own there (fdpass accepts and dispatches).
+/// descriptors of its own there (fdpass accepts, holds connections and
+/// dispatches requests).
 ///
 /// Each master turn calls [`MasterIo::turn`], then polls
 /// [`MasterIo::fds`] with everything else, then calls [`MasterIo::ready`]
-/// for each one that is ready.
+/// for each one that is ready. The app's [`Framing`] is passed in, so the
+/// strategy can tell when a buffered request is whole.
 pub trait MasterIo {
     /// Right after the worker of `slot` was forked, in the master: close
     /// what only the worker should hold (the worker's end of a channel).
     fn worker_spawned(&mut self, _slot: usize) {}
 
     /// At the start of each master turn: housekeeping that must not wait for
-    /// one of its descriptors to be ready (the master turns at least once a
-    /// second).
-    fn turn(&mut self) {}
+    /// one of its descriptors to be ready (deadlines that passed; the master
+    /// turns at least once a second, and by [`MasterIo::next_deadline`]).
+    fn turn(&mut self, _app: &dyn Framing) {}
 
     /// The descriptors to poll this turn. A query: it changes nothing.
     fn fds(&self) -> Vec<BorrowedFd<'_>>;
 
     /// One of [`MasterIo::fds`] is ready.
-    fn ready(&mut self, fd: RawFd);
+    fn ready(&mut self, fd: RawFd, app: &dyn Framing);
+
+    /// When [`MasterIo::turn`] next has work to do (a held connection's
+    /// deadline): the master sleeps no longer than that.
+    fn next_deadline(&self) -> Option<MonoTime> {
+        None
+    }
+
+    /// The master begins to stop (QUIT, TERM, INT): close what is only
+    /// waiting (kept-alive connections), accept nothing more.
+    fn stopping(&mut self) {}
+
+    /// Connections held in the master, by state, for the status document:
+    /// (reading, queued, parked).
+    fn held(&self) -> Option<(usize, usize, usize)> {
+        None
+    }
 }
 
 /// Capability of a strategy with listening sockets of its own beyond the
@@ -207,6 +226,15 @@ pub trait WorkerAcceptor {
     /// [`Accepted::Idle`]. Resource exhaustion (EMFILE, ENFILE, ENOBUFS,
     /// ENOMEM) is returned as an error: the worker loop backs off.
     fn accept(&mut self, ctx: &AcceptContext<'_>) -> io::Result<Accepted>;
+
+    /// The app served a request and keeps the connection open for the next
+    /// one. The default keeps it in this worker (`Some`), which waits in
+    /// place for the next request; a strategy whose master parks kept-alive
+    /// connections takes it (`None`: handed back, with the bytes already
+    /// read ahead, and this worker is done with it).
+    fn keep_alive(&mut self, conn: Connection) -> io::Result<Option<Connection>> {
+        Ok(Some(conn))
+    }
 
     /// The connection from the last `accept` was served and is about to be
     /// closed (a strategy whose master may still hold a copy of it sends the

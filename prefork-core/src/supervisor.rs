@@ -288,6 +288,9 @@ struct Worker {
     stop: Option<(Signal, MonoTime)>,
     /// Busy since, as last observed.
     busy_since: Option<MonoTime>,
+    /// Waiting in place on a kept-alive connection, as last observed: not
+    /// timed out, but not available either.
+    kept_alive: bool,
     /// Connections served, as last observed.
     requests: u64,
     /// Recycle after this many connections.
@@ -570,7 +573,7 @@ impl Supervisor {
                 .find(|w| w.slot == s && w.generation == gen && w.stop.is_none() && !w.recycling);
             match current {
                 Some(w) if w.ready_at.is_some() => {
-                    if w.busy_since.is_none() {
+                    if w.busy_since.is_none() && !w.kept_alive {
                         sample.idle += 1;
                         sample.top_idle = s + 1 == target;
                     } else {
@@ -626,6 +629,7 @@ impl Supervisor {
             ready_at: None,
             stop: None,
             busy_since: None,
+            kept_alive: false,
             requests: 0,
             limit: None,
             recycling: false,
@@ -647,10 +651,12 @@ impl Supervisor {
                 WorkerState::Busy { since } => Some(since),
                 _ => None,
             };
-            if busy_since != w.busy_since || requests != w.requests {
+            let kept_alive = matches!(state, WorkerState::KeepAlive { .. });
+            if busy_since != w.busy_since || requests != w.requests || kept_alive != w.kept_alive {
                 self.activity = true;
             }
             w.busy_since = busy_since;
+            w.kept_alive = kept_alive;
             w.requests = requests;
         }
     }

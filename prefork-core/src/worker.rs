@@ -7,7 +7,7 @@ use std::time::Duration;
 use nix::poll::{PollFd, PollFlags};
 use nix::unistd::Pid;
 
-use crate::app::{App, Connection, WorkerInfo};
+use crate::app::{App, Connection, Next, WorkerInfo};
 use crate::clock::{poll_timeout, MonoTime};
 use crate::report::{ReportMode, Reporter};
 use crate::scoreboard::Scoreboard;
@@ -29,6 +29,8 @@ pub(crate) struct WorkerSetup {
     pub status: StatusWriter,
     pub master_pid: Pid,
     pub tick: Duration,
+    /// How long a kept-alive connection waits in place for its next request.
+    pub keepalive_timeout: Duration,
     /// This worker's scoreboard cell.
     pub cell: usize,
     pub report: ReportMode,
@@ -161,11 +163,43 @@ fn serve<A: App, W: WorkerAcceptor>(
         tick: setup.tick,
     };
     let mut backoff = Duration::ZERO;
-    let mut serve_one = |conn: Connection, acceptor: &mut W| {
-        let mut conn = conn;
+    // One connection: a request, and while the app keeps the connection
+    // alive, the next ones, each waited for in place or handed back to the
+    // strategy (fdpass's master parks it).
+    let mut serve_one = |mut conn: Connection, acceptor: &mut W| {
         report.busy();
-        if let Err(e) = app.handle(&mut conn) {
-            tracing::debug!("connection ended with an error: {e}");
+        loop {
+            let next = app.handle(&mut conn).unwrap_or_else(|e| {
+                tracing::debug!("connection ended with an error: {e}");
+                Next::Close
+            });
+            if next == Next::Close || sys::worker_quit_requested() {
+                break;
+            }
+            conn.count_request();
+            conn = match acceptor.keep_alive(conn) {
+                Ok(Some(conn)) => conn,
+                Ok(None) => {
+                    // Taken by the strategy (handed back to the master).
+                    report.idle();
+                    return;
+                }
+                Err(e) => {
+                    tracing::debug!("keeping a connection alive failed: {e}");
+                    acceptor.done();
+                    report.idle();
+                    return;
+                }
+            };
+            report.kept_alive();
+            if !wait_for_request(&conn, setup) {
+                report.released();
+                acceptor.closing(&conn);
+                drop(conn);
+                acceptor.done();
+                return;
+            }
+            report.busy();
         }
         acceptor.closing(&conn);
         drop(conn);
@@ -199,6 +233,41 @@ fn serve<A: App, W: WorkerAcceptor>(
         serve_one(conn, &mut acceptor);
     }
     0
+}
+
+/// Waits in place for the next request on a kept-alive connection, at most
+/// the keep-alive timeout: true when it has bytes to read, false when it
+/// stays silent, the client closed it, a graceful stop was asked or the
+/// master is gone.
+fn wait_for_request(conn: &Connection, setup: &WorkerSetup) -> bool {
+    if !conn.buffered().is_empty() {
+        return true; // a pipelined request is already here
+    }
+    let deadline = MonoTime::now() + setup.keepalive_timeout;
+    loop {
+        if sys::worker_quit_requested() {
+            return false;
+        }
+        let left = deadline.saturating_since(MonoTime::now());
+        if left.is_zero() {
+            return false;
+        }
+        let mut fds = [
+            PollFd::new(conn.as_fd(), PollFlags::POLLIN),
+            PollFd::new(setup.master_alive.as_fd(), PollFlags::POLLIN),
+        ];
+        match nix::poll::poll(&mut fds, poll_timeout(Some(left.min(setup.tick)))) {
+            Ok(0) | Err(nix::Error::EINTR) => {}
+            Ok(_) => {
+                if fds[1].revents().is_some_and(|r| !r.is_empty()) {
+                    return false; // the master is gone
+                }
+                // Readable: a request, or the client's close (EOF).
+                return conn.peek_open();
+            }
+            Err(_) => return false,
+        }
+    }
 }
 
 /// USR1 was received: reopen the log file (between connections).

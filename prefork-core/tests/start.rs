@@ -10,7 +10,7 @@ use std::path::Path;
 use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::ForkResult;
 use prefork_core::{
-    App, BindSpec, BoxError, Connection, Master, MasterConfig, ReportMode, ScaleConfig,
+    App, BindSpec, BoxError, Connection, Master, MasterConfig, Next, ReportMode, ScaleConfig,
 };
 
 /// Forks, runs `start` in the child and returns its exit code.
@@ -43,8 +43,8 @@ impl App for Preload {
         }
     }
 
-    fn handle(&mut self, _conn: &mut Connection) -> std::io::Result<()> {
-        Ok(())
+    fn handle(&mut self, _conn: &mut Connection) -> std::io::Result<Next> {
+        Ok(Next::Close)
     }
 }
 

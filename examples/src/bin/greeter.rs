@@ -9,7 +9,7 @@
 
 use std::io::{Read, Write};
 
-use prefork_core::{App, BindSpec, BoxError, Connection, Master, MasterConfig, WorkerInfo};
+use prefork_core::{App, BindSpec, BoxError, Connection, Master, MasterConfig, Next, WorkerInfo};
 
 #[derive(Default)]
 struct Greeter {
@@ -31,7 +31,7 @@ impl App for Greeter {
         Ok(())
     }
 
-    fn handle(&mut self, c: &mut Connection) -> std::io::Result<()> {
+    fn handle(&mut self, c: &mut Connection) -> std::io::Result<Next> {
         let mut buf = [0u8; 4096];
         let _ = c.read(&mut buf)?; // the request head; this toy ignores it
         self.served += 1;
@@ -42,7 +42,8 @@ impl App for Greeter {
             c,
             "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
             body.len()
-        )
+        )?;
+        Ok(Next::Close)
     }
 }
 

@@ -37,14 +37,15 @@
 //! use std::io::{Read, Write};
 //! use std::net::TcpStream;
 //!
-//! use prefork_core::{App, BindSpec, Connection, ListenAddr, Master, MasterConfig};
+//! use prefork_core::{App, BindSpec, Connection, ListenAddr, Master, MasterConfig, Next};
 //! use prefork_fdpass::Fdpass;
 //!
 //! struct Hello;
 //!
 //! impl App for Hello {
-//!     fn handle(&mut self, conn: &mut Connection) -> std::io::Result<()> {
-//!         conn.write_all(b"hello\n")
+//!     fn handle(&mut self, conn: &mut Connection) -> std::io::Result<Next> {
+//!         conn.write_all(b"hello\n")?;
+//!         Ok(Next::Close)
 //!     }
 //! }
 //!
@@ -72,6 +73,7 @@
 // `unsafe` is confined to `sys`: the compiler enforces it.
 #![deny(unsafe_code)]
 
+mod front;
 mod master;
 mod protocol;
 #[allow(unsafe_code)]
@@ -80,5 +82,6 @@ mod sys;
 mod tests;
 mod worker;
 
+pub use front::{Dispatch, FrontConfig, Held};
 pub use master::Fdpass;
 pub use worker::FdpassAcceptor;

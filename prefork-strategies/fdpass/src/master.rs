@@ -8,10 +8,13 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 
 use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 use prefork_core::clock::MonoTime;
-use prefork_core::{AcceptStrategy, Error, Listener, MasterIo, Prepare, Result};
+use prefork_core::{AcceptStrategy, Error, Framing, Listener, MasterIo, Prepare, Result};
 use socket2::Socket;
 
-use crate::protocol::{connection_message, Receipts, CELLS, IDLE, RETURNED};
+use crate::front::{Dispatch, Front, FrontConfig};
+use crate::protocol::{
+    parse_kept, Receipts, RequestHeader, CELLS, HEADER, IDLE, KEPT, MAX_INLINE, RETURNED,
+};
 use crate::sys;
 use crate::worker::FdpassAcceptor;
 
@@ -45,17 +48,54 @@ pub(crate) struct Channel {
     pub(crate) eof: bool,
 }
 
-/// A connection the master accepted, and the listener it came in on.
+/// A connection the master accepted (or took back), the listener it came
+/// in on, and what it knows of it: the bytes it read (a whole request, when
+/// it buffers requests) and the requests served on it before.
 #[derive(Debug)]
 pub(crate) struct Conn {
     pub(crate) sock: Socket,
     pub(crate) listener: u16,
     pub(crate) unix: bool,
+    pub(crate) bytes: Vec<u8>,
+    pub(crate) requests: u32,
 }
 
 impl Conn {
-    pub(crate) fn message(&self) -> [u8; 3] {
-        connection_message(self.listener, self.unix)
+    /// A connection just accepted, nothing read.
+    pub(crate) fn accepted(sock: Socket, listener: u16, unix: bool) -> Conn {
+        Conn {
+            sock,
+            listener,
+            unix,
+            bytes: Vec::new(),
+            requests: 0,
+        }
+    }
+
+    /// The message that hands it to a worker, and the memfd that carries
+    /// its bytes when they are more than a message holds.
+    pub(crate) fn message(&self) -> std::io::Result<(Vec<u8>, Option<OwnedFd>)> {
+        let in_memfd = self.bytes.len() > MAX_INLINE;
+        let header = RequestHeader {
+            unix: self.unix,
+            listener: self.listener,
+            requests: self.requests,
+            in_memfd,
+        }
+        .encode();
+        if !in_memfd {
+            let mut m = Vec::with_capacity(HEADER + self.bytes.len());
+            m.extend_from_slice(&header);
+            m.extend_from_slice(&self.bytes);
+            return Ok((m, None));
+        }
+        let memfd = nix::sys::memfd::memfd_create(
+            c"prefork-request",
+            nix::sys::memfd::MFdFlags::MFD_CLOEXEC,
+        )?;
+        let mut file = std::fs::File::from(memfd);
+        std::io::Write::write_all(&mut file, &self.bytes)?;
+        Ok((header.to_vec(), Some(OwnedFd::from(file))))
     }
 }
 
@@ -119,12 +159,34 @@ pub struct Fdpass {
     pub(crate) rescued: u64,
     /// Connections a worker at its descriptor limit could not take.
     pub(crate) returned: u64,
+    /// The front's settings; `None` for plain dispatch at accept.
+    front_cfg: Option<FrontConfig>,
+    /// The connections the master holds (the front), once prepared.
+    pub(crate) front: Option<Front>,
+    /// New connections go through the front: it exists and the app has
+    /// framing (one without is dispatched at accept). Set at each turn.
+    pub(crate) front_active: bool,
+    /// The master is stopping: accept nothing more, hold nothing.
+    stopping: bool,
+    /// Connections workers handed back to be parked.
+    pub(crate) kept: u64,
 }
 
 impl Fdpass {
-    /// Creates the strategy.
+    /// The strategy as the front (the default settings of [`FrontConfig`]):
+    /// requests are handed to a worker only when they are whole, and
+    /// kept-alive connections are parked in the master.
     pub fn new() -> Fdpass {
-        Fdpass::default()
+        Fdpass::with(FrontConfig::default())
+    }
+
+    /// The strategy with these front settings; `Dispatch::AtAccept` is the
+    /// plain fdpass: every connection handed over at accept, unread.
+    pub fn with(cfg: FrontConfig) -> Fdpass {
+        Fdpass {
+            front_cfg: (cfg.dispatch == Dispatch::WhenReady).then_some(cfg),
+            ..Fdpass::default()
+        }
     }
 
     pub(crate) fn accept_paused(&self) -> bool {
@@ -153,10 +215,10 @@ impl Fdpass {
     /// After each turn: hand on what can be handed on; then either some
     /// worker is idle and nothing is pending (the listeners are polled, no
     /// `D` is needed), or the flag is up and the next idle worker says so.
-    fn settle(&mut self) {
+    fn settle(&mut self, app: &dyn Framing) {
         loop {
             self.deliver_pending();
-            self.accept_ready();
+            self.accept_ready(app);
             // After the hand-overs: the copy released is usually the last
             // reference of a connection its worker already closed, and its
             // teardown need not delay the next connection.
@@ -184,7 +246,20 @@ impl Fdpass {
             if !ch.idle(self.receipts.as_ref()) {
                 continue;
             }
-            match sys::send_with_fds(ch.master.as_fd(), &conn.message(), &[conn.sock.as_raw_fd()]) {
+            let (message, memfd) = match conn.message() {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(
+                        "fdpass: a memfd for a request's bytes: {e}; closing the connection"
+                    );
+                    return;
+                }
+            };
+            let fds: &[RawFd] = match &memfd {
+                None => &[conn.sock.as_raw_fd()],
+                Some(m) => &[conn.sock.as_raw_fd(), m.as_raw_fd()],
+            };
+            match sys::send_with_fds(ch.master.as_fd(), &message, fds) {
                 Ok(()) => {
                     ch.sent += 1;
                     // Kept until the worker counts it received (see above).
@@ -202,13 +277,25 @@ impl Fdpass {
         self.pending.push_back(conn);
     }
 
-    fn accept_ready(&mut self) {
-        // Accept only as many as there are idle workers, from the listeners
-        // poll(2) found readable, each until it is empty.
+    /// Room to accept: the front takes connections while it holds fewer
+    /// than its limit; plain dispatch only as many as there are idle
+    /// workers (the rest wait in the kernel's backlog).
+    fn room(&self) -> bool {
+        if self.stopping {
+            return false;
+        }
+        match (&self.front, self.front_active) {
+            (Some(f), true) => f.len() + self.pending.len() < f.config().max_connections,
+            _ => self.pending.is_empty() && self.any_idle(),
+        }
+    }
+
+    fn accept_ready(&mut self, app: &dyn Framing) {
+        // From the listeners poll(2) found readable, each until it is empty.
         if self.accept_paused() {
             return;
         }
-        while self.pending.is_empty() && self.any_idle() {
+        while self.room() {
             let mut got = None;
             for (i, (l, unix)) in self.listeners.iter().enumerate() {
                 if !self.readable.get(i).copied().unwrap_or(false) {
@@ -216,11 +303,11 @@ impl Fdpass {
                 }
                 match l.accept() {
                     Ok((sock, _)) => {
-                        got = Some(Conn {
+                        got = Some(Conn::accepted(
                             sock,
-                            listener: u16::try_from(i).unwrap_or(u16::MAX),
-                            unix: *unix,
-                        });
+                            u16::try_from(i).unwrap_or(u16::MAX),
+                            *unix,
+                        ));
                         break;
                     }
                     Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => {
@@ -245,10 +332,23 @@ impl Fdpass {
                 }
             }
             match got {
-                Some(s) => self.dispatch(s),
+                Some(conn) => self.take_in(conn, app),
                 None if self.readable.iter().any(|&r| r) => {}
                 None => return,
             }
+        }
+    }
+
+    /// A connection to serve: through the front (held until its request is
+    /// whole), or straight to a worker.
+    fn take_in(&mut self, conn: Conn, app: &dyn Framing) {
+        let now = MonoTime::now();
+        let ready = match (&mut self.front, self.front_active) {
+            (Some(front), true) => front.admit(conn, app, now),
+            _ => Some(conn),
+        };
+        if let Some(conn) = ready {
+            self.dispatch(conn);
         }
     }
 
@@ -257,15 +357,59 @@ impl Fdpass {
     /// on). One per readiness saves the recvmsg that would only find the
     /// channel empty; poll(2) is level-triggered, so anything more is read
     /// on the next turn.
-    fn read_channel(&mut self, which: Which) {
+    fn read_channel(&mut self, which: Which, app: &dyn Framing) {
+        if let Some(conn) = self.read_one_message(which) {
+            // A kept-alive connection handed back: parked (or, with a
+            // pipelined request, reading) in the front.
+            self.kept += 1;
+            match (&self.front, self.stopping) {
+                (Some(_), false) => self.take_kept(conn, app),
+                _ => drop(conn), // nothing is held while stopping
+            }
+        }
+    }
+
+    /// A connection a worker handed back after keeping it alive.
+    fn take_kept(&mut self, conn: Conn, app: &dyn Framing) {
+        let now = MonoTime::now();
+        if let Some(ready) = self.front.as_mut().and_then(|f| f.admit(conn, app, now)) {
+            self.dispatch(ready);
+        }
+    }
+
+    /// Reads one message from a channel; returns a connection its worker
+    /// handed back.
+    fn read_one_message(&mut self, which: Which) -> Option<Conn> {
         let ch = match which {
             Which::Slot(i) => self.slots.get_mut(i).and_then(Option::as_mut),
             Which::Old(i) => self.old.get_mut(i),
         };
-        let Some(ch) = ch.filter(|c| !c.eof) else {
-            return;
-        };
+        let ch = ch.filter(|c| !c.eof)?;
         match sys::recv_with_fds(ch.master.as_fd(), true) {
+            Ok(Some(msg)) if msg.data.first() == Some(&KEPT) => {
+                // Also the worker's idle report.
+                if ch.booted {
+                    ch.reports += 1;
+                }
+                let kept = parse_kept(&msg.data);
+                let mut fds = msg.fds.into_iter();
+                match (kept, fds.next(), fds.next(), msg.truncated) {
+                    (Some(k), Some(fd), None, false) => {
+                        let sock = Socket::from(fd);
+                        if matches!(sock.r#type(), Ok(t) if t == socket2::Type::STREAM) {
+                            return Some(Conn {
+                                sock,
+                                listener: k.listener,
+                                unix: k.unix,
+                                bytes: k.ahead.to_vec(),
+                                requests: k.requests,
+                            });
+                        }
+                        tracing::warn!("fdpass: a worker handed back a descriptor that is not a stream socket; closed");
+                    }
+                    _ => tracing::warn!("fdpass: a worker sent a malformed keep-alive message; closed what came with it"),
+                }
+            }
             // Workers send no descriptors; any that came are closed with `msg`.
             Ok(Some(msg)) if msg.data == IDLE && msg.fds.is_empty() => {
                 if ch.booted {
@@ -318,6 +462,7 @@ impl Fdpass {
                 self.free.push(ch.cell);
             }
         }
+        None
     }
 
     /// Closes the master's copies the workers have counted as received
@@ -365,6 +510,12 @@ impl AcceptStrategy for Fdpass {
 
     fn prepare(&mut self, ctx: Prepare<'_>) -> Result<()> {
         let listeners = ctx.listeners;
+        if let Some(cfg) = self.front_cfg {
+            self.front = Some(
+                Front::new(cfg).map_err(|e| strategy_err(format!("epoll for the front: {e}")))?,
+            );
+            raise_descriptor_limit(cfg.max_connections);
+        }
         for l in listeners {
             let dup = l
                 .socket()
@@ -442,6 +593,7 @@ impl AcceptStrategy for Fdpass {
         Ok(FdpassAcceptor::new(
             chan,
             self.receipts.take().map(|m| (m, cell)),
+            self.front.is_some(),
         ))
     }
 
@@ -453,8 +605,9 @@ impl AcceptStrategy for Fdpass {
 
     fn shutdown(&mut self) {
         tracing::info!(
-            "fdpass: {} connections handed to workers, {} handed again after a worker died before taking them, {} handed again after a worker at its descriptor limit could not take them, {} lost with workers that died holding them",
+            "fdpass: {} requests handed to workers, {} kept-alive connections handed back, {} handed again after a worker died before taking them, {} handed again after a worker at its descriptor limit could not take them, {} lost with workers that died holding them",
             self.passed,
+            self.kept,
             self.rescued,
             self.returned,
             self.lost
@@ -476,7 +629,12 @@ impl MasterIo for Fdpass {
         }
     }
 
-    fn turn(&mut self) {
+    fn turn(&mut self, app: &dyn Framing) {
+        self.front_active =
+            self.front.is_some() && app.frame(&[]) != prefork_core::Frame::Complete(0);
+        if let Some(front) = &mut self.front {
+            front.expire(app, MonoTime::now());
+        }
         // A copy is released after the hand-overs of a turn (settle), so
         // its teardown never delays the next connection. One that lingers
         // there (its worker counted it only after that turn, and no other
@@ -507,15 +665,53 @@ impl MasterIo for Fdpass {
             .filter(|c| !c.eof)
             .map(|c| c.master.as_fd())
             .collect();
-        // The listeners only while a worker is idle (`turn` raised the
-        // waiting flag otherwise); connections wait in the kernel's backlog.
-        if self.pending.is_empty() && self.any_idle() && !self.accept_paused() {
+        // The listeners while there is room (plain dispatch: a worker is
+        // idle, and `turn` raised the waiting flag otherwise; the front: it
+        // holds fewer than its limit); beyond, connections wait in the
+        // kernel's backlog.
+        if self.room() && !self.accept_paused() {
             fds.extend(self.listeners.iter().map(|(l, _)| l.as_fd()));
+        }
+        if let Some(front) = self.front.as_ref().filter(|f| f.len() > 0) {
+            fds.push(front.fd());
         }
         fds
     }
 
-    fn ready(&mut self, fd: RawFd) {
+    fn next_deadline(&self) -> Option<MonoTime> {
+        self.front.as_ref().and_then(Front::next_deadline)
+    }
+
+    fn stopping(&mut self) {
+        self.stopping = true;
+        if let Some(front) = &mut self.front {
+            front.close_all();
+        }
+    }
+
+    fn held(&self) -> Option<(usize, usize, usize)> {
+        self.front.as_ref().map(|f| {
+            let h = f.counts(self.pending.len());
+            (h.reading, h.queued, h.parked)
+        })
+    }
+
+    fn ready(&mut self, fd: RawFd, app: &dyn Framing) {
+        if self
+            .front
+            .as_ref()
+            .is_some_and(|f| f.fd().as_raw_fd() == fd)
+        {
+            let mut whole = Vec::new();
+            if let Some(front) = &mut self.front {
+                front.ready(app, MonoTime::now(), &mut whole);
+            }
+            for conn in whole {
+                self.dispatch(conn);
+            }
+            self.settle(app);
+            return;
+        }
         let which = self
             .slots
             .iter()
@@ -528,7 +724,7 @@ impl MasterIo for Fdpass {
                     .map(Which::Old)
             });
         if let Some(w) = which {
-            self.read_channel(w);
+            self.read_channel(w, app);
             // A channel whose worker is gone is closed at once: a slot
             // retired by TTOU may never be used again, and its channel
             // would stay open for the master's lifetime.
@@ -543,11 +739,33 @@ impl MasterIo for Fdpass {
         } else if let Some(i) = self.listeners.iter().position(|(l, _)| l.as_raw_fd() == fd) {
             self.readable[i] = true;
         }
-        self.settle();
+        self.settle(app);
     }
 
     // worker_exited is not used: a slot may hold two workers during a
     // reload, and the slot's channel may already be the new one's. Each
     // channel belongs to exactly one worker, and its EOF (read_channel) says
     // precisely when that worker is gone.
+}
+
+/// The front holds up to `max_connections` descriptors: raise the soft
+/// RLIMIT_NOFILE to the hard one, and warn when even that is too low.
+fn raise_descriptor_limit(max_connections: usize) {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    if soft < hard {
+        if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            tracing::warn!("fdpass: raising RLIMIT_NOFILE from {soft} to {hard}: {e}");
+        }
+    }
+    // Each held connection is one descriptor; the master needs some more.
+    let need = max_connections as u64 + 64;
+    if hard < need {
+        tracing::warn!(
+            "fdpass: RLIMIT_NOFILE is {hard}, below the {need} descriptors --max-connections {max_connections} needs; \
+             accepting pauses at the limit (raise it with ulimit -n or LimitNOFILE=)"
+        );
+    }
 }

@@ -12,30 +12,110 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use prefork_core::sys::SharedMap;
 
-/// "Here is a connection" (master → worker), with one descriptor: `C` for
-/// TCP or `U` for Unix, then the index of its listener (u16, little
-/// endian), so the worker needs no syscall to learn either.
+/// "Here is a request" (master → worker): `C` for TCP or `U` for Unix, the
+/// index of its listener (u16), the requests served on the connection
+/// before (u32), how its bytes travel (one byte: [`INLINE`] after this
+/// header, or [`IN_MEMFD`], a second descriptor holding them), then the
+/// bytes the master already read (the request, when it buffers requests;
+/// none when it dispatches at accept). Little endian. One descriptor (the
+/// connection), or two with [`IN_MEMFD`].
 pub(crate) const CONN_TCP: u8 = b'C';
 pub(crate) const CONN_UNIX: u8 = b'U';
+/// The bytes follow the header in the message.
+pub(crate) const INLINE: u8 = 0;
+/// The bytes are in a memfd passed as the second descriptor.
+pub(crate) const IN_MEMFD: u8 = 1;
+/// The header of a request message.
+pub(crate) const HEADER: usize = 8;
+/// Bytes sent inside a message at most; more go in a memfd.
+pub(crate) const MAX_INLINE: usize = 32 * 1024;
+/// The largest message either side receives whole.
+pub(crate) const MAX_MESSAGE: usize = HEADER + MAX_INLINE;
 /// "I am idle" (worker → master): after boot and after each connection.
 pub(crate) const IDLE: &[u8] = b"D";
 /// "I could not take it" (worker → master): the descriptor could not be
 /// installed in the worker (its descriptor limit, EMFILE), so the message
 /// came without it; the master hands its own copy to a worker again.
 pub(crate) const RETURNED: &[u8] = b"R";
+/// "Keep it for me" (worker → master): a served connection the app keeps
+/// alive, with its descriptor: the requests served on it (u32), its
+/// listener (u16), whether it is a Unix connection (u8), then the bytes
+/// already read past the last request (a pipelined request). It also says
+/// the worker is idle.
+pub(crate) const KEPT: u8 = b'K';
 
-/// The payload that announces a connection from listener `listener`.
-pub(crate) fn connection_message(listener: u16, unix: bool) -> [u8; 3] {
-    let [lo, hi] = listener.to_le_bytes();
-    [if unix { CONN_UNIX } else { CONN_TCP }, lo, hi]
+/// The header of a request message: what a worker needs to know besides
+/// the descriptor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RequestHeader {
+    pub unix: bool,
+    pub listener: u16,
+    pub requests: u32,
+    pub in_memfd: bool,
 }
 
-/// Reads a connection announcement: (is it a Unix connection, its listener).
-pub(crate) fn parse_connection(data: &[u8]) -> Option<(bool, u16)> {
-    match *data {
-        [k @ (CONN_TCP | CONN_UNIX), lo, hi] => {
-            Some((k == CONN_UNIX, u16::from_le_bytes([lo, hi])))
+impl RequestHeader {
+    pub(crate) fn encode(&self) -> [u8; HEADER] {
+        let [l0, l1] = self.listener.to_le_bytes();
+        let [r0, r1, r2, r3] = self.requests.to_le_bytes();
+        [
+            if self.unix { CONN_UNIX } else { CONN_TCP },
+            l0,
+            l1,
+            r0,
+            r1,
+            r2,
+            r3,
+            if self.in_memfd { IN_MEMFD } else { INLINE },
+        ]
+    }
+
+    /// Reads a header from the start of a message; `None` if it is not one.
+    pub(crate) fn decode(data: &[u8]) -> Option<RequestHeader> {
+        match *data.get(..HEADER)? {
+            [k @ (CONN_TCP | CONN_UNIX), l0, l1, r0, r1, r2, r3, how @ (INLINE | IN_MEMFD)] => {
+                Some(RequestHeader {
+                    unix: k == CONN_UNIX,
+                    listener: u16::from_le_bytes([l0, l1]),
+                    requests: u32::from_le_bytes([r0, r1, r2, r3]),
+                    in_memfd: how == IN_MEMFD,
+                })
+            }
+            _ => None,
         }
+    }
+}
+
+/// What a `K` message says.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Kept<'a> {
+    pub requests: u32,
+    pub listener: u16,
+    pub unix: bool,
+    pub ahead: &'a [u8],
+}
+
+impl Kept<'_> {
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        let mut m = Vec::with_capacity(8 + self.ahead.len());
+        m.push(KEPT);
+        m.extend_from_slice(&self.requests.to_le_bytes());
+        m.extend_from_slice(&self.listener.to_le_bytes());
+        m.push(u8::from(self.unix));
+        m.extend_from_slice(self.ahead);
+        m
+    }
+}
+
+/// Reads a `K` message.
+pub(crate) fn parse_kept(data: &[u8]) -> Option<Kept<'_>> {
+    match data {
+        [KEPT, r0, r1, r2, r3, l0, l1, u @ (0 | 1), ahead @ ..] => Some(Kept {
+            requests: u32::from_le_bytes([*r0, *r1, *r2, *r3]),
+            listener: u16::from_le_bytes([*l0, *l1]),
+            unix: *u == 1,
+            ahead,
+        }),
         _ => None,
     }
 }
@@ -140,16 +220,40 @@ mod tests {
     use super::*;
 
     #[test]
-    fn connection_messages_round_trip_and_junk_is_no_connection() {
+    fn request_headers_round_trip_and_junk_is_no_request() {
+        let h = RequestHeader {
+            unix: true,
+            listener: 513,
+            requests: 7,
+            in_memfd: false,
+        };
+        assert_eq!(RequestHeader::decode(&h.encode()), Some(h));
+        let m = RequestHeader {
+            unix: false,
+            listener: 0,
+            requests: 0,
+            in_memfd: true,
+        };
+        assert_eq!(RequestHeader::decode(&m.encode()), Some(m));
+        assert_eq!(RequestHeader::decode(b"junk"), None);
         assert_eq!(
-            parse_connection(&connection_message(513, true)),
-            Some((true, 513))
+            RequestHeader::decode(b"C\0\0\0\0\0\0\x09"),
+            None,
+            "an unknown way"
         );
-        assert_eq!(
-            parse_connection(&connection_message(0, false)),
-            Some((false, 0))
-        );
-        assert_eq!(parse_connection(b"junk"), None);
-        assert_eq!(parse_connection(IDLE), None);
+        assert_eq!(RequestHeader::decode(IDLE), None);
+    }
+
+    #[test]
+    fn kept_messages_round_trip() {
+        let k = Kept {
+            requests: 3,
+            listener: 2,
+            unix: true,
+            ahead: b"GET / HTTP/1.1\r\n\r\n",
+        };
+        assert_eq!(parse_kept(&k.encode()), Some(k));
+        assert_eq!(parse_kept(b"K\x01"), None);
+        assert_eq!(parse_kept(b"K\0\0\0\0\0\0\x07"), None, "not a kind");
     }
 }

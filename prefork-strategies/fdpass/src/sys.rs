@@ -9,6 +9,9 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 /// Room for this many descriptors in one message; more sets MSG_CTRUNC.
 const MAX_FDS: usize = 16;
 
+/// The largest message received whole; a longer one sets MSG_TRUNC.
+pub const MAX_MESSAGE: usize = crate::protocol::MAX_MESSAGE;
+
 /// One received message.
 #[derive(Debug)]
 pub struct Received {
@@ -26,7 +29,9 @@ pub struct Received {
 /// Ok(None): EOF (the other end closed). EAGAIN (and, when blocking, EINTR)
 /// comes back as an error.
 pub fn recv_with_fds(fd: BorrowedFd<'_>, nonblocking: bool) -> io::Result<Option<Received>> {
-    let mut data = [0u8; 64];
+    // Not zeroed: most messages are one byte, and recvmsg writes what it
+    // returns.
+    let mut data = [std::mem::MaybeUninit::<u8>::uninit(); MAX_MESSAGE];
     // u64 elements keep the control buffer aligned for cmsghdr.
     let space = unsafe_cmsg_space(MAX_FDS);
     let mut control = vec![0u64; space.div_ceil(8)];
@@ -84,8 +89,10 @@ pub fn recv_with_fds(fd: BorrowedFd<'_>, nonblocking: bool) -> io::Result<Option
     if n == 0 && fds.is_empty() {
         return Ok(None);
     }
+    // SAFETY: recvmsg wrote the first `n` bytes of `data` (n <= its length).
+    let received = unsafe { std::slice::from_raw_parts(data.as_ptr().cast::<u8>(), n) };
     Ok(Some(Received {
-        data: data[..n].to_vec(),
+        data: received.to_vec(),
         fds,
         truncated: msg.msg_flags & (libc::MSG_CTRUNC | libc::MSG_TRUNC) != 0,
         foreign_cmsg,

@@ -6,19 +6,27 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 
 use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 use prefork_core::clock::MonoTime;
-use prefork_core::{AcceptStrategy, Accepted, Listener, MasterIo, Prepare, WorkerAcceptor};
+use prefork_core::{
+    AcceptStrategy, Accepted, App, Connection, Listener, MasterIo, Next, Prepare, WorkerAcceptor,
+};
 use socket2::Socket;
 
 use crate::master::Conn;
 use crate::{sys, Fdpass, FdpassAcceptor};
 
-const CONN: &[u8] = b"C\0\0";
+const CONN: &[u8] = b"C\0\0\0\0\0\0\0";
 
 fn tcp(sock: impl Into<Socket>) -> Conn {
-    Conn {
-        sock: sock.into(),
-        listener: 0,
-        unix: false,
+    Conn::accepted(sock.into(), 0, false)
+}
+
+/// An app without framing: the master dispatches at accept, as plain
+/// fdpass (these tests drive the dispatch itself).
+struct Plain;
+
+impl App for Plain {
+    fn handle(&mut self, _conn: &mut Connection) -> std::io::Result<Next> {
+        Ok(Next::Close)
     }
 }
 
@@ -133,12 +141,10 @@ fn the_listener_index_and_kind_travel_with_the_connection() {
     let (master, worker) = pair();
     let mut w = FdpassAcceptor::from_channel(worker);
     let (a, _b) = std::os::unix::net::UnixStream::pair().expect("pair");
-    let conn = Conn {
-        sock: Socket::from(OwnedFd::from(a)),
-        listener: 2,
-        unix: true,
-    };
-    sys::send_with_fds(master.as_fd(), &conn.message(), &[conn.sock.as_raw_fd()]).expect("send");
+    let conn = Conn::accepted(Socket::from(OwnedFd::from(a)), 2, true);
+    let (message, memfd) = conn.message().expect("message");
+    assert!(memfd.is_none(), "no bytes: nothing in a memfd");
+    sys::send_with_fds(master.as_fd(), &message, &[conn.sock.as_raw_fd()]).expect("send");
     match w.receive(true).expect("receive") {
         Accepted::Connection(c) => {
             assert_eq!(c.listener(), 2);
@@ -179,7 +185,7 @@ fn ping_sent_to_worker_0(
     client.write_all(b"ping").expect("send");
     w0.init().expect("idle");
     let fd0 = m.slots[0].as_ref().expect("ch").master.as_raw_fd();
-    m.ready(fd0);
+    m.ready(fd0, &Plain);
     m.dispatch(tcp(l.accept().expect("accept").0));
     (l, client, fd0)
 }
@@ -200,7 +206,7 @@ fn the_master_hands_connections_only_to_idle_workers_round_robin() {
     w1.init().expect("idle");
     for s in 0..2 {
         let fd = m.slots[s].as_ref().expect("ch").master.as_raw_fd();
-        m.ready(fd);
+        m.ready(fd, &Plain);
     }
     assert!(
         m.pending.is_empty(),
@@ -250,7 +256,7 @@ fn emfile_pauses_accept_and_loses_nothing() {
     );
     w0.init().expect("idle");
     let ch = m.slots[0].as_ref().expect("ch").master.as_raw_fd();
-    m.ready(ch);
+    m.ready(ch, &Plain);
     let lfd = m.listeners[0].0.as_raw_fd();
     assert!(
         m.fds().iter().any(|f| f.as_raw_fd() == lfd),
@@ -260,7 +266,7 @@ fn emfile_pauses_accept_and_loses_nothing() {
     client.write_all(b"ping").expect("send");
 
     let at_limit = AtLimit::new();
-    m.ready(lfd);
+    m.ready(lfd, &Plain);
     let paused = m.accept_paused();
     let polled = m.fds().iter().any(|f| f.as_raw_fd() == lfd);
     drop(at_limit);
@@ -271,7 +277,7 @@ fn emfile_pauses_accept_and_loses_nothing() {
     // The pause ends (at most 100 ms): the connection, still in the
     // backlog, goes to the idle worker intact.
     m.accept_paused_until = Some(MonoTime::now());
-    m.ready(lfd);
+    m.ready(lfd, &Plain);
     assert_eq!(m.passed(), 1);
     let Accepted::Connection(mut c) = w0.receive(true).expect("w0") else {
         panic!("worker 0 got nothing");
@@ -294,12 +300,12 @@ fn a_connection_the_dead_worker_never_took_goes_to_another_worker() {
     assert!(m.slots[0].as_ref().expect("ch").held.is_some());
     // Worker 0 dies without receiving it: its end closes.
     drop(w0);
-    m.ready(fd0);
+    m.ready(fd0, &Plain);
     assert_eq!((m.rescued, m.lost), (1, 0));
     assert_eq!(m.pending.len(), 1, "kept for the next idle worker");
     w1.init().expect("idle");
     let fd1 = m.slots[1].as_ref().expect("ch").master.as_raw_fd();
-    m.ready(fd1);
+    m.ready(fd1, &Plain);
     assert!(m.pending.is_empty());
     let Accepted::Connection(mut c) = w1.receive(true).expect("w1") else {
         panic!("worker 1 got nothing");
@@ -322,7 +328,7 @@ fn a_connection_the_dead_worker_never_took_goes_to_another_worker() {
     // now, that one is lost (and not sent twice).
     let mut client2 = TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
     w1.done();
-    m.ready(fd1);
+    m.ready(fd1, &Plain);
     m.dispatch(tcp(l.accept().expect("accept").0));
     // (This test's acceptors have no counter: count for worker 1 what a
     // forked worker counts itself, both connections it received.)
@@ -330,7 +336,7 @@ fn a_connection_the_dead_worker_never_took_goes_to_another_worker() {
     assert_eq!(sent, 2);
     m.receipts.as_ref().expect("map").set_received(cell, sent);
     drop(w1);
-    m.ready(fd1);
+    m.ready(fd1, &Plain);
     assert_eq!((m.rescued, m.lost), (1, 1));
     assert!(m.pending.is_empty());
     client2
@@ -354,7 +360,7 @@ fn a_quiet_master_keeps_no_copy_and_no_dead_channel() {
     let _client = TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
     w0.init().expect("idle");
     let fd0 = m.slots[0].as_ref().expect("ch").master.as_raw_fd();
-    m.ready(fd0);
+    m.ready(fd0, &Plain);
     m.dispatch(tcp(l.accept().expect("accept").0));
     assert!(m.slots[0].as_ref().expect("ch").held.is_some());
     let Accepted::Connection(_c) = w0.receive(true).expect("w0") else {
@@ -365,12 +371,12 @@ fn a_quiet_master_keeps_no_copy_and_no_dead_channel() {
     m.receipts.as_ref().expect("map").set_received(cell, 1);
     // A fresh copy waits for the next hand-over (its teardown must not
     // delay the next connection); one 100 ms old goes at the next turn.
-    m.turn();
+    m.turn(&Plain);
     assert!(m.slots[0].as_ref().expect("ch").held.is_some());
     if let Some((_, at)) = m.slots[0].as_mut().and_then(|c| c.held.as_mut()) {
         *at = MonoTime::now() - std::time::Duration::from_millis(150);
     }
-    m.turn();
+    m.turn(&Plain);
     assert!(
         m.slots[0].as_ref().expect("ch").held.is_none(),
         "released at the next turn"
@@ -378,7 +384,7 @@ fn a_quiet_master_keeps_no_copy_and_no_dead_channel() {
     let fd1 = m.slots[1].as_ref().expect("ch").master.as_raw_fd();
     m.slot_retired(1);
     drop(w1);
-    m.ready(fd1);
+    m.ready(fd1, &Plain);
     assert!(m.slots[1].is_none(), "the dead worker's channel is closed");
     assert!(!m.fds().iter().any(|f| f.as_raw_fd() == fd1));
 }
@@ -406,7 +412,7 @@ fn a_worker_at_its_descriptor_limit_hands_the_connection_back() {
 
     // The master takes it back and hands it on (here: to the same
     // worker, the only idle one, now relieved).
-    m.ready(fd0);
+    m.ready(fd0, &Plain);
     assert_eq!((m.returned, m.lost), (1, 0));
     assert!(m.pending.is_empty(), "handed on at once");
     let Accepted::Connection(mut c) = w0.receive(true).expect("w0") else {

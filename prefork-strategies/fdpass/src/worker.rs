@@ -3,14 +3,14 @@
 
 use std::io;
 use std::net::Shutdown;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
 use nix::poll::{PollFd, PollFlags};
 use prefork_core::clock::poll_timeout;
 use prefork_core::{AcceptContext, Accepted, Connection, WorkerAcceptor};
 use socket2::{Socket, Type};
 
-use crate::protocol::{parse_connection, Receipts, IDLE, RETURNED};
+use crate::protocol::{Kept, Receipts, RequestHeader, HEADER, IDLE, MAX_INLINE, RETURNED};
 use crate::sys;
 
 /// The worker side: receives connections from the master.
@@ -25,22 +25,29 @@ pub struct FdpassAcceptor {
     receipt: Option<(Receipts, usize)>,
     /// SO_RCVTIMEO set on the channel (the accept tick).
     rcvtimeo: Option<std::time::Duration>,
+    /// The master parks kept-alive connections (the front): hand them back.
+    hand_back: bool,
 }
 
 impl FdpassAcceptor {
     /// A worker side on its end of a channel (for tests and custom masters).
     pub fn from_channel(chan: OwnedFd) -> FdpassAcceptor {
-        FdpassAcceptor::new(chan, None)
+        FdpassAcceptor::new(chan, None, false)
     }
 
     /// A worker side with its cell of the shared counters.
-    pub(crate) fn new(chan: OwnedFd, receipt: Option<(Receipts, usize)>) -> FdpassAcceptor {
+    pub(crate) fn new(
+        chan: OwnedFd,
+        receipt: Option<(Receipts, usize)>,
+        hand_back: bool,
+    ) -> FdpassAcceptor {
         FdpassAcceptor {
             chan,
             closed: false,
             rejected: 0,
             receipt,
             rcvtimeo: None,
+            hand_back,
         }
     }
 
@@ -67,8 +74,13 @@ impl FdpassAcceptor {
             }
             Err(e) => return Err(e),
         };
-        let announced = parse_connection(&msg.data);
-        if announced.is_some() && msg.truncated && msg.fds.is_empty() && !msg.foreign_cmsg {
+        let header = RequestHeader::decode(&msg.data);
+        let want_fds = if header.is_some_and(|h| h.in_memfd) {
+            2
+        } else {
+            1
+        };
+        if header.is_some() && msg.truncated && msg.fds.len() < want_fds && !msg.foreign_cmsg {
             // A connection whose descriptor the kernel could not install
             // here (this worker is at its descriptor limit: the message
             // comes with MSG_CTRUNC and without it). Nothing is counted: the
@@ -77,8 +89,8 @@ impl FdpassAcceptor {
             sys::send_with_fds(self.chan.as_fd(), RETURNED, &[])?;
             return Err(io::Error::from_raw_os_error(libc::EMFILE));
         }
-        let (unix, listener) = match announced {
-            Some(a) if !msg.truncated && !msg.foreign_cmsg && msg.fds.len() == 1 => a,
+        let header = match header {
+            Some(h) if !msg.truncated && !msg.foreign_cmsg && msg.fds.len() == want_fds => h,
             _ => {
                 return Ok(self.reject(format!(
                     "{} descriptors, {} payload bytes{}",
@@ -88,7 +100,8 @@ impl FdpassAcceptor {
                 )))
             }
         };
-        let Some(fd) = msg.fds.into_iter().next() else {
+        let mut fds = msg.fds.into_iter();
+        let Some(fd) = fds.next() else {
             return Ok(self.reject("no descriptor".into()));
         };
         let sock = Socket::from(fd);
@@ -96,14 +109,21 @@ impl FdpassAcceptor {
         if !matches!(sock.r#type(), Ok(t) if t == Type::STREAM) {
             return Ok(self.reject("the descriptor is not a stream socket".into()));
         }
+        let bytes = match fds.next() {
+            None => msg.data[HEADER..].to_vec(),
+            Some(memfd) => match read_memfd(memfd) {
+                Ok(bytes) => bytes,
+                Err(e) => return Ok(self.reject(format!("the request's bytes: {e}"))),
+            },
+        };
         // Counted before a byte is read: from here on the master must not
         // hand this connection to anyone else.
         self.count_received();
-        Ok(Accepted::Connection(Connection::from_socket(
-            sock,
-            unix,
-            usize::from(listener),
-        )))
+        Ok(Accepted::Connection(
+            Connection::from_socket(sock, header.unix, usize::from(header.listener))
+                .with_bytes(bytes)
+                .with_requests_before(header.requests),
+        ))
     }
 
     fn reject(&mut self, why: String) -> Accepted {
@@ -168,6 +188,28 @@ impl WorkerAcceptor for FdpassAcceptor {
         self.receive(false)
     }
 
+    fn keep_alive(&mut self, conn: Connection) -> io::Result<Option<Connection>> {
+        // The master parks it: this worker is free at once. A connection
+        // that cannot go back (the channel is closed by a reload, or more
+        // bytes are read ahead than a message holds) waits here instead.
+        if !self.hand_back || self.closed || conn.buffered().len() > MAX_INLINE {
+            return Ok(Some(conn));
+        }
+        let msg = Kept {
+            requests: conn.requests_before(),
+            listener: u16::try_from(conn.listener()).unwrap_or(u16::MAX),
+            unix: matches!(conn.stream(), prefork_core::Stream::Unix(_)),
+            ahead: conn.buffered(),
+        }
+        .encode();
+        sys::send_with_fds(self.chan.as_fd(), &msg, &[conn.as_raw_fd()])?;
+        // Done with it: the `K` is also this worker's idle report.
+        if let Some((r, cell)) = &self.receipt {
+            r.count_finished(*cell);
+        }
+        Ok(None)
+    }
+
     fn closing(&mut self, conn: &Connection) {
         // The master may still hold its copy: send the FIN now.
         let _ = conn.shutdown(Shutdown::Write);
@@ -184,4 +226,22 @@ impl WorkerAcceptor for FdpassAcceptor {
         }
         self.receive(true)
     }
+}
+
+/// The largest request a memfd may carry (the master buffers far less).
+const MAX_MEMFD: u64 = 64 << 20;
+
+/// The bytes of a request that came in a memfd: a regular file of at most
+/// [`MAX_MEMFD`] bytes, read whole from its start.
+fn read_memfd(fd: OwnedFd) -> io::Result<Vec<u8>> {
+    use std::io::{Read, Seek};
+    let mut file = std::fs::File::from(fd);
+    let meta = file.metadata()?;
+    if !meta.is_file() || meta.len() > MAX_MEMFD {
+        return Err(io::Error::other("not a memfd of a request"));
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    file.rewind()?;
+    file.read_to_end(&mut bytes)?;
+    Ok(bytes)
 }

@@ -37,14 +37,15 @@
 //! ```
 //! use std::io::{Read, Write};
 //!
-//! use prefork_core::{App, BindSpec, Connection, ListenAddr, Master, MasterConfig};
+//! use prefork_core::{App, BindSpec, Connection, ListenAddr, Master, MasterConfig, Next};
 //! use prefork_mutex::{LockKind, Mutex};
 //!
 //! struct Hello;
 //!
 //! impl App for Hello {
-//!     fn handle(&mut self, conn: &mut Connection) -> std::io::Result<()> {
-//!         conn.write_all(b"hello\n")
+//!     fn handle(&mut self, conn: &mut Connection) -> std::io::Result<Next> {
+//!         conn.write_all(b"hello\n")?;
+//!         Ok(Next::Close)
 //!     }
 //! }
 //!
