@@ -31,6 +31,10 @@ fn the_bench_measures_the_master_apart_and_pairs_runs_by_round() {
         duration: Duration::from_millis(700),
         herd_rate: 200.0,
         mixed_rate: 200.0,
+        front_rate: 200.0,
+        slow_clients: 4,
+        idle_connections: 8,
+        think: Duration::from_millis(200),
     };
     let mut results: Vec<RunResult> = Vec::new();
     for round in 0..2 {

@@ -13,13 +13,13 @@ use nix::unistd::Pid;
 use prefork_testkit::is_sleeping_in_nanosleep;
 use prefork_testkit::load::{self, LoadConfig, Progress, Target};
 
-/// F2: the only worker is busy with a slow request; five more connections
-/// wait in the kernel's backlog (nobody is idle, so the master does not
-/// accept them). SIGKILL the worker: its connection is lost, the five are
-/// served by the replacement.
+/// F2, plain dispatch: the only worker is busy with a slow request; five
+/// more connections wait in the kernel's backlog (nobody is idle, so the
+/// master does not accept them). SIGKILL the worker: its connection is
+/// lost, the five are served by the replacement.
 #[test]
 fn f2_a_killed_worker_loses_only_the_connection_it_held() {
-    let s = start("fdpass", &["--workers", "1"]);
+    let s = start("fdpass", &["--workers", "1", "--dispatch", "accept"]);
     let addr = s.addr().to_string();
     let held = std::thread::spawn(move || http_get(&addr, "/sleep/30000", Duration::from_secs(20)));
     assert!(s.wait_worker_sleeping(T));
@@ -38,6 +38,43 @@ fn f2_a_killed_worker_loses_only_the_connection_it_held() {
     assert!(wait_until(T, || {
         let q = accept_queue(s.port());
         q >= 5
+    }));
+    kill(Pid::from_raw(victim), Signal::SIGKILL).expect("kill");
+    assert!(
+        held.join().expect("thread").is_err(),
+        "the held connection is lost"
+    );
+    for w in waiting {
+        assert_eq!(w.join().expect("thread").expect("served").status, 200);
+    }
+    assert!(s.wait_log("died holding a connection", T), "{}", s.log());
+}
+
+/// F2 through the front: the only worker is busy with a slow request; the
+/// master takes five more requests and holds them queued (whole, waiting
+/// for an idle worker). SIGKILL the worker: its connection is lost, the
+/// five are served by the replacement.
+#[test]
+fn f2_through_the_front_a_killed_worker_loses_only_its_request() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock = format!("unix:{}", dir.path().join("status.sock").display());
+    let s = start("fdpass", &["--workers", "1", "--status", &sock]);
+    let addr = s.addr().to_string();
+    let held = std::thread::spawn(move || http_get(&addr, "/sleep/30000", Duration::from_secs(20)));
+    assert!(s.wait_worker_sleeping(T));
+    let waiting: Vec<_> = (0..5)
+        .map(|_| {
+            let addr = s.addr().to_string();
+            std::thread::spawn(move || http_get(&addr, "/", Duration::from_secs(20)))
+        })
+        .collect();
+    let victim = *s
+        .workers()
+        .iter()
+        .find(|&&w| is_sleeping_in_nanosleep(w))
+        .expect("busy worker");
+    assert!(wait_until(T, || {
+        status_json(&sock)["held"]["queued"].as_u64() == Some(5)
     }));
     kill(Pid::from_raw(victim), Signal::SIGKILL).expect("kill");
     assert!(

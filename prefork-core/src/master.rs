@@ -502,10 +502,20 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
             return;
         }
         self.next_sample = Some(now + crate::scaling::SAMPLE_INTERVAL);
-        let (backlog, queued) = match self.strategy.own_sockets() {
+        let (mut backlog, mut queued) = match self.strategy.own_sockets() {
             Some(own) => probe_backlog(&own.backlog_fds()),
             None => probe_backlog(&self.listeners.iter().map(|l| l.as_fd()).collect::<Vec<_>>()),
         };
+        // A master that takes connections in (the fdpass front) keeps whole
+        // requests waiting for a worker in a queue of its own: they wait
+        // just as those in the listen queue do.
+        if let Some((_, front_queued, _)) = self.strategy.master_io().and_then(|io| io.held()) {
+            if front_queued > 0 {
+                backlog = true;
+                let n = u32::try_from(front_queued).unwrap_or(u32::MAX);
+                queued = Some(queued.unwrap_or(0).saturating_add(n));
+            }
+        }
         if let Some(event) = self.sup.scale(now, backlog, queued) {
             tracing::info!("{event}");
         }

@@ -10,9 +10,11 @@
 pub mod bench;
 pub mod client;
 pub mod faults;
+pub mod idle;
 pub mod load;
 pub mod procs;
 pub mod server;
+pub mod slow;
 pub mod step;
 
 pub use client::{http_get, read_line_from, HttpReply};

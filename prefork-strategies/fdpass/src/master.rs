@@ -166,7 +166,8 @@ pub struct Fdpass {
     /// New connections go through the front: it exists and the app has
     /// framing (one without is dispatched at accept). Set at each turn.
     pub(crate) front_active: bool,
-    /// The master is stopping: accept nothing more, hold nothing.
+    /// The master is stopping: park nothing more (a connection already
+    /// accepted is still handed over while a worker is idle).
     stopping: bool,
     /// Connections workers handed back to be parked.
     pub(crate) kept: u64,
@@ -281,9 +282,6 @@ impl Fdpass {
     /// than its limit; plain dispatch only as many as there are idle
     /// workers (the rest wait in the kernel's backlog).
     fn room(&self) -> bool {
-        if self.stopping {
-            return false;
-        }
         match (&self.front, self.front_active) {
             (Some(f), true) => f.len() + self.pending.len() < f.config().max_connections,
             _ => self.pending.is_empty() && self.any_idle(),

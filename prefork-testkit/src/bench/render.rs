@@ -45,6 +45,19 @@ pub fn markdown(aggs: &[Aggregate]) -> String {
             r.pss_kib as f64 / 1024.0
         ));
     }
+    let per_conn: Vec<String> = aggs
+        .iter()
+        .filter_map(|a| {
+            let kib = a.median.master_kib_per_conn?;
+            Some(format!("{} {kib:.2}", a.median.server))
+        })
+        .collect();
+    if !per_conn.is_empty() {
+        s.push_str(&format!(
+            "\nkeepalive-idle, the master's RSS per connection held open, KiB: {}\n",
+            per_conn.join(", ")
+        ));
+    }
     s
 }
 

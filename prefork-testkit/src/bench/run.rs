@@ -151,15 +151,32 @@ pub enum Scenario {
     /// workers sit idle between connections: the thundering herd shows as
     /// wakeups per connection.
     MultiListener,
+    /// Normal requests in open loop at a fixed rate (`--front-rate`), with
+    /// no slow clients: the baseline of `slowloris`.
+    Steady,
+    /// The same normal load while slow clients (`--slow-clients`) each
+    /// trickle a header line a second: the normal requests' p99 and errors.
+    Slowloris,
+    /// Many kept-alive connections (`--idle-connections`), each sending a
+    /// request every `--think` seconds: p99, errors, and the master's RSS
+    /// per held connection.
+    KeepaliveIdle,
+    /// Closed loop on kept-alive connections (`--connections`), as `wrk`
+    /// runs it.
+    Keepalive,
 }
 
 impl Scenario {
     /// All of them.
-    pub const ALL: [Scenario; 4] = [
+    pub const ALL: [Scenario; 8] = [
         Scenario::Hello,
         Scenario::Mixed,
         Scenario::MixedClosed,
         Scenario::MultiListener,
+        Scenario::Steady,
+        Scenario::Slowloris,
+        Scenario::KeepaliveIdle,
+        Scenario::Keepalive,
     ];
 
     /// Name in tables and on the command line.
@@ -169,13 +186,24 @@ impl Scenario {
             Scenario::Mixed => "mixed",
             Scenario::MixedClosed => "mixed-closed",
             Scenario::MultiListener => "multi-listener",
+            Scenario::Steady => "steady",
+            Scenario::Slowloris => "slowloris",
+            Scenario::KeepaliveIdle => "keepalive-idle",
+            Scenario::Keepalive => "keepalive",
         }
     }
 
     /// Open loop: every server is offered the same load, so runs are
     /// compared (and their median picked) by p99, not by requests/s.
     pub fn open_loop(self) -> bool {
-        matches!(self, Scenario::Mixed | Scenario::MultiListener)
+        matches!(
+            self,
+            Scenario::Mixed
+                | Scenario::MultiListener
+                | Scenario::Steady
+                | Scenario::Slowloris
+                | Scenario::KeepaliveIdle
+        )
     }
 
     /// Needs the app's `/sleep/MS`.
@@ -212,6 +240,14 @@ pub struct BenchLoad {
     pub herd_rate: f64,
     /// Requests per second in the mixed scenario.
     pub mixed_rate: f64,
+    /// Requests per second in the steady and slowloris scenarios.
+    pub front_rate: f64,
+    /// Slow clients in the slowloris scenario.
+    pub slow_clients: usize,
+    /// Kept-alive connections in the keepalive-idle scenario.
+    pub idle_connections: usize,
+    /// Between two requests of one keepalive-idle connection.
+    pub think: Duration,
 }
 
 /// What one run measured.
@@ -238,6 +274,9 @@ pub struct RunResult {
     pub wakeups_per_conn: f64,
     /// Total PSS of master and workers at the end of the run, KiB.
     pub pss_kib: u64,
+    /// keepalive-idle: how much the master's RSS grew per connection held
+    /// open, KiB (measured while they are all open).
+    pub master_kib_per_conn: Option<f64>,
 }
 
 /// CPU ticks (utime+stime+cutime+cstime) of a process.
@@ -337,7 +376,21 @@ pub fn run_one(
             cfg.rate = Some(load_cfg.herd_rate);
             cfg.concurrency = cfg.concurrency.max(64);
         }
+        Scenario::Steady | Scenario::Slowloris => {
+            cfg.rate = Some(load_cfg.front_rate);
+            cfg.concurrency = cfg.concurrency.max(512);
+        }
+        Scenario::Keepalive => cfg.keepalive = true,
+        Scenario::KeepaliveIdle => return run_idle(spec, server, round, load_cfg),
     }
+    let slow = match (scenario, &cfg.targets[0]) {
+        (Scenario::Slowloris, Target::Tcp(addr)) => Some(crate::slow::SlowClients::start(
+            *addr,
+            load_cfg.slow_clients,
+            Duration::from_secs(1),
+        )),
+        _ => None,
+    };
     cfg.requests = None;
     cfg.duration = Some(load_cfg.duration);
     let pid = server.pid();
@@ -346,6 +399,7 @@ pub fn run_one(
     let master0 = own_cpu_ticks(pid);
     let sw0: u64 = workers_before.iter().map(|&p| voluntary_switches(p)).sum();
     let report = load::run(&cfg, &Arc::new(Progress::default()))?;
+    drop(slow);
     let cpu1: u64 = tree(pid).iter().map(|&p| cpu_ticks(p)).sum();
     let master1 = own_cpu_ticks(pid);
     let workers_after = procs::children_of(pid);
@@ -364,5 +418,79 @@ pub fn run_one(
         wakeups_per_conn: sw1.saturating_sub(sw0) as f64 / report.connections.max(1) as f64,
         pss_kib: pss,
         load: summary,
+        master_kib_per_conn: None,
     })
+}
+
+/// keepalive-idle: `idle_connections` kept-alive clients, each sending a
+/// request every `think`; the master's RSS is read before and while they
+/// are all open.
+fn run_idle(
+    spec: &ServerSpec,
+    mut server: Server,
+    round: usize,
+    load_cfg: &BenchLoad,
+) -> std::io::Result<RunResult> {
+    let Some(Target::Tcp(target)) = server.addrs().first().and_then(|a| Target::parse(a).ok())
+    else {
+        return Err(std::io::Error::other("keepalive-idle needs a TCP address"));
+    };
+    let pid = server.pid();
+    let rss0 = rss_kib(pid);
+    let cpu0: u64 = tree(pid).iter().map(|&p| cpu_ticks(p)).sum();
+    let master0 = own_cpu_ticks(pid);
+    let cfg = crate::idle::IdleConfig {
+        target,
+        connections: load_cfg.idle_connections,
+        think: load_cfg.think,
+        duration: load_cfg.duration.max(load_cfg.think * 3),
+        timeout: Duration::from_secs(5),
+    };
+    let sample_at = cfg.duration.mul_f64(0.8);
+    let run = std::thread::spawn(move || crate::idle::run(&cfg));
+    std::thread::sleep(sample_at);
+    let rss1 = rss_kib(pid);
+    let report = run
+        .join()
+        .map_err(|_| std::io::Error::other("the idle clients panicked"))??;
+    let cpu1: u64 = tree(pid).iter().map(|&p| cpu_ticks(p)).sum();
+    let master1 = own_cpu_ticks(pid);
+    let pss: u64 = tree(pid).iter().map(|&p| pss_kib(p)).sum();
+    server.stop(Duration::from_secs(10));
+    let ok = report.ok.max(1) as f64;
+    let us_per_req = |ticks: u64| ticks as f64 / clock_ticks_per_sec() * 1e6 / ok;
+    let load = Summary {
+        elapsed_s: report.elapsed_s,
+        requests: report.ok,
+        rps: report.ok as f64 / report.elapsed_s.max(1e-9),
+        errors: crate::load::ErrorCounts {
+            other: report.errors,
+            ..Default::default()
+        },
+        connections: report.connects,
+        latency_us: report.latency_us.clone(),
+        fast_latency_us: report.latency_us,
+        per_worker: Default::default(),
+        fairness: 0.0,
+        max_share: 0.0,
+        min_share: 0.0,
+    };
+    Ok(RunResult {
+        scenario: Scenario::KeepaliveIdle.name(),
+        server: spec.label(),
+        round,
+        cpu_us_per_req: us_per_req(cpu1.saturating_sub(cpu0)),
+        master_cpu_us_per_req: us_per_req(master1.saturating_sub(master0)),
+        wakeups_per_conn: 0.0,
+        pss_kib: pss,
+        load,
+        master_kib_per_conn: Some(
+            rss1.saturating_sub(rss0) as f64 / load_cfg.idle_connections.max(1) as f64,
+        ),
+    })
+}
+
+/// A process's resident set (VmRSS), KiB.
+fn rss_kib(pid: i32) -> u64 {
+    status_field(pid, "VmRSS:")
 }

@@ -37,6 +37,7 @@ fn result(scenario: &'static str, server: &str, rps: f64) -> RunResult {
         master_cpu_us_per_req: 1.0,
         wakeups_per_conn: 1.0,
         pss_kib: 2048,
+        master_kib_per_conn: None,
     }
 }
 

@@ -68,6 +68,20 @@ struct Cli {
     /// 50 ms requests).
     #[arg(long)]
     mixed_rate: Option<f64>,
+    /// Requests per second of normal load in the steady and slowloris
+    /// scenarios (open loop).
+    #[arg(long, default_value_t = 1000.0)]
+    front_rate: f64,
+    /// Slow clients in the slowloris scenario, each trickling a header line
+    /// a second.
+    #[arg(long, default_value_t = 200)]
+    slow_clients: usize,
+    /// Kept-alive connections in the keepalive-idle scenario.
+    #[arg(long, default_value_t = 2000)]
+    idle_connections: usize,
+    /// Seconds between two requests of one keepalive-idle connection.
+    #[arg(long, default_value_t = 2.0)]
+    think: f64,
     /// Runs of each (scenario, server), interleaved; the median is reported.
     #[arg(long, default_value_t = 1)]
     repeat: usize,
@@ -168,7 +182,9 @@ fn check_usage(cli: &Cli) -> Result<(), String> {
         && cli.fault_duration > 0.0
         && cli.fault_rate > 0.0
         && cli.herd_rate > 0.0
-        && cli.mixed_rate.map_or(true, |r| r > 0.0))
+        && cli.mixed_rate.map_or(true, |r| r > 0.0)
+        && cli.front_rate > 0.0
+        && cli.think > 0.0)
     {
         return Err("durations and rates must be positive".into());
     }
@@ -310,7 +326,7 @@ fn compare(cli: &Cli, dir: &std::path::Path) -> Result<(), String> {
         .iter()
         .map(|s| {
             Scenario::parse(s).ok_or_else(|| {
-                format!("unknown scenario {s:?} (hello, mixed, mixed-closed, multi-listener)")
+                format!("unknown scenario {s:?} (hello, mixed, mixed-closed, multi-listener, steady, slowloris, keepalive-idle, keepalive)")
             })
         })
         .collect::<Result<_, _>>()?;
@@ -321,6 +337,10 @@ fn compare(cli: &Cli, dir: &std::path::Path) -> Result<(), String> {
         duration: Duration::from_secs_f64(if cli.short { 2.0 } else { cli.duration }),
         herd_rate: cli.herd_rate,
         mixed_rate: mixed_rate(cli),
+        front_rate: cli.front_rate,
+        slow_clients: cli.slow_clients,
+        idle_connections: cli.idle_connections,
+        think: Duration::from_secs_f64(cli.think),
     };
     let total = cli.repeat * scenarios.len() * servers.len();
     let mut results = Vec::new();
@@ -348,9 +368,10 @@ fn compare(cli: &Cli, dir: &std::path::Path) -> Result<(), String> {
     }
     let aggs = bench::aggregate(&results);
     println!(
-        "{} workers, {} connections (closed loop), {} generator thread(s), {:.0} s per run, median of {} run(s) (by req/s; by p99 in the open-loop scenarios: mixed at {:.0}/s, multi-listener at {:.0}/s); connection per request\n",
+        "{} workers, {} connections (closed loop), {} generator thread(s), {:.0} s per run, median of {} run(s) (by req/s; by p99 in the open-loop scenarios: mixed at {:.0}/s, multi-listener at {:.0}/s, steady and slowloris at {:.0}/s with {} slow clients, keepalive-idle: {} connections, a request each per {:.1} s); connection per request but in keepalive and keepalive-idle\n",
         load.workers, load.connections, load.threads, load.duration.as_secs_f64(), cli.repeat,
-        load.mixed_rate, load.herd_rate
+        load.mixed_rate, load.herd_rate, load.front_rate, load.slow_clients,
+        load.idle_connections, load.think.as_secs_f64()
     );
     print!("{}", bench::markdown(&aggs));
     print!("{}", bench::side_by_side(&results));

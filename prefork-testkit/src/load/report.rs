@@ -131,7 +131,7 @@ pub struct Summary {
 }
 
 /// Latency percentiles, µs.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct Percentiles {
     /// Median.
     pub p50: u64,
