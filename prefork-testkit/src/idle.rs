@@ -288,7 +288,8 @@ fn closed_or_junk(c: &mut Client) -> bool {
     };
     let mut probe = [0u8; 512];
     match s.read(&mut probe) {
-        Ok(_) => true, // EOF, or bytes nobody asked for
+        Ok(0) => true,              // the server closed it
+        Ok(unasked) => unasked > 0, // bytes nobody asked for
         Err(e) => e.kind() != ErrorKind::WouldBlock && e.kind() != ErrorKind::Interrupted,
     }
 }
