@@ -203,23 +203,35 @@ fn max_connections_backpressure_loses_nothing() {
     assert_eq!(answered, 24, "{}", s.log());
 }
 
-/// QUIT closes parked connections at once and lets the request in flight
-/// finish; the master exits 0.
+/// QUIT closes parked connections at once, lets the request in flight
+/// finish, and serves the request the master already took in and queued
+/// behind it (the workers are told to stop only once it is handed over);
+/// the master exits 0.
 #[test]
 fn quit_closes_parked_connections_and_loses_no_request_in_flight() {
-    let (mut s, _dir, sock) = front(&["--workers", "2"]);
+    let (mut s, _dir, sock) = front(&["--workers", "1"]);
     let mut parked = connect(s.addr());
     request(&mut parked, GET).expect("first request");
     assert!(wait_until(T, || held(&sock).2 == 1), "{:?}", held(&sock));
-    let addr = s.addr().to_string();
-    let in_flight = std::thread::spawn(move || {
-        let mut c = connect(&addr);
-        request(
-            &mut c,
-            b"GET /sleep/1500 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
-        )
-    });
-    assert!(s.wait_worker_sleeping(T), "the slow request is in a worker");
+    let ask = |path: &'static str| {
+        let addr = s.addr().to_string();
+        std::thread::spawn(move || {
+            let mut c = connect(&addr);
+            let req = format!("GET {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n");
+            request(&mut c, req.as_bytes())
+        })
+    };
+    let in_flight = ask("/sleep/1500");
+    assert!(
+        s.wait_worker_sleeping(T),
+        "the slow request is in the worker"
+    );
+    let queued = ask("/sleep/1");
+    assert!(
+        wait_until(T, || held(&sock).1 == 1),
+        "the second request waits in the master: {:?}",
+        held(&sock)
+    );
     let quit = Instant::now();
     s.signal(Signal::SIGQUIT);
     let mut rest = Vec::new();
@@ -237,6 +249,11 @@ fn quit_closes_parked_connections_and_loses_no_request_in_flight() {
         .expect("client")
         .expect("the request in flight is answered");
     assert!(r.contains("slept 1500ms"), "{r}");
+    let r = queued
+        .join()
+        .expect("client")
+        .expect("the queued request is answered");
+    assert!(r.contains("slept 1ms"), "{r}");
     assert_eq!(s.wait_exit(T).and_then(|st| st.code()), Some(0));
 }
 

@@ -183,6 +183,9 @@ pub struct Master<S: AcceptStrategy, A: App> {
     last_reap: MonoTime,
     /// Re-reads the configuration on HUP.
     reload: Option<ReloadHook<A>>,
+    /// A graceful stop waits, since then, for the requests the master holds
+    /// to be handed over.
+    drain_before_stop: Option<MonoTime>,
     started: MonoTime,
     rng: u64,
 }
@@ -324,6 +327,7 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
             next_sample: cfg.scale.map(|_| MonoTime::now()),
             last_reap: MonoTime::now(),
             reload: None,
+            drain_before_stop: None,
             started: MonoTime::now(),
             rng: u64::from(pid.as_raw().unsigned_abs()) ^ MonoTime::now().as_nanos() | 1,
         })
@@ -372,6 +376,7 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
                     io.ready(fd, &self.app);
                 }
             }
+            self.finish_draining();
             self.observe_workers(events.overslept);
             if events.status_clients {
                 self.serve_status();
@@ -584,12 +589,50 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
             _ => return, // SIGCHLD: reaping follows
         };
         if matches!(cmd, Command::GracefulStop | Command::FastStop) {
-            if let Some(io) = self.strategy.master_io() {
-                io.stopping();
+            let graceful = cmd == Command::GracefulStop;
+            let in_hand = self.strategy.master_io().map_or(0, |io| {
+                io.stopping(graceful);
+                io.held().map_or(0, |(reading, queued, _)| reading + queued)
+            });
+            // A graceful stop serves what the master already took in: the
+            // workers are told to stop once it is handed over (or at the
+            // graceful timeout), not before.
+            if graceful && in_hand > 0 && self.drain_before_stop.is_none() {
+                tracing::info!(
+                    "{sig}: graceful stop: first handing over the {in_hand} request(s) the master holds"
+                );
+                self.drain_before_stop = Some(MonoTime::now());
+                return;
             }
         }
         let what = self.sup.command(cmd, MonoTime::now());
         tracing::info!("{sig}: {what}");
+    }
+
+    /// A graceful stop waiting for the master's own requests to be handed
+    /// over: once they are (or at the graceful timeout), the workers are
+    /// told to stop.
+    fn finish_draining(&mut self) {
+        let Some(since) = self.drain_before_stop else {
+            return;
+        };
+        let in_hand = self
+            .strategy
+            .master_io()
+            .and_then(|io| io.held())
+            .map_or(0, |(reading, queued, _)| reading + queued);
+        let waited = MonoTime::now().saturating_since(since);
+        if in_hand > 0 && waited < self.sup.graceful_timeout() {
+            return;
+        }
+        self.drain_before_stop = None;
+        if in_hand > 0 {
+            tracing::warn!(
+                "SIGQUIT: {in_hand} request(s) the master holds were not handed over within the graceful timeout"
+            );
+        }
+        let what = self.sup.command(Command::GracefulStop, MonoTime::now());
+        tracing::info!("SIGQUIT: {what}");
     }
 
     /// HUP with a reload hook: re-read, then apply and replace the workers,

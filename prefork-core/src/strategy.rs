@@ -178,9 +178,12 @@ pub trait MasterIo {
         None
     }
 
-    /// The master begins to stop (QUIT, TERM, INT): close what is only
-    /// waiting (kept-alive connections), accept nothing more.
-    fn stopping(&mut self) {}
+    /// The master begins to stop (QUIT when `graceful`; TERM, INT): close
+    /// what is only waiting (kept-alive connections) and take nothing new
+    /// in. A graceful stop then waits until [`MasterIo::held`] shows no
+    /// request reading or queued (or the graceful timeout) before the
+    /// workers are told to stop.
+    fn stopping(&mut self, _graceful: bool) {}
 
     /// Connections held in the master, by state, for the status document:
     /// (reading, queued, parked).

@@ -398,6 +398,11 @@ impl Supervisor {
         self.scaler.as_ref().map(Scaler::config)
     }
 
+    /// How long a graceful stop lets a worker finish before TERM.
+    pub fn graceful_timeout(&self) -> Duration {
+        self.cfg.graceful_timeout
+    }
+
     /// The busy-too-long limit (`--timeout`), if any.
     pub fn timeout(&self) -> Option<Duration> {
         self.cfg.timeout

@@ -313,9 +313,21 @@ impl Front {
         }
     }
 
-    /// A graceful stop: nothing held will be served, so all of it closes
-    /// now (parked connections are idle; a request still arriving would
-    /// find no worker).
+    /// A graceful stop: parked connections are idle, so they close now;
+    /// requests still arriving are served (or cut at their deadline).
+    pub(crate) fn close_parked(&mut self) {
+        for idx in 0..self.clients.len() {
+            if self.clients[idx]
+                .as_ref()
+                .is_some_and(|c| c.state == State::Parked)
+            {
+                self.close(idx);
+            }
+        }
+        self.parked_due.clear();
+    }
+
+    /// A fast stop: everything held closes now.
     pub(crate) fn close_all(&mut self) {
         for idx in 0..self.clients.len() {
             if self.clients[idx].is_some() {

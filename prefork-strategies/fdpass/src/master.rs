@@ -166,8 +166,8 @@ pub struct Fdpass {
     /// New connections go through the front: it exists and the app has
     /// framing (one without is dispatched at accept). Set at each turn.
     pub(crate) front_active: bool,
-    /// The master is stopping: park nothing more (a connection already
-    /// accepted is still handed over while a worker is idle).
+    /// The master is stopping: park nothing more, and through the front
+    /// accept nothing more (what it holds is still handed over).
     stopping: bool,
     /// Connections workers handed back to be parked.
     pub(crate) kept: u64,
@@ -282,6 +282,12 @@ impl Fdpass {
     /// than its limit; plain dispatch only as many as there are idle
     /// workers (the rest wait in the kernel's backlog).
     fn room(&self) -> bool {
+        // Stopping, the front takes nothing new in (it drains what it
+        // holds); plain dispatch still hands a connection already waiting
+        // to an idle worker, as before the workers are told to stop.
+        if self.stopping && self.front_active {
+            return false;
+        }
         match (&self.front, self.front_active) {
             (Some(f), true) => f.len() + self.pending.len() < f.config().max_connections,
             _ => self.pending.is_empty() && self.any_idle(),
@@ -680,10 +686,14 @@ impl MasterIo for Fdpass {
         self.front.as_ref().and_then(Front::next_deadline)
     }
 
-    fn stopping(&mut self) {
+    fn stopping(&mut self, graceful: bool) {
         self.stopping = true;
         if let Some(front) = &mut self.front {
-            front.close_all();
+            if graceful {
+                front.close_parked();
+            } else {
+                front.close_all();
+            }
         }
     }
 

@@ -61,6 +61,17 @@ struct Cli {
     /// Keep connections alive (http).
     #[arg(long)]
     keepalive: bool,
+    /// Idle kept-alive clients: each of the -c connections sends a request,
+    /// waits SECS after the response, and sends the next on the same
+    /// connection (http, one TCP target). Reports requests, errors and
+    /// latency from each request's due time.
+    #[arg(long, value_name = "SECS", value_parser = positive, conflicts_with_all = ["rate", "requests", "slow"])]
+    think: Option<f64>,
+    /// Slow clients alongside the load: N connections that each send a
+    /// request line, then a header line a second, and never finish (they
+    /// connect again when the server cuts them). One TCP target.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    slow_clients: Option<u32>,
     /// Seconds before an unanswered request counts as a timeout.
     #[arg(long, default_value = "5", value_parser = positive)]
     timeout: f64,
@@ -128,6 +139,31 @@ fn main() -> ExitCode {
         (None, None) => Some(Duration::from_secs(10)),
         (d, _) => d.map(Duration::from_secs_f64),
     };
+    let tcp_target = match cli.targets.as_slice() {
+        [Target::Tcp(a)] => Some(*a),
+        _ => None,
+    };
+    if (cli.think.is_some() || cli.slow_clients.is_some()) && tcp_target.is_none() {
+        eprintln!("error: --think and --slow-clients take one TCP target (HOST:PORT)");
+        return ExitCode::from(2);
+    }
+    let slow = match (cli.slow_clients, tcp_target) {
+        (Some(n), Some(addr)) => Some(prefork_testkit::slow::SlowClients::start(
+            addr,
+            n as usize,
+            Duration::from_secs(1),
+        )),
+        _ => None,
+    };
+    if let (Some(think), Some(target)) = (cli.think, tcp_target) {
+        return idle(
+            &cli,
+            target,
+            think,
+            duration.unwrap_or(Duration::from_secs(10)),
+            slow,
+        );
+    }
     let cfg = LoadConfig {
         targets: cli.targets.clone(),
         protocol: match cli.protocol {
@@ -171,7 +207,15 @@ fn main() -> ExitCode {
         }
         eprint!("\r{}\r", " ".repeat(64));
     }
-    let report = match runner.join() {
+    let joined = runner.join();
+    // The slow clients ran for as long as the load did.
+    if let Some(r) = slow.map(prefork_testkit::slow::SlowClients::stop) {
+        eprintln!(
+            "slow clients: {} connections made, {} cut by the server, {} header lines sent",
+            r.connects, r.cut, r.lines
+        );
+    }
+    let report = match joined {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
             eprintln!("error: {e}");
@@ -264,5 +308,67 @@ fn main() -> ExitCode {
             100.0 * s.min_share
         );
     }
+    ExitCode::SUCCESS
+}
+
+/// `--think`: idle kept-alive clients, with slow clients beside if asked.
+fn idle(
+    cli: &Cli,
+    target: std::net::SocketAddr,
+    think: f64,
+    duration: Duration,
+    slow: Option<prefork_testkit::slow::SlowClients>,
+) -> ExitCode {
+    let cfg = prefork_testkit::idle::IdleConfig {
+        target,
+        connections: cli.connections as usize,
+        think: Duration::from_secs_f64(think),
+        duration,
+        timeout: Duration::from_secs_f64(cli.timeout),
+    };
+    let report = prefork_testkit::idle::run(&cfg);
+    if let Some(s) = slow {
+        let r = s.stop();
+        eprintln!(
+            "slow clients: {} connections made, {} cut by the server, {} header lines sent",
+            r.connects, r.cut, r.lines
+        );
+    }
+    let r = match report {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    if cli.json {
+        return match serde_json::to_string_pretty(&r) {
+            Ok(j) => {
+                println!("{j}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(1)
+            }
+        };
+    }
+    let l = &r.latency_us;
+    println!(
+        "{target}: {} kept-alive connections, a request each per {think} s, {:.1} s",
+        cli.connections, r.elapsed_s
+    );
+    println!(
+        "  {} ok, {} errors, {} connections made, {} closed by the server while idle; {:.0} req/s",
+        thousands(r.ok),
+        r.errors,
+        r.connects,
+        r.closed_idle,
+        r.ok as f64 / r.elapsed_s.max(1e-9)
+    );
+    println!(
+        "  latency from due time, µs: p50 {}  p90 {}  p99 {}  p99.9 {}  max {}",
+        l.p50, l.p90, l.p99, l.p999, l.max
+    );
     ExitCode::SUCCESS
 }
