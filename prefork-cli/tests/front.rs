@@ -322,7 +322,7 @@ fn the_master_at_its_descriptor_limit_does_not_spin_and_recovers() {
         c.set_nonblocking(true).expect("nonblocking");
         let mut probe = [0u8; 1];
         if matches!(
-            (&*c).peek(&mut probe),
+            c.peek(&mut probe),
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
         ) {
             held_back += 1;
