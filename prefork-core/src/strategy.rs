@@ -234,8 +234,13 @@ pub trait WorkerAcceptor {
     /// one. The default keeps it in this worker (`Some`), which waits in
     /// place for the next request; a strategy whose master parks kept-alive
     /// connections takes it (`None`: handed back, with the bytes already
-    /// read ahead, and this worker is done with it).
-    fn keep_alive(&mut self, conn: Connection) -> io::Result<Option<Connection>> {
+    /// read ahead, and this worker is done with it). `app` is the app's
+    /// framing, to tell whether a next request is already whole.
+    fn keep_alive(
+        &mut self,
+        conn: Connection,
+        _app: &dyn Framing,
+    ) -> io::Result<Option<Connection>> {
         Ok(Some(conn))
     }
 

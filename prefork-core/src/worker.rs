@@ -177,7 +177,7 @@ fn serve<A: App, W: WorkerAcceptor>(
                 break;
             }
             conn.count_request();
-            conn = match acceptor.keep_alive(conn) {
+            conn = match acceptor.keep_alive(conn, &*app) {
                 Ok(Some(conn)) => conn,
                 Ok(None) => {
                     // Taken by the strategy (handed back to the master).

@@ -104,6 +104,8 @@ struct Client {
     /// Changes at every state change: deadline entries and epoll events of
     /// an earlier state (or an earlier client of this slab entry) are stale.
     epoch: u32,
+    /// In the epoll set (a client served at once never is).
+    registered: bool,
 }
 
 /// What reading a client came to.
@@ -203,6 +205,7 @@ impl Front {
             buf: conn.bytes,
             requests: conn.requests,
             epoch: self.next_epoch,
+            registered: false,
         };
         self.clients[idx] = Some(client);
         if parked {
@@ -213,30 +216,70 @@ impl Front {
             self.reading += 1;
             self.reading_due
                 .push_back((now + self.cfg.header_timeout, idx, self.next_epoch));
-            // Its first bytes are often here already (TCP_DEFER_ACCEPT, a
-            // pipelined request): no need to wait for epoll to say so.
-            match self.read(idx, app) {
-                Step::Ready => return self.take(idx),
-                Step::Close => {
-                    self.close(idx);
-                    return None;
-                }
-                Step::Wait => {}
-            }
         }
+        // Its bytes are often here already (TCP_DEFER_ACCEPT; a client that
+        // sent its next request while the worker handed the connection
+        // back): no need to wait for epoll to say so.
+        match self.read(idx, app) {
+            Step::Ready => return self.take(idx),
+            Step::Close => {
+                self.close(idx);
+                return None;
+            }
+            Step::Wait => {}
+        }
+        if parked
+            && self.clients[idx]
+                .as_ref()
+                .is_some_and(|c| !c.buf.is_empty())
+        {
+            // Part of its next request came already: reading, not parked.
+            self.start_reading(idx, now);
+        }
+        let Some(c) = self.clients[idx].as_mut() else {
+            return None;
+        };
         let event = EpollEvent::new(
             EpollFlags::EPOLLIN | EpollFlags::EPOLLRDHUP,
-            token(idx, self.next_epoch),
+            token(idx, c.epoch),
         );
-        let registered = match &self.clients[idx] {
-            Some(c) => self.epoll.add(&c.sock, event),
-            None => return None,
-        };
-        if let Err(e) = registered {
-            tracing::warn!("fdpass: epoll_ctl(ADD) of a held connection failed: {e}; closing it");
-            self.close(idx);
+        match self.epoll.add(&c.sock, event) {
+            Ok(()) => c.registered = true,
+            Err(e) => {
+                tracing::warn!(
+                    "fdpass: epoll_ctl(ADD) of a held connection failed: {e}; closing it"
+                );
+                self.close(idx);
+            }
         }
         None
+    }
+
+    /// A parked client's next request begins: reading, under the header
+    /// deadline, with a new epoch (its parked deadline is stale now).
+    fn start_reading(&mut self, idx: usize, now: MonoTime) {
+        let Some(c) = self.clients.get_mut(idx).and_then(Option::as_mut) else {
+            return;
+        };
+        if c.state != State::Parked {
+            return;
+        }
+        c.state = State::Reading;
+        self.next_epoch = self.next_epoch.wrapping_add(1);
+        c.epoch = self.next_epoch;
+        if c.registered {
+            let _ = self.epoll.modify(
+                &c.sock,
+                &mut EpollEvent::new(
+                    EpollFlags::EPOLLIN | EpollFlags::EPOLLRDHUP,
+                    token(idx, c.epoch),
+                ),
+            );
+        }
+        self.parked -= 1;
+        self.reading += 1;
+        self.reading_due
+            .push_back((now + self.cfg.header_timeout, idx, self.next_epoch));
     }
 
     /// Reads what epoll says is ready; whole requests are pushed to `out`.
@@ -258,22 +301,7 @@ impl Front {
             };
             if state == State::Parked {
                 // The next request starts: reading, under the header deadline.
-                if let Some(c) = self.clients[idx].as_mut() {
-                    c.state = State::Reading;
-                    self.next_epoch = self.next_epoch.wrapping_add(1);
-                    c.epoch = self.next_epoch;
-                    let _ = self.epoll.modify(
-                        &c.sock,
-                        &mut EpollEvent::new(
-                            EpollFlags::EPOLLIN | EpollFlags::EPOLLRDHUP,
-                            token(idx, c.epoch),
-                        ),
-                    );
-                }
-                self.parked -= 1;
-                self.reading += 1;
-                self.reading_due
-                    .push_back((now + self.cfg.header_timeout, idx, self.next_epoch));
+                self.start_reading(idx, now);
             }
             match self.read(idx, app) {
                 Step::Wait => {}
@@ -343,6 +371,7 @@ impl Front {
     }
 
     /// Reads what the client sent (never blocking) and runs the framing.
+    /// A parked client stays parked until bytes come.
     fn read(&mut self, idx: usize, app: &dyn Framing) -> Step {
         let Some(c) = self.clients.get_mut(idx).and_then(Option::as_mut) else {
             return Step::Close;
@@ -408,7 +437,9 @@ impl Front {
 
     fn remove(&mut self, idx: usize) -> Option<Client> {
         let c = self.clients.get_mut(idx)?.take()?;
-        let _ = self.epoll.delete(&c.sock);
+        if c.registered {
+            let _ = self.epoll.delete(&c.sock);
+        }
         match c.state {
             State::Reading => self.reading -= 1,
             State::Parked => self.parked -= 1,

@@ -7,7 +7,7 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
 use nix::poll::{PollFd, PollFlags};
 use prefork_core::clock::poll_timeout;
-use prefork_core::{AcceptContext, Accepted, Connection, WorkerAcceptor};
+use prefork_core::{AcceptContext, Accepted, Connection, Frame, Framing, WorkerAcceptor};
 use socket2::{Socket, Type};
 
 use crate::protocol::{Kept, Receipts, RequestHeader, HEADER, IDLE, MAX_INLINE, RETURNED};
@@ -141,6 +141,11 @@ impl FdpassAcceptor {
         Accepted::Idle
     }
 
+    /// The master waits for an idle worker (requests are queued there).
+    fn master_waiting(&self) -> bool {
+        self.receipt.as_ref().map_or(true, |(r, _)| r.waiting())
+    }
+
     /// Counts one connection as taken (before a byte of it is read).
     fn count_received(&self) {
         if let Some((r, cell)) = &self.receipt {
@@ -188,11 +193,32 @@ impl WorkerAcceptor for FdpassAcceptor {
         self.receive(false)
     }
 
-    fn keep_alive(&mut self, conn: Connection) -> io::Result<Option<Connection>> {
+    fn keep_alive(
+        &mut self,
+        conn: Connection,
+        app: &dyn Framing,
+    ) -> io::Result<Option<Connection>> {
         // The master parks it: this worker is free at once. A connection
         // that cannot go back (the channel is closed by a reload, or more
         // bytes are read ahead than a message holds) waits here instead.
         if !self.hand_back || self.closed || conn.buffered().len() > MAX_INLINE {
+            return Ok(Some(conn));
+        }
+        // A client that sends its next request at once (a closed loop) would
+        // make a round trip through the master for nothing: when its next
+        // request is already whole in the socket, and no request waits in
+        // the master for a worker, it is served here. Only a whole one:
+        // serving a partial request here would let a slow client hold this
+        // worker again.
+        // While requests wait in the master for a worker, only a request
+        // already here counts (no waiting); a connection serves at most
+        // `--keepalive-requests` in a row, so the others are not starved.
+        let window = if self.master_waiting() {
+            std::time::Duration::ZERO
+        } else {
+            LINGER
+        };
+        if next_request_ready(&conn, app, window) {
             return Ok(Some(conn));
         }
         let msg = Kept {
@@ -226,6 +252,36 @@ impl WorkerAcceptor for FdpassAcceptor {
         }
         self.receive(true)
     }
+}
+
+/// How long a worker looks for the next request of a kept-alive connection
+/// before handing the connection back to the master.
+const LINGER: std::time::Duration = std::time::Duration::from_micros(500);
+
+/// Whether the next request on `conn` arrives whole within `window`: the
+/// bytes read ahead and those in the socket (peeked, not read), framed by
+/// the app.
+fn next_request_ready(conn: &Connection, app: &dyn Framing, window: std::time::Duration) -> bool {
+    let mut fds = [PollFd::new(conn.as_fd(), PollFlags::POLLIN)];
+    if conn.buffered().is_empty()
+        && !window.is_zero()
+        && !matches!(nix::poll::poll(&mut fds, poll_timeout(Some(window))), Ok(n) if n > 0)
+    {
+        return false;
+    }
+    let mut peeked = [0u8; 16 * 1024];
+    let n = nix::sys::socket::recv(
+        conn.as_raw_fd(),
+        &mut peeked,
+        nix::sys::socket::MsgFlags::MSG_PEEK | nix::sys::socket::MsgFlags::MSG_DONTWAIT,
+    )
+    .unwrap_or(0);
+    if n == 0 && conn.buffered().is_empty() {
+        return false; // closed, or nothing after all
+    }
+    let mut whole = conn.buffered().to_vec();
+    whole.extend_from_slice(&peeked[..n]);
+    matches!(app.frame(&whole), Frame::Complete(_))
 }
 
 /// The largest request a memfd may carry (the master buffers far less).

@@ -102,7 +102,7 @@ pub fn side_by_side(results: &[RunResult]) -> String {
             // Lowest of one server says nothing.
             if wins.len() > 1 {
                 lines.push(format!(
-                    "- {name}, rounds with the lowest p99: {}",
+                    "- {name}, rounds with the lowest p99 (among the runs with the fewest errors): {}",
                     wins.join(", ")
                 ));
             }

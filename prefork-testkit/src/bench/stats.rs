@@ -132,15 +132,23 @@ pub fn paired(
         .collect()
 }
 
-/// For each server that ran `scenario`: in how many rounds its p99 was the
-/// lowest (ties count for each), and in how many rounds it ran.
+/// For each server that ran `scenario`: in how many rounds it had the
+/// fewest errors and, among those, the lowest p99 (ties count for each),
+/// and in how many rounds it ran.
 pub fn lowest_p99(results: &[RunResult], scenario: &str) -> Vec<(String, usize, usize)> {
     let runs: Vec<&RunResult> = results.iter().filter(|r| r.scenario == scenario).collect();
-    let best: BTreeMap<usize, u64> = runs.iter().fold(BTreeMap::new(), |mut m, r| {
-        let p = r.load.latency_us.p99;
+    // A run ranks by its errors first, then its p99: one that failed
+    // requests (or answered none) does not win on the latency of the few it
+    // answered.
+    let rank = |r: &RunResult| {
+        let answered = r.load.requests > 0;
+        (!answered, r.load.errors.total(), r.load.latency_us.p99)
+    };
+    let best = runs.iter().fold(BTreeMap::new(), |mut m, r| {
+        let k = rank(r);
         m.entry(r.round)
-            .and_modify(|b: &mut u64| *b = (*b).min(p))
-            .or_insert(p);
+            .and_modify(|b: &mut (bool, u64, u64)| *b = (*b).min(k))
+            .or_insert(k);
         m
     });
     servers_in_order(results)
@@ -152,7 +160,7 @@ pub fn lowest_p99(results: &[RunResult], scenario: &str) -> Vec<(String, usize, 
             }
             let wins = mine
                 .iter()
-                .filter(|r| best.get(&r.round) == Some(&r.load.latency_us.p99))
+                .filter(|r| best.get(&r.round) == Some(&rank(r)))
                 .count();
             Some((s.to_string(), wins, mine.len()))
         })
