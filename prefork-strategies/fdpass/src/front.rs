@@ -236,9 +236,7 @@ impl Front {
             // Part of its next request came already: reading, not parked.
             self.start_reading(idx, now);
         }
-        let Some(c) = self.clients[idx].as_mut() else {
-            return None;
-        };
+        let c = self.clients[idx].as_mut()?;
         let event = EpollEvent::new(
             EpollFlags::EPOLLIN | EpollFlags::EPOLLRDHUP,
             token(idx, c.epoch),
