@@ -161,8 +161,8 @@ pub enum Scenario {
     /// request every `--think` seconds: p99, errors, and the master's RSS
     /// per held connection.
     KeepaliveIdle,
-    /// Closed loop on kept-alive connections (`--connections`), as `wrk`
-    /// runs it.
+    /// Closed loop on 100 kept-alive connections (or `--connections`, if
+    /// more), as `wrk -c100` runs it.
     Keepalive,
 }
 
@@ -380,7 +380,11 @@ pub fn run_one(
             cfg.rate = Some(load_cfg.front_rate);
             cfg.concurrency = cfg.concurrency.max(512);
         }
-        Scenario::Keepalive => cfg.keepalive = true,
+        Scenario::Keepalive => {
+            // As `wrk -c100` runs it.
+            cfg.keepalive = true;
+            cfg.concurrency = cfg.concurrency.max(100);
+        }
         Scenario::KeepaliveIdle => return run_idle(spec, server, round, load_cfg),
     }
     let slow = match (scenario, &cfg.targets[0]) {
