@@ -136,3 +136,46 @@ fn help_and_version_exit_0() {
     let (code, _) = run(&["--version"]);
     assert_eq!(code, Some(0));
 }
+
+/// `PREFORK_INHERIT` is adopted only by the process it is addressed to (as
+/// systemd's LISTEN_PID): one meant for another pid is ignored, with a
+/// warning, and the server binds as usual. One addressed to this process
+/// that names a descriptor twice (two owners, closed twice) is refused.
+#[test]
+fn a_hand_over_is_adopted_only_by_its_addressee_and_never_twice() {
+    let s = prefork()
+        .args([
+            "--bind",
+            "127.0.0.1:0",
+            "--workers",
+            "1",
+            "--log-level",
+            "info",
+        ])
+        .env("PREFORK_INHERIT", "1>1\n3 127.0.0.1:0")
+        .start()
+        .expect("starts, ignoring a hand-over meant for pid 1");
+    assert!(
+        s.wait_log("addressed to pid 1, not to this process", T),
+        "{}",
+        s.log()
+    );
+    assert_eq!(http_get(s.addr(), "/", T).expect("GET").status, 200);
+    drop(s);
+
+    // `exec` keeps the shell's pid: $$ is the pid prefork will have.
+    let out = Command::new("sh")
+        .args([
+            "-c",
+            r#"PREFORK_INHERIT="$(printf '1>%s\n5 a\n5 b' $$)" exec "$0" --bind 127.0.0.1:0"#,
+            env!("CARGO_BIN_EXE_prefork"),
+        ])
+        .output()
+        .expect("run prefork");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("PREFORK_INHERIT names descriptor 5 twice"),
+        "{err}"
+    );
+}

@@ -403,7 +403,9 @@ fn l16_trickling_clients_are_cut_at_the_header_deadline(strategy: &str) {
 
 /// S1: started as root with `--user nobody`, every worker has nobody's uid
 /// and gid (real, effective and saved), nobody's groups only, and no
-/// capability left, so setuid(0) cannot succeed; and it serves. Started
+/// capability left (the bounding set empty too, and no_new_privs set, so
+/// not even a setuid-root program the app runs can elevate), so setuid(0)
+/// cannot succeed; and it serves. Started
 /// as another user, `--user` for a different user is refused (exit 2)
 /// before anything is bound.
 #[rstest]
@@ -459,9 +461,15 @@ fn s1_workers_run_as_the_user_with_nothing_of_root_left(#[case] strategy: &str) 
         want.sort();
         want.dedup();
         assert_eq!(have, want, "worker {w}: root's groups are gone");
-        for caps in ["CapInh:", "CapPrm:", "CapEff:", "CapAmb:"] {
+        for caps in ["CapInh:", "CapPrm:", "CapEff:", "CapAmb:", "CapBnd:"] {
             assert_eq!(field(caps), vec!["0000000000000000"], "worker {w} {caps}");
         }
+        // A setuid program the app runs cannot elevate either.
+        assert_eq!(
+            field("NoNewPrivs:"),
+            vec!["1"],
+            "worker {w}: no new privileges"
+        );
     }
     // The master is still root (it binds, reloads and signals).
     let master = std::fs::read_to_string(format!("/proc/{}/status", s.pid())).expect("status");

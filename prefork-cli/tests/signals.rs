@@ -696,3 +696,67 @@ fn l13_a_storm_of_1000_signals_leaves_the_master_healthy(strategy: &str) {
     );
     assert!(process_alive(s.pid()));
 }
+
+/// S6: the master runs as root and gives the log file to `--user`. A
+/// symlink planted at the log path (by the workers' user, who may write the
+/// log directory) before USR1 is not followed: the master refuses it and
+/// logs on to the old file, and the link's target is neither opened nor
+/// given away. Before the fix, root opened the target and chowned it to the
+/// workers' user at every reopen.
+#[test]
+fn s6_a_symlink_planted_at_the_log_path_is_not_followed_on_usr1() {
+    if !nix::unistd::geteuid().is_root() {
+        println!("SKIPPED: s6 needs root (a root master with --user)");
+        return;
+    }
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("prefork.log");
+    let target = dir.path().join("shadow");
+    std::fs::write(&target, "root:secret\n").expect("target");
+    let s = start(
+        "blocking",
+        &[
+            "--workers",
+            "1",
+            "--user",
+            "nobody",
+            "--log-file",
+            log.to_str().expect("path"),
+        ],
+    );
+    let nobody = nix::unistd::User::from_name("nobody")
+        .expect("passwd")
+        .expect("nobody");
+    let meta = std::fs::metadata(&log).expect("the log file");
+    assert_eq!(
+        meta.uid(),
+        nobody.uid.as_raw(),
+        "a file it created is given to --user"
+    );
+    // logrotate moves the file away; the link takes its place.
+    std::fs::rename(&log, dir.path().join("prefork.log.1")).expect("rotate");
+    std::os::unix::fs::symlink(&target, &log).expect("plant the link");
+    s.signal(Signal::SIGUSR1);
+    let old = dir.path().join("prefork.log.1");
+    assert!(
+        wait_until(T, || std::fs::read_to_string(&old)
+            .unwrap_or_default()
+            .contains("symbolic link")),
+        "the refusal is logged to the old file: {}",
+        std::fs::read_to_string(&old).unwrap_or_default()
+    );
+    let t = std::fs::metadata(&target).expect("target");
+    assert_eq!((t.uid(), t.gid()), (0, 0), "the target keeps its owner");
+    assert_eq!(
+        std::fs::read_to_string(&target).expect("target"),
+        "root:secret\n"
+    );
+    assert!(
+        std::fs::symlink_metadata(&log)
+            .expect("link")
+            .file_type()
+            .is_symlink(),
+        "the link is left as it was"
+    );
+}

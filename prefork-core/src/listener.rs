@@ -4,7 +4,7 @@
 use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -370,9 +370,22 @@ fn bind_unix(path: &Path, opts: &BindOptions) -> Result<Listener> {
         Err(e) => return Err(err(e)),
     }
     let socket = Socket::new(Domain::UNIX, Type::STREAM, None).map_err(err)?;
-    socket
-        .bind(&SockAddr::unix(path).map_err(err)?)
-        .map_err(err)?;
+    let addr = SockAddr::unix(path).map_err(err)?;
+    // The mode is set by the umask at bind(2), not by a chmod of the path
+    // afterwards, which would follow a symlink swapped in between. The
+    // umask is process-wide: the master is single-threaded here, and a
+    // library user binding from a threaded program should know it.
+    let bound = match opts.unix_mode {
+        Some(mode) => {
+            let mask = nix::sys::stat::Mode::from_bits_truncate(!mode & 0o777);
+            let old = nix::sys::stat::umask(mask);
+            let bound = socket.bind(&addr);
+            nix::sys::stat::umask(old);
+            bound
+        }
+        None => socket.bind(&addr),
+    };
+    bound.map_err(err)?;
     let meta = std::fs::symlink_metadata(path).map_err(err)?;
     let listener = Listener {
         socket,
@@ -381,10 +394,6 @@ fn bind_unix(path: &Path, opts: &BindOptions) -> Result<Listener> {
         name: None,
         key: shown.clone(),
     };
-    // chmod before listen(2): no client can connect before the mode is right.
-    if let Some(mode) = opts.unix_mode {
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(err)?;
-    }
     listener.socket.listen(opts.backlog).map_err(err)?;
     listener
         .socket
@@ -538,6 +547,7 @@ pub fn somaxconn() -> Option<i32> {
 mod tests {
     use super::*;
     use std::os::fd::IntoRawFd;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn parses_every_form() {
@@ -690,6 +700,27 @@ mod tests {
             msg.contains(&taken.to_string()) && msg.contains("in use"),
             "{msg}"
         );
+    }
+
+    #[test]
+    /// The mode is the umask's at bind(2), not a chmod of the path after
+    /// it (which would follow a symlink swapped in between), and the
+    /// process's umask is as it was afterwards.
+    fn the_mode_is_set_at_bind_and_the_umask_restored() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("m.sock");
+        let opts = BindOptions {
+            unix_mode: Some(0o600),
+            ..BindOptions::default()
+        };
+        let before = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o002));
+        let bound = bind_all(&[BindSpec::Unix(path.clone())], &opts);
+        let after = nix::sys::stat::umask(before);
+        let mut bound = bound.expect("bound");
+        assert_eq!(after.bits(), 0o002, "the umask is restored");
+        let mode = std::fs::metadata(&path).expect("meta").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        bound[0].remove_socket_file();
     }
 
     #[test]

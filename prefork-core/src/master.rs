@@ -267,7 +267,12 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
         }
         // Sockets handed over by an old master (USR2) are taken for their
         // --bind instead of binding again.
-        let taken = upgrade::take_over(&cfg.binds, &opts, strategy.name())?;
+        let owned: Vec<std::os::fd::RawFd> = created
+            .listeners
+            .iter()
+            .map(|l| l.as_fd().as_raw_fd())
+            .collect();
+        let taken = upgrade::take_over(&cfg.binds, &opts, strategy.name(), &owned)?;
         created.listeners.extend(taken.listeners);
         if created.listeners.is_empty() {
             return Err(Error::BadAddress {

@@ -1,6 +1,6 @@
 //! The master's pid file, written atomically and never followed through a link.
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
@@ -33,14 +33,23 @@ impl PidFile {
             path: path.to_path_buf(),
             reason,
         };
-        match std::fs::symlink_metadata(path) {
-            Ok(meta) if !meta.file_type().is_file() => {
-                return Err(err(
-                    "exists and is not a regular file; refusing to follow or replace it".into(),
-                ))
-            }
-            Ok(_) => {
-                let text = std::fs::read_to_string(path).unwrap_or_default();
+        // The existing file is read through one descriptor opened without
+        // following a link and without blocking (a FIFO swapped in after a
+        // check by path could otherwise block the open forever), and is
+        // checked to be a regular file on that descriptor.
+        let existing = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(path);
+        let not_regular =
+            || err("exists and is not a regular file; refusing to follow or replace it".into());
+        match existing {
+            Ok(mut file) => {
+                if !file.metadata().map_err(|e| err(e.to_string()))?.is_file() {
+                    return Err(not_regular());
+                }
+                let mut text = String::new();
+                let _ = (&mut file).take(64).read_to_string(&mut text);
                 match text.trim().parse::<i32>() {
                     Ok(old) if old > 0 && old as u32 != pid && process_exists(old) => {
                         return Err(err(format!(
@@ -57,6 +66,10 @@ impl PidFile {
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            // ELOOP: a symbolic link; ENXIO: a FIFO or socket with no peer.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP | libc::ENXIO)) => {
+                return Err(not_regular())
+            }
             Err(e) => return Err(err(e.to_string())),
         }
         let dir = path

@@ -90,9 +90,11 @@ fn find_on_path(name: &Path) -> Option<PathBuf> {
 
 /// The environment of the new master: this one's, without socket-activation
 /// variables or an older hand-over, plus the hand-over of `listeners`
-/// (descriptor, key) from master `from`.
-pub fn child_env(from: Pid, listeners: &[(RawFd, String)]) -> Vec<CString> {
-    let mut value = format!("{from}");
+/// (descriptor, key) from master `from` to the process `to` (the child that
+/// execs the new master: a hand-over is adopted only by the process it is
+/// addressed to, as systemd's LISTEN_PID).
+pub fn child_env(from: Pid, to: Pid, listeners: &[(RawFd, String)]) -> Vec<CString> {
+    let mut value = format!("{from}>{to}");
     for (fd, key) in listeners {
         value.push_str(&format!("\n{fd} {key}"));
     }
@@ -124,33 +126,62 @@ pub struct Inherited {
 
 impl Inherited {
     /// Reads the hand-over and removes it from the environment (workers and
-    /// programs they run must not see it).
-    pub fn take_from_process() -> Inherited {
+    /// programs they run must not see it). One addressed to another process
+    /// is ignored; one that names a descriptor twice is an error.
+    pub fn take_from_process() -> Result<Inherited> {
         let Some(value) = std::env::var_os(INHERIT_VAR) else {
-            return Inherited::default();
+            return Ok(Inherited::default());
         };
         // The master is single-threaded here (nothing has started a thread).
         std::env::remove_var(INHERIT_VAR);
-        Inherited::parse(&value.to_string_lossy())
+        Inherited::parse(&value.to_string_lossy(), nix::unistd::getpid())
+            .map_err(crate::Error::Config)
     }
 
-    /// Parses `PID\nFD KEY\nFD KEY...`; malformed lines are skipped.
-    pub fn parse(value: &str) -> Inherited {
+    /// Parses `FROM>TO\nFD KEY\nFD KEY...` for the process `me`. A
+    /// hand-over addressed to another process (or to none) is ignored, with
+    /// a warning; malformed lines are skipped; a descriptor named twice is
+    /// an error (it would have two owners, and be closed twice).
+    pub fn parse(value: &str, me: Pid) -> std::result::Result<Inherited, String> {
         let mut lines = value.split('\n');
-        let from = lines
-            .next()
-            .and_then(|p| p.trim().parse::<i32>().ok())
-            .map(Pid::from_raw);
-        let entries = lines
-            .filter_map(|l| {
-                let (fd, key) = l.split_once(' ')?;
-                Some((
-                    fd.parse::<RawFd>().ok().filter(|&fd| fd > 2)?,
-                    key.to_string(),
-                ))
-            })
-            .collect();
-        Inherited { from, entries }
+        let head = lines.next().unwrap_or("");
+        let pid = |p: &str| p.trim().parse::<i32>().ok().map(Pid::from_raw);
+        let (from, to) = match head.split_once('>') {
+            Some((f, t)) => (pid(f), pid(t)),
+            None => (pid(head), None),
+        };
+        if to != Some(me) {
+            tracing::warn!(
+                "{INHERIT_VAR} is addressed to {}, not to this process (pid {me}); ignored",
+                to.map_or("no process".to_string(), |p| format!("pid {p}"))
+            );
+            return Ok(Inherited::default());
+        }
+        let mut entries: Vec<(RawFd, String)> = Vec::new();
+        for l in lines {
+            let Some((fd, key)) = l.split_once(' ') else {
+                continue;
+            };
+            let Some(fd) = fd.parse::<RawFd>().ok().filter(|&fd| fd > 2) else {
+                continue;
+            };
+            if entries.iter().any(|(f, _)| *f == fd) {
+                return Err(format!("{INHERIT_VAR} names descriptor {fd} twice"));
+            }
+            entries.push((fd, key.to_string()));
+        }
+        Ok(Inherited { from, entries })
+    }
+
+    /// Refuses a hand-over that names a descriptor this process owns by
+    /// another way already (systemd's LISTEN_FDS, a `--bind fd:N`).
+    pub fn reject_overlaps(&self, owned: &[RawFd]) -> Result<()> {
+        match self.entries.iter().find(|(fd, _)| owned.contains(fd)) {
+            Some((fd, key)) => Err(crate::Error::Config(format!(
+                "{INHERIT_VAR} hands over descriptor {fd} ({key}), which this process already owns (socket activation or --bind fd:N)"
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// The descriptors handed over for `key` (removed from the hand-over).
@@ -199,8 +230,18 @@ pub(crate) fn take_over(
     binds: &[BindSpec],
     opts: &BindOptions,
     strategy: &str,
+    owned: &[RawFd],
 ) -> Result<TakenOver> {
-    let mut inherited = Inherited::take_from_process();
+    let mut inherited = Inherited::take_from_process()?;
+    let named: Vec<RawFd> = binds
+        .iter()
+        .filter_map(|b| match b {
+            BindSpec::Fd(fd) => Some(*fd),
+            _ => None,
+        })
+        .chain(owned.iter().copied())
+        .collect();
+    inherited.reject_overlaps(&named)?;
     let mut taken = TakenOver {
         listeners: listener::bind_all_inheriting(binds, opts, &mut inherited)?,
         own: Vec::new(),
@@ -331,7 +372,6 @@ impl Upgrade {
             .iter()
             .map(|(fd, key)| (fd.as_raw_fd(), key.clone()))
             .collect();
-        let env = child_env(me, &fds);
         let MasterFiles {
             mut pid_file,
             status,
@@ -362,7 +402,9 @@ impl Upgrade {
             Ok(Forked::Child) => {
                 // Nothing of the old master runs here: plain signal
                 // dispositions, the handed-over descriptors open across
-                // exec, then exec.
+                // exec, then exec, with the hand-over addressed to this
+                // process (which the new master will be).
+                let env = child_env(me, nix::unistd::getpid(), &fds);
                 let prepared = sys::reset_signals_for_exec().and_then(|()| {
                     handover
                         .iter()
@@ -423,6 +465,7 @@ mod tests {
     fn the_hand_over_round_trips_keys_with_spaces_and_skips_junk() {
         let env = child_env(
             Pid::from_raw(42),
+            Pid::from_raw(43),
             &[(7, "127.0.0.1:0".into()), (9, "unix:/tmp/a b.sock".into())],
         );
         let line = env
@@ -430,14 +473,41 @@ mod tests {
             .map(|c| c.to_string_lossy().into_owned())
             .find(|kv| kv.starts_with("PREFORK_INHERIT="))
             .expect("the variable");
-        let mut got = Inherited::parse(line.strip_prefix("PREFORK_INHERIT=").expect("value"));
+        let mut got = Inherited::parse(
+            line.strip_prefix("PREFORK_INHERIT=").expect("value"),
+            Pid::from_raw(43),
+        )
+        .expect("addressed to 43");
         assert_eq!(got.from, Some(Pid::from_raw(42)));
         assert_eq!(got.take("unix:/tmp/a b.sock"), vec![9]);
         assert_eq!(got.take("127.0.0.1:0"), vec![7]);
         assert!(got.take("127.0.0.1:0").is_empty(), "taken once");
-        let mut junk = Inherited::parse("x\n1 stdout\nnine key\n12 k");
+        let mut junk =
+            Inherited::parse("x>7\n1 stdout\nnine key\n12 k", Pid::from_raw(7)).expect("parsed");
         assert_eq!(junk.from, None);
         assert_eq!(junk.rest(), vec![(12, "k".to_string())]);
+    }
+
+    #[test]
+    fn a_hand_over_for_another_process_is_ignored_and_a_descriptor_named_twice_refused() {
+        let me = Pid::from_raw(500);
+        let other = Inherited::parse("42>501\n7 127.0.0.1:80", me).expect("ignored, not an error");
+        assert_eq!(other.from, None);
+        assert!(other.entries.is_empty(), "nothing adopted");
+        let old_form = Inherited::parse("42\n7 127.0.0.1:80", me).expect("ignored");
+        assert!(
+            old_form.entries.is_empty(),
+            "a hand-over addressed to nobody"
+        );
+        let err = Inherited::parse("42>500\n7 a\n7 b", me).expect_err("twice");
+        assert!(err.contains("descriptor 7 twice"), "{err}");
+        let ok = Inherited::parse("42>500\n7 a\n8 b", me).expect("fine");
+        assert_eq!(ok.from, Some(Pid::from_raw(42)));
+        let clash = ok
+            .reject_overlaps(&[3, 8])
+            .expect_err("fd 8 is owned already");
+        assert!(clash.to_string().contains("descriptor 8 (b)"), "{clash}");
+        assert!(ok.reject_overlaps(&[3, 4]).is_ok());
     }
 
     #[test]

@@ -85,7 +85,13 @@ impl WorkerUser {
         use nix::unistd::{setgroups, setresgid, setresuid};
         if nix::unistd::geteuid().is_root() {
             setgroups(&self.groups)?;
+            // While still root (it takes CAP_SETPCAP): no capability can
+            // come back, not even through a setuid-root program.
+            crate::sys::drop_capability_bounding_set()?;
         }
+        // And no program the app runs gains privileges on exec (setuid,
+        // file capabilities).
+        nix::sys::prctl::set_no_new_privs()?;
         setresgid(self.gid, self.gid, self.gid)?;
         setresuid(self.uid, self.uid, self.uid)?;
         // Root must be out of reach now.

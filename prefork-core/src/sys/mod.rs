@@ -13,7 +13,9 @@ pub mod shm;
 pub mod signals;
 pub mod sockopt;
 
-pub use process::{adopt_fd, exit_now, fork, set_inheritable, thread_count, Forked};
+pub use process::{
+    adopt_fd, drop_capability_bounding_set, exit_now, fork, set_inheritable, thread_count, Forked,
+};
 pub use shm::{CacheLine, SharedMap, ZeroValidAtomic};
 pub use signals::{
     install_master_handlers, request_worker_quit, reset_signals_for_exec, reset_signals_for_worker,

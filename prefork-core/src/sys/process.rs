@@ -63,6 +63,30 @@ pub fn fork() -> io::Result<Forked> {
     }
 }
 
+/// Empties the capability bounding set (prctl PR_CAPBSET_DROP for every
+/// capability the kernel knows), so that nothing this process or a program
+/// it runs does can regain a capability, a setuid-root program included.
+/// Needs CAP_SETPCAP: call it while still root, before dropping to a user.
+pub fn drop_capability_bounding_set() -> io::Result<()> {
+    let last: libc::c_ulong = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(63);
+    for cap in 0..=last {
+        // SAFETY: PR_CAPBSET_DROP takes plain integer arguments and reads or
+        // writes no memory of this process.
+        let rc = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) };
+        if rc < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EINVAL) {
+                break; // beyond the capabilities this kernel knows
+            }
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
 /// Ends the process at once with `code` (_exit(2)): no destructors, no atexit
 /// handlers, no second flush of buffers copied from the master.
 pub fn exit_now(code: i32) -> ! {
