@@ -13,17 +13,15 @@ use nix::unistd::Pid;
 use prefork_testkit::is_sleeping_in_nanosleep;
 use prefork_testkit::load::{self, LoadConfig, Progress, Target};
 
-/// F2, plain dispatch: the only worker is busy with a slow request; five
-/// more connections wait in the kernel's backlog (nobody is idle, so the
-/// master does not accept them). SIGKILL the worker: its connection is
-/// lost, the five are served by the replacement.
-#[test]
-fn f2_a_killed_worker_loses_only_the_connection_it_held() {
-    let s = start("fdpass", &["--workers", "1", "--dispatch", "accept"]);
+/// F2: the only worker is busy with a slow request; five more requests
+/// arrive and wait (`waiting` says where: the kernel's backlog under plain
+/// dispatch, the master's queue through the front). SIGKILL the worker: its
+/// connection is lost, the five are served by the replacement.
+fn f2(s: &Server, waiting: impl Fn() -> bool) {
     let addr = s.addr().to_string();
     let held = std::thread::spawn(move || http_get(&addr, "/sleep/30000", Duration::from_secs(20)));
     assert!(s.wait_worker_sleeping(T));
-    let waiting: Vec<_> = (0..5)
+    let five: Vec<_> = (0..5)
         .map(|_| {
             let addr = s.addr().to_string();
             std::thread::spawn(move || http_get(&addr, "/", Duration::from_secs(20)))
@@ -34,57 +32,36 @@ fn f2_a_killed_worker_loses_only_the_connection_it_held() {
         .iter()
         .find(|&&w| is_sleeping_in_nanosleep(w))
         .expect("busy worker");
-    // The five are connected (the kernel completed their handshakes) before the kill.
-    assert!(wait_until(T, || {
-        let q = accept_queue(s.port());
-        q >= 5
-    }));
+    assert!(wait_until(T, &waiting), "the five wait before the kill");
     kill(Pid::from_raw(victim), Signal::SIGKILL).expect("kill");
     assert!(
         held.join().expect("thread").is_err(),
         "the held connection is lost"
     );
-    for w in waiting {
+    for w in five {
         assert_eq!(w.join().expect("thread").expect("served").status, 200);
     }
     assert!(s.wait_log("died holding a connection", T), "{}", s.log());
 }
 
-/// F2 through the front: the only worker is busy with a slow request; the
-/// master takes five more requests and holds them queued (whole, waiting
-/// for an idle worker). SIGKILL the worker: its connection is lost, the
-/// five are served by the replacement.
+/// F2, plain dispatch: nobody is idle, so the master does not accept the
+/// five; they wait in the kernel's backlog (its handshakes completed).
+#[test]
+fn f2_a_killed_worker_loses_only_the_connection_it_held() {
+    let s = start("fdpass", &["--workers", "1", "--dispatch", "accept"]);
+    f2(&s, || accept_queue(s.port()) >= 5);
+}
+
+/// F2 through the front: the master takes the five requests in and holds
+/// them queued, whole, for an idle worker.
 #[test]
 fn f2_through_the_front_a_killed_worker_loses_only_its_request() {
     let dir = tempfile::tempdir().expect("tempdir");
     let sock = format!("unix:{}", dir.path().join("status.sock").display());
     let s = start("fdpass", &["--workers", "1", "--status", &sock]);
-    let addr = s.addr().to_string();
-    let held = std::thread::spawn(move || http_get(&addr, "/sleep/30000", Duration::from_secs(20)));
-    assert!(s.wait_worker_sleeping(T));
-    let waiting: Vec<_> = (0..5)
-        .map(|_| {
-            let addr = s.addr().to_string();
-            std::thread::spawn(move || http_get(&addr, "/", Duration::from_secs(20)))
-        })
-        .collect();
-    let victim = *s
-        .workers()
-        .iter()
-        .find(|&&w| is_sleeping_in_nanosleep(w))
-        .expect("busy worker");
-    assert!(wait_until(T, || {
+    f2(&s, || {
         status_json(&sock)["held"]["queued"].as_u64() == Some(5)
-    }));
-    kill(Pid::from_raw(victim), Signal::SIGKILL).expect("kill");
-    assert!(
-        held.join().expect("thread").is_err(),
-        "the held connection is lost"
-    );
-    for w in waiting {
-        assert_eq!(w.join().expect("thread").expect("served").status, 200);
-    }
-    assert!(s.wait_log("died holding a connection", T), "{}", s.log());
+    });
 }
 
 /// Connections waiting in the accept queue of the listener on `port`.

@@ -26,35 +26,6 @@ fn connect(addr: &str) -> TcpStream {
     c
 }
 
-/// Writes one request and reads one whole response (head and its
-/// Content-Length body).
-fn request(c: &mut TcpStream, raw: &[u8]) -> std::io::Result<String> {
-    c.write_all(raw)?;
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        let n = c.read(&mut buf)?;
-        if n == 0 {
-            return Err(std::io::Error::other(format!(
-                "closed: {}",
-                String::from_utf8_lossy(&got)
-            )));
-        }
-        got.extend_from_slice(&buf[..n]);
-        let text = String::from_utf8_lossy(&got).into_owned();
-        if let Some(end) = text.find("\r\n\r\n") {
-            let len: usize = text[..end]
-                .lines()
-                .find_map(|l| l.strip_prefix("Content-Length: "))
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or(0);
-            if got.len() >= end + 4 + len {
-                return Ok(text);
-            }
-        }
-    }
-}
-
 const GET: &[u8] = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n";
 
 fn held(sock: &str) -> (u64, u64, u64) {

@@ -24,28 +24,9 @@ fn until_closed(addr: &str, raw: &[u8]) -> String {
     String::from_utf8_lossy(&all).into_owned()
 }
 
-/// Sends `raw` and reads one response (its head and its Content-Length
-/// body); the connection is returned open for more.
+/// Sends `raw` and reads one response; the connection stays open.
 fn one_response(c: &mut TcpStream, raw: &[u8]) -> String {
-    c.write_all(raw).expect("write");
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        let n = c.read(&mut buf).expect("a response");
-        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&got));
-        got.extend_from_slice(&buf[..n]);
-        let text = String::from_utf8_lossy(&got);
-        if let Some(head_end) = text.find("\r\n\r\n") {
-            let len: usize = text[..head_end]
-                .lines()
-                .find_map(|l| l.strip_prefix("Content-Length: "))
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or(0);
-            if got.len() >= head_end + 4 + len {
-                return text.into_owned();
-            }
-        }
-    }
+    request(c, raw).expect("a response")
 }
 
 fn keep_alive_count(text: &str) -> usize {

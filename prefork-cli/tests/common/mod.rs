@@ -207,3 +207,33 @@ impl Drop for Masters {
         }
     }
 }
+
+/// Writes `raw` on `c` (nothing if empty) and reads one whole response: its
+/// head and its Content-Length body. The connection stays open for more.
+pub fn request(c: &mut std::net::TcpStream, raw: &[u8]) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    c.write_all(raw)?;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = c.read(&mut buf)?;
+        if n == 0 {
+            return Err(std::io::Error::other(format!(
+                "closed: {}",
+                String::from_utf8_lossy(&got)
+            )));
+        }
+        got.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&got).into_owned();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let len: usize = text[..end]
+                .lines()
+                .find_map(|l| l.strip_prefix("Content-Length: "))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            if got.len() >= end + 4 + len {
+                return Ok(text);
+            }
+        }
+    }
+}
