@@ -81,6 +81,9 @@ enum Fault {
     /// (EMFILE) for its first second, then gives them back (RELIABILITY L14).
     #[value(name = "fd-limit-1s")]
     FdLimit1s,
+    /// after_fork never returns in workers of a reload (generation 2 on):
+    /// a worker stuck at boot (RELIABILITY C5).
+    BootHangOnReload,
 }
 
 /// How workers report busy/idle (hidden: for measuring the cost only).
@@ -235,6 +238,13 @@ struct Cli {
     /// File mode of Unix socket files, in octal (e.g. 660).
     #[arg(long, value_name = "OCTAL", value_parser = parse_mode)]
     unix_mode: Option<u32>,
+
+    /// Seconds a new worker has to boot (the app's after_fork, the strategy's
+    /// set-up) and report ready; one that takes longer is killed and counts
+    /// as a boot failure (its slot waits for the next reload), so a reload
+    /// never waits on a stuck worker.
+    #[arg(long, value_name = "SECS", default_value = "60", value_parser = parse_secs)]
+    boot_timeout: Duration,
 
     /// Seconds a client has to send a whole request head (the http app; the
     /// fdpass master enforces it for every app with framing, and answers
@@ -429,6 +439,10 @@ impl App for Served {
             Some(Fault::BootCrash) => std::process::abort(),
             Some(Fault::BootFail) => return Err("injected boot failure (--fault boot-fail)".into()),
             Some(Fault::FdLimit1s) => exhaust_descriptors_for(Duration::from_secs(1))?,
+            Some(Fault::BootHangOnReload) if w.generation > 1 => loop {
+                std::thread::sleep(Duration::from_secs(3600));
+            },
+            Some(Fault::BootHangOnReload) => {}
             None => {}
         }
         match &mut self.app {
@@ -635,7 +649,7 @@ fn http_limits(cli: &Cli) -> apps::HttpLimits {
 
 /// Settings a reload cannot change (sockets, identity, files, strategy),
 /// by flag name.
-fn fixed_settings(cli: &Cli) -> [(&'static str, String); 14] {
+fn fixed_settings(cli: &Cli) -> [(&'static str, String); 17] {
     [
         ("bind", format!("{:?}", cli.bind)),
         ("strategy", format!("{:?}", cli.strategy)),
@@ -651,6 +665,9 @@ fn fixed_settings(cli: &Cli) -> [(&'static str, String); 14] {
         ("lock", format!("{:?}", cli.lock)),
         ("lock-always", format!("{:?}", cli.lock_always)),
         ("log-format", format!("{:?}", cli.log_format)),
+        ("boot-timeout", format!("{:?}", cli.boot_timeout)),
+        ("max-connections", format!("{:?}", cli.max_connections)),
+        ("dispatch", format!("{:?}", cli.dispatch)),
     ]
 }
 
@@ -804,6 +821,7 @@ fn main() -> ExitCode {
         graceful_timeout: pool.pool.graceful_timeout,
         pid_file: cli.pid_file.clone(),
         timeout: pool.pool.timeout,
+        boot_timeout: Some(cli.boot_timeout),
         max_requests: pool.max_requests,
         max_requests_jitter: pool.max_requests_jitter,
         keepalive_timeout: pool.keepalive_timeout,

@@ -760,3 +760,42 @@ fn s6_a_symlink_planted_at_the_log_path_is_not_followed_on_usr1() {
         "the link is left as it was"
     );
 }
+
+/// C5: a new worker stuck in the app's after_fork (here: every worker of a
+/// reload) is killed at `--boot-timeout` and counted as a boot failure; the
+/// reload completes with the old worker still serving, and the master
+/// stops cleanly. Without the boot timeout it would wait forever.
+#[apply(every_strategy)]
+fn a_worker_stuck_at_boot_is_killed_at_the_boot_timeout_and_hup_completes(strategy: &str) {
+    let mut s = start(
+        strategy,
+        &[
+            "--workers",
+            "1",
+            "--boot-timeout",
+            "1",
+            "--fault",
+            "boot-hang-on-reload",
+        ],
+    );
+    let old = s.workers();
+    assert_eq!(old.len(), 1);
+    let hup = std::time::Instant::now();
+    s.signal(Signal::SIGHUP);
+    assert!(
+        s.wait_log("not ready within the boot timeout (1s), killing", T),
+        "{}",
+        s.log()
+    );
+    assert!(
+        hup.elapsed() < Duration::from_secs(3),
+        "killed {:?} after HUP",
+        hup.elapsed()
+    );
+    assert!(s.wait_log("failed to boot", T), "{}", s.log());
+    // The old generation serves on.
+    let r = http_get(s.addr(), "/", T).expect("GET");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.worker_pid(), Some(old[0]), "served by the old worker");
+    assert_eq!(s.stop(T).and_then(|st| st.code()), Some(0));
+}

@@ -62,6 +62,8 @@ pub struct MasterConfig {
     pub pid_file: Option<PathBuf>,
     /// Kill a worker busy on one connection longer than this.
     pub timeout: Option<Duration>,
+    /// Kill a worker not ready this long after its fork (a boot failure).
+    pub boot_timeout: Option<Duration>,
     /// Recycle a worker after this many connections.
     pub max_requests: Option<u64>,
     /// Add 0..=this to each worker's limit, so workers do not recycle together.
@@ -95,6 +97,7 @@ impl Default for MasterConfig {
             graceful_timeout: Duration::from_secs(30),
             pid_file: None,
             timeout: None,
+            boot_timeout: Some(Duration::from_secs(60)),
             max_requests: None,
             max_requests_jitter: 0,
             keepalive_timeout: Duration::from_secs(5),
@@ -309,6 +312,7 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
             workers: cfg.workers,
             graceful_timeout: cfg.graceful_timeout,
             timeout: cfg.timeout,
+            boot_timeout: cfg.boot_timeout,
             scale: cfg.scale,
             ..SupervisorConfig::default()
         });
@@ -774,6 +778,10 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
                     StopReason::Frozen { busy_for, timeout } => tracing::warn!(
                         "worker={slot} pid={pid} busy {:.1}s > {}, killing",
                         busy_for.as_secs_f64(),
+                        fmt_secs(timeout)
+                    ),
+                    StopReason::BootTimeout { timeout } => tracing::error!(
+                        "worker={slot} pid={pid} not ready within the boot timeout ({}), killing; slot {slot} counts as failed to boot",
                         fmt_secs(timeout)
                     ),
                     StopReason::Recycled => tracing::info!(

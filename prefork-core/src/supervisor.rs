@@ -54,6 +54,10 @@ pub struct SupervisorConfig {
     pub timeout: Option<Duration>,
     /// After the soft signal (SIGABRT) to a frozen worker, how long before KILL.
     pub abort_grace: Duration,
+    /// A worker not ready this long after its fork (stuck in the app's
+    /// `after_fork`, say) is killed and counted as a boot failure, so a
+    /// reload cannot wait on it forever (`--boot-timeout`); `None` never.
+    pub boot_timeout: Option<Duration>,
     /// Size the pool between `min` and `max` from the busy/idle stream
     /// (`--workers MIN:MAX`); `None` keeps `workers`. The pool starts at `min`.
     pub scale: Option<ScaleConfig>,
@@ -69,6 +73,7 @@ impl Default for SupervisorConfig {
             backoff_cap: Duration::from_secs(10),
             timeout: None,
             abort_grace: Duration::from_secs(1),
+            boot_timeout: None,
             scale: None,
         }
     }
@@ -134,6 +139,11 @@ pub enum StopReason {
     },
     /// It served its request limit; its replacement is ready.
     Recycled,
+    /// Not ready within the boot timeout (counted as a boot failure).
+    BootTimeout {
+        /// The boot timeout.
+        timeout: Duration,
+    },
 }
 
 /// A change of pool size decided by the sizing policy, for the log.
@@ -297,6 +307,8 @@ struct Worker {
     limit: Option<u64>,
     /// Being replaced because it reached its limit.
     recycling: bool,
+    /// Killed for not being ready within the boot timeout.
+    boot_timed_out: bool,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -638,6 +650,7 @@ impl Supervisor {
             requests: 0,
             limit: None,
             recycling: false,
+            boot_timed_out: false,
         });
     }
 
@@ -708,6 +721,13 @@ impl Supervisor {
             respawn_delay: None,
         };
         let current = w.generation == self.generation;
+        if w.boot_timed_out && current && !self.is_stopping() {
+            // Stuck before it was ready: a boot failure, not a crash to
+            // retry at once (the next one would most likely be stuck too).
+            self.slot_mut(w.slot).boot_failed = true;
+            report.boot_failed = true;
+            return Some(report);
+        }
         if expected || !current || self.is_stopping() {
             return Some(report);
         }
@@ -733,6 +753,7 @@ impl Supervisor {
         match self.phase {
             Phase::Running => {
                 self.kill_frozen(now, &mut out);
+                self.kill_stuck_at_boot(now, &mut out);
                 self.mark_one_for_recycling();
                 self.spawn_missing(now, &mut out);
                 self.retire_surplus(now, &mut out);
@@ -790,6 +811,8 @@ impl Supervisor {
                 }
             } else if let (Some(since), Some(t)) = (w.busy_since, self.cfg.timeout) {
                 consider(since.max(self.resumed_at) + t + Duration::from_millis(1));
+            } else if let (None, Some(t)) = (w.ready_at, self.cfg.boot_timeout) {
+                consider(w.spawned_at.max(self.resumed_at) + t + Duration::from_millis(1));
             }
         }
         if self.phase == Phase::Running {
@@ -866,6 +889,42 @@ impl Supervisor {
                         timeout,
                     },
                 });
+            }
+        }
+    }
+
+    /// Workers not ready within the boot timeout of their fork get SIGKILL:
+    /// a worker stuck before it serves has no request to finish, and its
+    /// last words (SIGABRT) are for requests. Its exit counts as a boot
+    /// failure (see [`Supervisor::exited`]).
+    fn kill_stuck_at_boot(&mut self, now: MonoTime, out: &mut Vec<Action>) {
+        let Some(timeout) = self.cfg.boot_timeout else {
+            return;
+        };
+        let resumed = self.resumed_at;
+        let mut failed = Vec::new();
+        for w in self
+            .workers
+            .iter_mut()
+            .filter(|w| w.stop.is_none() && w.ready_at.is_none())
+        {
+            if now.saturating_since(w.spawned_at.max(resumed)) > timeout {
+                w.stop = Some((Signal::SIGKILL, now));
+                w.boot_timed_out = true;
+                failed.push((w.slot, w.generation));
+                out.push(Action::Signal {
+                    pid: w.pid,
+                    slot: w.slot,
+                    signal: Signal::SIGKILL,
+                    reason: StopReason::BootTimeout { timeout },
+                });
+            }
+        }
+        // A boot failure from now on, not once its exit is seen: the slot
+        // must not be respawned in the same turn.
+        for (slot, generation) in failed {
+            if generation == self.generation {
+                self.slot_mut(slot).boot_failed = true;
             }
         }
     }

@@ -17,6 +17,7 @@ fn cfg(workers: usize) -> SupervisorConfig {
         backoff_cap: Duration::from_secs(2),
         timeout: None,
         abort_grace: Duration::from_secs(1),
+        boot_timeout: None,
         scale: None,
     }
 }
@@ -432,6 +433,68 @@ fn reload_whose_new_workers_fail_to_boot_keeps_the_old_ones_serving() {
     assert_eq!(sim.pids_in(0), vec![old]);
     assert!(sim.alive[&old].2.is_empty(), "old generation keeps serving");
     assert_eq!(sim.exit, None);
+}
+
+/// C5: a new worker stuck before it is ready (in the app's `after_fork`)
+/// holds a reload forever unless it is killed: at the boot timeout it gets
+/// SIGKILL, its exit counts as a boot failure (the slot is not respawned
+/// until the next reload), and the old generation keeps serving.
+#[test]
+fn a_new_worker_stuck_at_boot_is_killed_at_the_boot_timeout_and_the_old_one_serves_on() {
+    let mut sim = Sim::with(SupervisorConfig {
+        boot_timeout: Some(Duration::from_secs(3)),
+        ..cfg(1)
+    });
+    sim.step();
+    sim.ready_all();
+    let old = sim.pids_in(0)[0];
+    sim.sup.command(Command::Reload, sim.now);
+    sim.step();
+    let new = *sim.pids_in(0).iter().find(|&&p| p != old).expect("new");
+    // Not yet: the deadline is 3 s after the fork, and the master is woken
+    // for it.
+    sim.advance(Duration::from_secs(2));
+    sim.step();
+    assert!(sim.alive[&new].2.is_empty(), "killed too early");
+    let due = sim
+        .sup
+        .next_deadline()
+        .expect("a deadline for the boot timeout");
+    assert!(due <= sim.now + Duration::from_millis(1001), "{due:?}");
+    sim.advance(Duration::from_millis(1001));
+    sim.step();
+    assert_eq!(sim.alive[&new].2, vec![Signal::SIGKILL]);
+    let report = sim
+        .exit(new, ExitStatus::Signaled(Signal::SIGKILL as i32))
+        .expect("a worker");
+    assert!(report.boot_failed, "{report:?}");
+    sim.advance(Duration::from_secs(60));
+    sim.step();
+    assert_eq!(
+        sim.pids_in(0),
+        vec![old],
+        "not respawned, the old one stays"
+    );
+    assert!(
+        sim.alive[&old].2.is_empty(),
+        "the old generation keeps serving"
+    );
+    assert_eq!(sim.exit, None);
+}
+
+/// A worker that gets ready in time is never touched by the boot timeout.
+#[test]
+fn a_worker_ready_in_time_is_not_killed_by_the_boot_timeout() {
+    let mut sim = Sim::with(SupervisorConfig {
+        boot_timeout: Some(Duration::from_secs(3)),
+        ..cfg(2)
+    });
+    sim.step();
+    sim.advance(Duration::from_secs(2));
+    sim.ready_all();
+    sim.advance(Duration::from_secs(60));
+    sim.step();
+    assert!(sim.alive.values().all(|(_, _, signals)| signals.is_empty()));
 }
 
 #[test]

@@ -27,6 +27,8 @@ fn strategy_err(reason: String) -> Error {
 
 #[derive(Debug)]
 pub(crate) struct Channel {
+    /// The slot of its worker.
+    pub(crate) slot: usize,
     pub(crate) master: OwnedFd,
     /// The worker's end, until the worker takes it after fork.
     pub(crate) worker: Option<OwnedFd>,
@@ -562,6 +564,7 @@ impl AcceptStrategy for Fdpass {
         // not yet seen gone) keeps its channel until its EOF: it may still
         // serve what it holds, and a connection it never took is handed on.
         let previous = self.slots[slot].replace(Channel {
+            slot,
             master,
             worker: Some(worker),
             cell,
@@ -739,8 +742,18 @@ impl MasterIo for Fdpass {
             self.old.retain(|c| !c.eof);
             if let Which::Slot(i) = w {
                 if let Some(slot) = self.slots.get_mut(i) {
-                    if slot.as_ref().is_some_and(|c| c.eof) {
-                        *slot = None;
+                    if let Some(gone) = slot.take_if(|c| c.eof) {
+                        // A new worker that died before it was ever ready
+                        // (a reload whose worker failed to boot): the worker
+                        // it was to replace still runs, and serves on.
+                        if !gone.booted {
+                            if let Some(k) = self.old.iter().rposition(|c| c.slot == i && !c.eof) {
+                                let mut back = self.old.remove(k);
+                                back.closed = false;
+                                tracing::info!("fdpass: slot {i}'s new worker never booted; its previous worker serves on");
+                                *slot = Some(back);
+                            }
+                        }
                     }
                 }
             }
