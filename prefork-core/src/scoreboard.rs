@@ -103,20 +103,42 @@ impl Cell<'_> {
 }
 
 /// The master's scoreboard: cells and which are free.
+///
+/// Each cell has a page of its own, so that a worker can keep only its own
+/// cell writable ([`Scoreboard::keep_only_writable`]): a compromised worker
+/// cannot get a sibling killed as frozen by writing a false busy time into
+/// its cell (RELIABILITY S8). Untouched pages cost no memory.
 #[derive(Debug)]
 pub struct Scoreboard {
     map: SharedMap,
     free: Vec<usize>,
+    /// Cache lines from one cell to the next (a page's worth).
+    stride: usize,
+    cells: usize,
 }
 
 impl Scoreboard {
     /// Room for `cells` worker processes alive at once.
     pub fn new(cells: usize) -> std::io::Result<Scoreboard> {
-        let map = SharedMap::new(cells * std::mem::size_of::<CacheLine>())?;
+        let page = crate::sys::page_size();
+        let map = SharedMap::new(cells * page)?;
         Ok(Scoreboard {
             map,
             free: (0..cells).rev().collect(),
+            stride: (page / std::mem::size_of::<CacheLine>()).max(1),
+            cells,
         })
+    }
+
+    /// In a worker: every cell read-only but cell `i`, its own (in this
+    /// process only; the master keeps writing cells it hands out).
+    pub fn keep_only_writable(&self, i: usize) -> std::io::Result<()> {
+        if i >= self.cells {
+            return Err(std::io::Error::other("no such cell"));
+        }
+        let page = crate::sys::page_size();
+        self.map.protect(0, self.cells * page, false)?;
+        self.map.protect(i * page, page, true)
     }
 
     /// Takes a free cell for a new worker, reset.
@@ -135,9 +157,12 @@ impl Scoreboard {
 
     /// One cell.
     pub fn cell(&self, i: usize) -> Option<Cell<'_>> {
+        if i >= self.cells {
+            return None;
+        }
         self.map
             .as_slice_of::<CacheLine>()
-            .get(i)
+            .get(i * self.stride)
             .map(|line| Cell { line })
     }
 }

@@ -148,6 +148,10 @@ fn serve<A: App, W: WorkerAcceptor>(
     scoreboard: &Scoreboard,
 ) -> i32 {
     let slot = setup.slot;
+    // Only this worker's own cell stays writable here (S8).
+    if let Err(e) = scoreboard.keep_only_writable(setup.cell) {
+        tracing::warn!("worker={slot} could not make the other scoreboard cells read-only: {e}");
+    }
     let cell = scoreboard.cell(setup.cell);
     if let Some(c) = cell {
         c.ready(MonoTime::now());

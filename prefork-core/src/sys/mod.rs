@@ -16,7 +16,7 @@ pub mod sockopt;
 pub use process::{
     adopt_fd, drop_capability_bounding_set, exit_now, fork, set_inheritable, thread_count, Forked,
 };
-pub use shm::{CacheLine, SharedMap, ZeroValidAtomic};
+pub use shm::{page_size, CacheLine, SharedMap, ZeroValidAtomic};
 pub use signals::{
     install_master_handlers, request_worker_quit, reset_signals_for_exec, reset_signals_for_worker,
     set_last_words, take_worker_reopen, unblock_all_signals, worker_quit_requested,

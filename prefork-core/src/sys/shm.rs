@@ -87,6 +87,32 @@ impl SharedMap {
 }
 
 impl SharedMap {
+    /// In this process only, makes bytes `start..start + len` of the
+    /// mapping read-only, or readable and writable again (mprotect(2));
+    /// both must be multiples of the page size and lie within the mapping.
+    /// Another process sharing the mapping keeps its own protection. A
+    /// write to a read-only page kills the writer (SIGSEGV).
+    pub fn protect(&self, start: usize, len: usize, writable: bool) -> io::Result<()> {
+        let page = page_size();
+        let end = start
+            .checked_add(len)
+            .ok_or_else(|| io::Error::other("range overflows"))?;
+        if start % page != 0 || len % page != 0 || end > self.len.next_multiple_of(page) {
+            return Err(io::Error::other("not a page-aligned range of the mapping"));
+        }
+        let prot = if writable {
+            nix::sys::mman::ProtFlags::PROT_READ | nix::sys::mman::ProtFlags::PROT_WRITE
+        } else {
+            nix::sys::mman::ProtFlags::PROT_READ
+        };
+        // SAFETY: the range is page-aligned and within the mapping this
+        // value owns (checked above); changing its protection cannot make a
+        // Rust value invalid: a write to a page made read-only faults
+        // instead of happening.
+        unsafe { nix::sys::mman::mprotect(self.ptr.byte_add(start), len, prot) }?;
+        Ok(())
+    }
+
     /// The start of the mapping, for memory that is used only through raw
     /// pointers handed to the OS (a process-shared pthread mutex).
     pub fn as_ptr(&self) -> *mut u8 {
@@ -110,4 +136,14 @@ impl Drop for SharedMap {
         // from `self` cannot outlive this drop.
         let _ = unsafe { nix::sys::mman::munmap(self.ptr, self.len) };
     }
+}
+
+/// The size of a memory page.
+pub fn page_size() -> usize {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+        .ok()
+        .flatten()
+        .and_then(|n| usize::try_from(n).ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(4096)
 }
