@@ -201,7 +201,9 @@ struct Cli {
     graceful_timeout: Duration,
 
     /// Kill a worker busy on one connection longer than SECS (a soft
-    /// SIGABRT for its last words, SIGKILL a second later) and replace it.
+    /// SIGABRT for its last words, SIGKILL a second later) and replace it;
+    /// an idle worker silent (no heartbeat) as long, at least 2 s, gets
+    /// SIGKILL: it is stopped or stuck.
     #[arg(long, value_name = "SECS", value_parser = parse_secs)]
     timeout: Option<Duration>,
 

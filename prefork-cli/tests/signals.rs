@@ -52,7 +52,9 @@ fn ttin_adds_and_ttou_removes_one_worker(strategy: &str) {
     s.signal(Signal::SIGTTOU);
     assert!(s.wait_workers(3, T), "a second TTOU makes 3: {}", s.log());
     assert!(s.log().contains("worker=4 pid=") && s.log().contains("retiring"));
-    assert!(zombie_children(s.pid()).is_empty());
+    // A retired worker is a zombie for the moment between its exit and the
+    // master's next loop turn: it must be reaped, not be absent at once.
+    assert!(wait_until(T, || zombie_children(s.pid()).is_empty()));
 }
 
 #[apply(every_strategy)]
@@ -798,4 +800,75 @@ fn a_worker_stuck_at_boot_is_killed_at_the_boot_timeout_and_hup_completes(strate
     assert_eq!(r.status, 200);
     assert_eq!(r.worker_pid(), Some(old[0]), "served by the old worker");
     assert_eq!(s.stop(T).and_then(|st| st.code()), Some(0));
+}
+
+/// Continues a stopped worker when the test ends, whatever happened: a
+/// stopped process would otherwise outlive the master (it gets no signal
+/// but SIGKILL until continued).
+struct Continue(i32);
+
+impl Drop for Continue {
+    fn drop(&mut self) {
+        let _ = kill(Pid::from_raw(self.0), Signal::SIGCONT);
+    }
+}
+
+/// C4: an idle worker stopped with SIGSTOP while the strategy counts on
+/// it: under mutex it is the lock holder (stopped in accept with the lock
+/// held), so no one accepts; under fdpass the master believes it idle and
+/// hands it a connection; under reuseport its own socket's queue waits.
+/// Its heartbeat stops, the master SIGKILLs it at the timeout (2 s here),
+/// and every request is answered within timeout + 1 s of the stop. Every
+/// mutex lock kind, since the flock and fcntl queues must not count as
+/// silence.
+#[rstest]
+#[case::blocking("blocking")]
+#[case::mutex("mutex")]
+#[case::mutex_flock("mutex-flock")]
+#[case::mutex_fcntl("mutex-fcntl")]
+#[case::mutex_sysvsem("mutex-sysvsem")]
+#[case::fdpass("fdpass")]
+#[case::reuseport("reuseport")]
+fn a_stopped_idle_worker_is_killed_at_the_timeout_and_nothing_is_lost(#[case] strategy: &str) {
+    let s = start(strategy, &["--workers", "2", "--timeout", "2"]);
+    assert!(s.wait_workers(2, T));
+    // Pick an idle worker (for mutex: the one in accept, i.e. the holder).
+    let mut victim = None;
+    assert!(
+        wait_until(T, || {
+            victim = s
+                .workers()
+                .into_iter()
+                .find(|&w| prefork_testkit::faults::stop_if_idle(s.pid(), w));
+            victim.is_some()
+        }),
+        "no idle worker to stop: {}",
+        s.log()
+    );
+    let victim = victim.expect("a victim");
+    let _cont = Continue(victim);
+    let stopped = Instant::now();
+    // Six clients at once, each a 100 ms request: some land on the stopped
+    // worker (fdpass dispatches to both "idle" workers; reuseport hashes
+    // onto its socket; mutex has no one else accepting).
+    let (answers, failed) = burst_path(s.addr(), "/sleep/100", 6, 1);
+    let took = stopped.elapsed();
+    assert_eq!(failed, 0, "{}", s.log());
+    assert_eq!(answers.len(), 6);
+    assert!(
+        answers.iter().all(|&(_, pid)| pid != victim),
+        "the stopped worker answered"
+    );
+    assert!(
+        took <= Duration::from_secs(3),
+        "served {took:?} after the stop (timeout 2 s): {}",
+        s.log()
+    );
+    let line = format!("pid={victim} idle but silent");
+    assert!(s.wait_log(&line, T), "{}", s.log());
+    // Only the stopped one: the other worker, queued for the lock the
+    // whole time, is silent too but holds nothing.
+    assert_eq!(s.log_count("idle but silent"), 1, "{}", s.log());
+    assert!(wait_until(T, || !process_alive(victim)));
+    assert!(s.wait_workers(2, T), "replaced: {}", s.log());
 }

@@ -135,8 +135,8 @@ pub use master::{Master, MasterConfig, ReadyInfo, ReloadSettings};
 pub use report::ReportMode;
 pub use scaling::ScaleConfig;
 pub use strategy::{
-    accept_error, AcceptContext, AcceptStrategy, Accepted, MasterIo, OwnSockets, Prepare, SlotKey,
-    SlotSocket, WorkerAcceptor,
+    accept_error, AcceptContext, AcceptStrategy, Accepted, Liveness, MasterIo, OwnSockets, Prepare,
+    SlotKey, SlotSocket, WorkerAcceptor,
 };
 pub use supervisor::{PoolSettings, Supervisor, SupervisorConfig, EXIT_BOOT_FAILED};
 pub use user::WorkerUser;

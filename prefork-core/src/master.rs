@@ -780,6 +780,11 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
                         busy_for.as_secs_f64(),
                         fmt_secs(timeout)
                     ),
+                    StopReason::Unresponsive { quiet_for, limit } => tracing::warn!(
+                        "worker={slot} pid={pid} idle but silent {:.1}s > {} (stopped or stuck), killing",
+                        quiet_for.as_secs_f64(),
+                        fmt_secs(limit)
+                    ),
                     StopReason::BootTimeout { timeout } => tracing::error!(
                         "worker={slot} pid={pid} not ready within the boot timeout ({}), killing; slot {slot} counts as failed to boot",
                         fmt_secs(timeout)

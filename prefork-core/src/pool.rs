@@ -179,13 +179,15 @@ impl Pool {
     /// the scoreboard, or as the pipe last reported it).
     pub(crate) fn observe(&mut self, sup: &mut Supervisor) {
         for (pid, w) in self.workers.iter_mut() {
+            let mut heartbeat = None;
             if self.report == ReportMode::Scoreboard {
                 if let Some(cell) = self.scoreboard.cell(w.cell) {
                     w.state = cell.state();
                     w.requests = cell.requests();
+                    heartbeat = Some(cell.heartbeat());
                 }
             }
-            sup.observe(*pid, w.state, w.requests);
+            sup.observe(*pid, w.state, w.requests, heartbeat);
         }
     }
 

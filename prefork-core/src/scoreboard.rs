@@ -13,7 +13,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::clock::MonoTime;
-pub use crate::state::WorkerState;
+pub use crate::state::{Heartbeat, WorkerState};
 use crate::sys::{CacheLine, SharedMap};
 
 const STATE_SHIFT: u32 = 62;
@@ -40,6 +40,36 @@ impl Cell<'_> {
     #[inline]
     fn served(&self) -> &AtomicU64 {
         self.line.word(1)
+    }
+
+    /// The heartbeat: holds-nothing << 63 | monotonic nanoseconds.
+    #[inline]
+    fn beat_word(&self) -> &AtomicU64 {
+        self.line.word(2)
+    }
+
+    /// A sign of life between connections (see [`Heartbeat`]).
+    #[inline]
+    pub fn beat(&self, now: MonoTime) {
+        self.beat_word()
+            .store(now.as_nanos() & TIME_MASK, Ordering::Release);
+    }
+
+    /// Entering a wait that holds nothing (a lock wait): silence from now
+    /// on is not held against the worker, until its next [`Cell::beat`].
+    #[inline]
+    pub fn holds_nothing(&self, now: MonoTime) {
+        self.beat_word()
+            .store(1 << 63 | (now.as_nanos() & TIME_MASK), Ordering::Release);
+    }
+
+    /// The last heartbeat.
+    pub fn heartbeat(&self) -> Heartbeat {
+        let w = self.beat_word().load(Ordering::Acquire);
+        Heartbeat {
+            at: MonoTime::from_nanos(w & TIME_MASK),
+            holds_nothing: w >> 63 == 1,
+        }
     }
 
     /// The worker took a connection.
@@ -187,6 +217,27 @@ mod tests {
         cell(i).kept_alive(t);
         assert_eq!(cell(i).requests(), 2);
         assert_eq!(cell(i).state(), WorkerState::KeepAlive { since: t });
+        assert_eq!(
+            cell(i).heartbeat().at,
+            MonoTime::from_nanos(0),
+            "never beat"
+        );
+        let later = MonoTime::from_nanos(987_654_321);
+        cell(i).holds_nothing(later);
+        assert_eq!(
+            cell(i).heartbeat(),
+            Heartbeat {
+                at: later,
+                holds_nothing: true
+            }
+        );
+        cell(i).beat(later);
+        assert!(!cell(i).heartbeat().holds_nothing);
+        assert_eq!(
+            cell(i).state(),
+            WorkerState::KeepAlive { since: t },
+            "a beat leaves the state alone"
+        );
         sb.release(i);
         let j = sb.allocate().expect("again");
         assert_eq!(j, i);

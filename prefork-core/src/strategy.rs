@@ -29,6 +29,44 @@ pub struct AcceptContext<'a> {
     pub master_alive: BorrowedFd<'a>,
     /// Longest time `accept` may block before returning [`Accepted::Idle`].
     pub tick: Duration,
+    /// The worker's heartbeat. The worker loop beats after every `accept`
+    /// that returns; a strategy whose wait can outlast a tick while holding
+    /// nothing (a flock(2) queue) says so first, and beats once it holds
+    /// something again.
+    pub liveness: Liveness<'a>,
+}
+
+/// A worker's heartbeat in its scoreboard cell (nothing when busy/idle go
+/// through the status pipe): how the master tells an idle worker from a
+/// stopped one (RELIABILITY C4).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Liveness<'a> {
+    cell: Option<crate::scoreboard::Cell<'a>>,
+}
+
+impl<'a> Liveness<'a> {
+    /// Beats into `cell`.
+    pub fn new(cell: Option<crate::scoreboard::Cell<'a>>) -> Liveness<'a> {
+        Liveness { cell }
+    }
+
+    /// Alive now (one clock read and one store).
+    #[inline]
+    pub fn beat(&self) {
+        if let Some(c) = &self.cell {
+            c.beat(MonoTime::now());
+        }
+    }
+
+    /// About to wait, without a deadline, for something that holds
+    /// nothing others need (a lock queue): silence from now on is not held
+    /// against this worker until its next [`Liveness::beat`].
+    #[inline]
+    pub fn holds_nothing(&self) {
+        if let Some(c) = &self.cell {
+            c.holds_nothing(MonoTime::now());
+        }
+    }
 }
 
 /// Result of one [`WorkerAcceptor::accept`] call.

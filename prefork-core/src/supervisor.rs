@@ -18,11 +18,16 @@ use nix::unistd::Pid;
 
 use crate::clock::MonoTime;
 use crate::scaling::{Decision, GrowReason, Sample, ScaleConfig, Scaler};
-use crate::scoreboard::WorkerState;
+use crate::scoreboard::{Heartbeat, WorkerState};
 
 /// Exit code a worker uses to say "I cannot boot; do not respawn me"
 /// (gunicorn's WORKER_BOOT_ERROR).
 pub const EXIT_BOOT_FAILED: i32 = 3;
+
+/// The shortest silence for which an idle worker is killed as stopped,
+/// whatever `--timeout` says: four accept ticks, so that a worker that
+/// beats every tick on a loaded machine is never taken for a stopped one.
+pub const MIN_QUIET: Duration = Duration::from_secs(2);
 
 /// Hard ceiling on the pool, whatever TTIN asks for.
 pub const MAX_WORKERS: usize = 1024;
@@ -143,6 +148,14 @@ pub enum StopReason {
     BootTimeout {
         /// The boot timeout.
         timeout: Duration,
+    },
+    /// Idle or kept alive, but silent (no heartbeat) longer than the
+    /// timeout: stopped or stuck while the strategy counts on it (C4).
+    Unresponsive {
+        /// How long it has been silent.
+        quiet_for: Duration,
+        /// The limit: the timeout, at least [`MIN_QUIET`].
+        limit: Duration,
     },
 }
 
@@ -309,6 +322,10 @@ struct Worker {
     recycling: bool,
     /// Killed for not being ready within the boot timeout.
     boot_timed_out: bool,
+    /// Idle or kept alive and last heard of then (its state change or its
+    /// heartbeat, the later), as last observed; `None` when busy, booting,
+    /// waiting in a queue that holds nothing, or without heartbeats.
+    quiet_since: Option<MonoTime>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -651,6 +668,7 @@ impl Supervisor {
             limit: None,
             recycling: false,
             boot_timed_out: false,
+            quiet_since: None,
         });
     }
 
@@ -662,11 +680,27 @@ impl Supervisor {
         }
     }
 
-    /// What the scoreboard says `pid` is doing, and how much it served.
-    pub fn observe(&mut self, pid: Pid, state: WorkerState, requests: u64) {
+    /// What the scoreboard says `pid` is doing, how much it served, and
+    /// its last heartbeat (`None`: the worker sends none, as with
+    /// `--status-report pipe`; it is then never timed out while idle).
+    pub fn observe(
+        &mut self,
+        pid: Pid,
+        state: WorkerState,
+        requests: u64,
+        heartbeat: Option<Heartbeat>,
+    ) {
         if let Some(w) = self.workers.iter_mut().find(|w| w.pid == pid) {
             let busy_since = match state {
                 WorkerState::Busy { since } => Some(since),
+                _ => None,
+            };
+            w.quiet_since = match (state, heartbeat) {
+                (WorkerState::Idle { since } | WorkerState::KeepAlive { since }, Some(hb))
+                    if !hb.holds_nothing =>
+                {
+                    Some(since.max(hb.at))
+                }
                 _ => None,
             };
             let kept_alive = matches!(state, WorkerState::KeepAlive { .. });
@@ -753,6 +787,7 @@ impl Supervisor {
         match self.phase {
             Phase::Running => {
                 self.kill_frozen(now, &mut out);
+                self.kill_unresponsive(now, &mut out);
                 self.kill_stuck_at_boot(now, &mut out);
                 self.mark_one_for_recycling();
                 self.spawn_missing(now, &mut out);
@@ -810,6 +845,8 @@ impl Supervisor {
                     _ => {}
                 }
             } else if let (Some(since), Some(t)) = (w.busy_since, self.cfg.timeout) {
+                consider(since.max(self.resumed_at) + t + Duration::from_millis(1));
+            } else if let (Some(since), Some(t)) = (w.quiet_since, self.quiet_limit()) {
                 consider(since.max(self.resumed_at) + t + Duration::from_millis(1));
             } else if let (None, Some(t)) = (w.ready_at, self.cfg.boot_timeout) {
                 consider(w.spawned_at.max(self.resumed_at) + t + Duration::from_millis(1));
@@ -887,6 +924,43 @@ impl Supervisor {
                     reason: StopReason::Frozen {
                         busy_for: now.saturating_since(since),
                         timeout,
+                    },
+                });
+            }
+        }
+    }
+
+    /// The silence after which an idle worker counts as stopped: the
+    /// timeout, at least [`MIN_QUIET`]; `None` without a timeout.
+    fn quiet_limit(&self) -> Option<Duration> {
+        self.cfg.timeout.map(|t| t.max(MIN_QUIET))
+    }
+
+    /// SIGKILL to every idle or kept-alive worker silent longer than the
+    /// quiet limit, counted from when the master last resumed at the
+    /// earliest (Unicorn's idle heartbeat): a stopped worker may hold the
+    /// accept lock, or be handed connections it never takes. No last words:
+    /// it serves no request, and a stopped process gets no SIGABRT anyway.
+    fn kill_unresponsive(&mut self, now: MonoTime, out: &mut Vec<Action>) {
+        let Some(limit) = self.quiet_limit() else {
+            return;
+        };
+        let resumed = self.resumed_at;
+        for w in self
+            .workers
+            .iter_mut()
+            .filter(|w| w.stop.is_none() && w.ready_at.is_some())
+        {
+            let Some(since) = w.quiet_since else { continue };
+            if now.saturating_since(since.max(resumed)) > limit {
+                w.stop = Some((Signal::SIGKILL, now));
+                out.push(Action::Signal {
+                    pid: w.pid,
+                    slot: w.slot,
+                    signal: Signal::SIGKILL,
+                    reason: StopReason::Unresponsive {
+                        quiet_for: now.saturating_since(since),
+                        limit,
                     },
                 });
             }

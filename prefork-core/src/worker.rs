@@ -12,7 +12,7 @@ use crate::clock::{poll_timeout, MonoTime};
 use crate::report::{ReportMode, Reporter};
 use crate::scoreboard::Scoreboard;
 use crate::status::{StatusKind, StatusWriter};
-use crate::strategy::{AcceptContext, Accepted, WorkerAcceptor};
+use crate::strategy::{AcceptContext, Accepted, Liveness, WorkerAcceptor};
 use crate::supervisor::EXIT_BOOT_FAILED;
 use crate::sys;
 
@@ -162,9 +162,13 @@ fn serve<A: App, W: WorkerAcceptor>(
         _ => Reporter::Off,
     };
     setup.status.send(StatusKind::Ready);
+    // Heartbeats go with the scoreboard: the pipe carries no periodic
+    // message (it would wake the master for nothing).
+    let liveness = Liveness::new(cell.filter(|_| setup.report == ReportMode::Scoreboard));
     let ctx = AcceptContext {
         master_alive: setup.master_alive.as_fd(),
         tick: setup.tick,
+        liveness,
     };
     let mut backoff = Duration::ZERO;
     // One connection: a request, and while the app keeps the connection
@@ -196,7 +200,7 @@ fn serve<A: App, W: WorkerAcceptor>(
                 }
             };
             report.kept_alive();
-            if !wait_for_request(&conn, setup) {
+            if !wait_for_request(&conn, setup, &liveness) {
                 report.released();
                 acceptor.closing(&conn);
                 drop(conn);
@@ -220,6 +224,7 @@ fn serve<A: App, W: WorkerAcceptor>(
                 serve_one(conn, &mut acceptor);
             }
             Ok(Accepted::Idle) => {
+                liveness.beat();
                 if master_gone(setup) {
                     tracing::info!("worker={slot} master is gone; exiting");
                     return 0;
@@ -229,6 +234,7 @@ fn serve<A: App, W: WorkerAcceptor>(
                 if !back_off(&mut backoff, &e, setup) {
                     return 0;
                 }
+                liveness.beat();
             }
         }
     }
@@ -243,7 +249,7 @@ fn serve<A: App, W: WorkerAcceptor>(
 /// the keep-alive timeout: true when it has bytes to read, false when it
 /// stays silent, the client closed it, a graceful stop was asked or the
 /// master is gone.
-fn wait_for_request(conn: &Connection, setup: &WorkerSetup) -> bool {
+fn wait_for_request(conn: &Connection, setup: &WorkerSetup, liveness: &Liveness<'_>) -> bool {
     if !conn.buffered().is_empty() {
         return true; // a pipelined request is already here
     }
@@ -261,7 +267,7 @@ fn wait_for_request(conn: &Connection, setup: &WorkerSetup) -> bool {
             PollFd::new(setup.master_alive.as_fd(), PollFlags::POLLIN),
         ];
         match nix::poll::poll(&mut fds, poll_timeout(Some(left.min(setup.tick)))) {
-            Ok(0) | Err(nix::Error::EINTR) => {}
+            Ok(0) | Err(nix::Error::EINTR) => liveness.beat(),
             Ok(_) => {
                 if fds[1].revents().is_some_and(|r| !r.is_empty()) {
                     return false; // the master is gone

@@ -106,7 +106,8 @@ pub struct FaultResult {
     pub p99_us: u64,
     /// Longest probe latency, µs (bounds how long accept stalled).
     pub max_us: u64,
-    /// Zombie children of the master at the end.
+    /// Zombie children the master left unreaped: 0 when an instant with none
+    /// came within 2 s of the run's end, else those present then.
     pub zombies: usize,
 }
 
@@ -125,12 +126,15 @@ fn idle_syscalls() -> Vec<i64> {
     v
 }
 
-/// SIGKILLs a worker only if it is idle: stopped first, then checked to be
-/// waiting in accept/poll *and* to hold no socket the master does not hold
+/// SIGSTOPs a worker and leaves it stopped only if it is idle: waiting in
+/// accept/poll/recvmsg *and* holding no socket the master does not hold
 /// (listeners are inherited from the master; a connection is the worker's
 /// alone). The second check matters: a stop can land just as accept(2)
 /// returns a connection, while /proc/PID/syscall still names accept4.
-fn kill_if_idle(master: i32, pid: i32, waiting_in: &[i64]) -> bool {
+/// Under the mutex strategy with one listener, a worker stopped in accept
+/// is the lock holder (it accepts only with the lock held). A worker that
+/// is not idle is continued, and `false` returned.
+pub fn stop_if_idle(master: i32, pid: i32) -> bool {
     let p = Pid::from_raw(pid);
     if kill(p, Signal::SIGSTOP).is_err() {
         return false;
@@ -138,6 +142,7 @@ fn kill_if_idle(master: i32, pid: i32, waiting_in: &[i64]) -> bool {
     let stopped = crate::server::wait_until(Duration::from_millis(200), || {
         procs::stat(pid).is_some_and(|s| s.state == 'T')
     });
+    let waiting_in = idle_syscalls();
     let idle = stopped && procs::current_syscall(pid).is_some_and(|n| waiting_in.contains(&n)) && {
         // A connection is a stream socket only this worker holds; the
         // master's listeners are shared, an fdpass channel is SEQPACKET.
@@ -148,11 +153,21 @@ fn kill_if_idle(master: i32, pid: i32, waiting_in: &[i64]) -> bool {
             .all(|s| masters.contains(s) || channels.contains(s))
             && !procs::has_queued_seqpacket(pid)
     };
-    if idle {
-        let _ = kill(p, Signal::SIGKILL);
+    if !idle {
+        let _ = kill(p, Signal::SIGCONT);
     }
-    let _ = kill(p, Signal::SIGCONT);
     idle
+}
+
+/// SIGKILLs a worker only if [`stop_if_idle`] finds it idle.
+fn kill_if_idle(master: i32, pid: i32) -> bool {
+    if !stop_if_idle(master, pid) {
+        return false;
+    }
+    let p = Pid::from_raw(pid);
+    let _ = kill(p, Signal::SIGKILL);
+    let _ = kill(p, Signal::SIGCONT);
+    true
 }
 
 /// A small xorshift generator: the faults need no cryptography, only
@@ -206,10 +221,19 @@ pub fn run_fault(
         .join()
         .map_err(|_| std::io::Error::other("injector panicked"))?;
     let report = report?;
-    // Let the pool settle before counting zombies.
-    crate::server::wait_until(Duration::from_secs(2), || {
+    // A worker that exits is a zombie until the master reaps it, which
+    // takes a loop turn, so a zombie seen at one instant is no defect (an old
+    // generation may still be exiting as the run ends). A master that fails
+    // to reap leaves its zombies there: count those still present when no
+    // instant without one came within 2 s.
+    let reaped = crate::server::wait_until(Duration::from_secs(2), || {
         procs::zombie_children(master).is_empty()
     });
+    let zombies = if reaped {
+        0
+    } else {
+        procs::zombie_children(master).len()
+    };
     let mut by_kind = std::collections::BTreeMap::new();
     for o in report.outcomes.iter().filter(|o| o.outcome != Outcome::Ok) {
         *by_kind
@@ -227,7 +251,7 @@ pub fn run_fault(
         max_recovery_ms: max_recovery.map(|d| d.as_secs_f64() * 1e3),
         p99_us: report.latency.value_at_quantile(0.99),
         max_us: report.latency.max(),
-        zombies: procs::zombie_children(master).len(),
+        zombies,
     })
 }
 
@@ -251,18 +275,16 @@ fn inject(master: i32, fault: Fault, workers: usize, done: &AtomicBool) -> (u64,
             Fault::KillIdle => {
                 // Try workers in random order until one is idle.
                 let start = rng.pick(pool.len());
-                let idle = idle_syscalls();
                 let victim = (0..pool.len())
                     .map(|k| pool[(start + k) % pool.len()])
-                    .find(|&w| kill_if_idle(master, w, &idle));
+                    .find(|&w| kill_if_idle(master, w));
                 if let Some(w) = victim {
                     count += 1;
                     note_recovery(master, &[w], pool.len(), &mut max_recovery);
                 }
             }
             Fault::KillLockHolder => {
-                let holding = idle_syscalls();
-                if let Some(&w) = pool.iter().find(|&&w| kill_if_idle(master, w, &holding)) {
+                if let Some(&w) = pool.iter().find(|&&w| kill_if_idle(master, w)) {
                     count += 1;
                     note_recovery(master, &[w], pool.len(), &mut max_recovery);
                 }

@@ -43,6 +43,13 @@ struct Sim {
     busy: BTreeMap<i32, bool>,
     /// Every scale decision.
     scaled: Vec<ScaleEvent>,
+    /// Last sign of life of each idle pid that sends heartbeats, and
+    /// whether it said it holds nothing.
+    heard: BTreeMap<i32, (MonoTime, bool)>,
+    /// When the master last resumed from a stall.
+    stalled_at: MonoTime,
+    /// (pid, silent for) of every unresponsive kill.
+    unresponsive: Vec<(i32, Duration)>,
 }
 
 impl Sim {
@@ -56,6 +63,9 @@ impl Sim {
             frozen: Vec::new(),
             busy: BTreeMap::new(),
             scaled: Vec::new(),
+            heard: BTreeMap::new(),
+            stalled_at: MonoTime::from_nanos(0),
+            unresponsive: Vec::new(),
             sup: Supervisor::new(c),
             now: MonoTime::from_nanos(1_000_000_000),
             next_pid: 100,
@@ -95,6 +105,21 @@ impl Sim {
                     if let StopReason::Frozen { busy_for, timeout } = reason {
                         assert!(busy_for > timeout, "killed {pid} busy only {busy_for:?}");
                         self.frozen.push((pid.as_raw(), busy_for));
+                    }
+                    if let StopReason::Unresponsive { quiet_for, limit } = reason {
+                        assert!(limit >= MIN_QUIET && quiet_for > limit);
+                        // Only a worker that beats, holds something, and was
+                        // last heard of (or the master resumed) over the
+                        // limit ago.
+                        let (at, holds_nothing) = self.heard[&pid.as_raw()];
+                        assert!(!holds_nothing, "killed {pid} while it held nothing");
+                        assert!(
+                            self.now.saturating_since(at.max(self.stalled_at)) > limit,
+                            "killed {pid} heard of {:?} ago",
+                            self.now.saturating_since(at)
+                        );
+                        assert_eq!(signal, Signal::SIGKILL);
+                        self.unresponsive.push((pid.as_raw(), quiet_for));
                     }
                     let entry = self
                         .alive
@@ -339,7 +364,7 @@ fn a_reload_with_new_settings_resizes_the_pool_and_uses_the_new_deadlines() {
     let p = *sim.alive.keys().next().expect("a worker");
     let since = sim.now;
     sim.sup
-        .observe(Pid::from_raw(p), WorkerState::Busy { since }, 0);
+        .observe(Pid::from_raw(p), WorkerState::Busy { since }, 0, None);
     sim.advance(Duration::from_secs(3));
     sim.step();
     assert_eq!(sim.frozen.len(), 1, "killed under the reloaded timeout");
@@ -577,9 +602,41 @@ fn ttin_ttou_winch_resize_and_retire_the_highest_slots() {
     );
 }
 
+impl Sim {
+    /// The scoreboard says `pid` turned busy or idle now, with a heartbeat
+    /// now (`Some(holds_nothing)`) or none.
+    fn observe(&mut self, pid: i32, is_busy: bool, requests: u64, hb: Option<bool>) {
+        let since = self.now;
+        let state = if is_busy {
+            WorkerState::Busy { since }
+        } else {
+            WorkerState::Idle { since }
+        };
+        let heartbeat = hb.map(|holds_nothing| Heartbeat {
+            at: self.now,
+            holds_nothing,
+        });
+        self.sup
+            .observe(Pid::from_raw(pid), state, requests, heartbeat);
+        self.busy.insert(pid, is_busy);
+        match hb {
+            Some(holds_nothing) if !is_busy => {
+                self.heard.insert(pid, (self.now, holds_nothing));
+            }
+            _ => {
+                self.heard.remove(&pid);
+            }
+        }
+    }
+}
+
 fn busy(sim: &mut Sim, pid: i32, since: MonoTime, requests: u64) {
-    sim.sup
-        .observe(Pid::from_raw(pid), WorkerState::Busy { since }, requests);
+    sim.sup.observe(
+        Pid::from_raw(pid),
+        WorkerState::Busy { since },
+        requests,
+        None,
+    );
 }
 
 #[test]
@@ -610,13 +667,125 @@ fn a_worker_busy_past_the_timeout_gets_abrt_then_kill_and_is_replaced() {
     sim.exit(pid, ExitStatus::Signaled(9));
     sim.step();
     assert_eq!(sim.pids_in(1).len(), 1, "slot 1 is served again");
-    // An idle worker is never killed, however long it idles.
+    // An idle worker without heartbeats (pipe reports) is never killed,
+    // however long it idles.
     let other = sim.pids_in(0)[0];
-    sim.sup
-        .observe(Pid::from_raw(other), WorkerState::Idle { since: t0 }, 5);
+    sim.sup.observe(
+        Pid::from_raw(other),
+        WorkerState::Idle { since: t0 },
+        5,
+        None,
+    );
     sim.advance(Duration::from_secs(3600));
     sim.step();
     assert!(sim.alive[&other].2.is_empty());
+}
+
+fn idle_with_beat(sim: &mut Sim, pid: i32, since: MonoTime, beat: MonoTime, holds_nothing: bool) {
+    sim.sup.observe(
+        Pid::from_raw(pid),
+        WorkerState::Idle { since },
+        0,
+        Some(Heartbeat {
+            at: beat,
+            holds_nothing,
+        }),
+    );
+    sim.heard.insert(pid, (since.max(beat), holds_nothing));
+}
+
+#[test]
+fn an_idle_worker_that_stops_beating_is_killed_at_the_timeout_and_replaced() {
+    let mut sim = Sim::with(SupervisorConfig {
+        timeout: Some(TIMEOUT),
+        ..cfg(2)
+    });
+    sim.step();
+    sim.ready_all();
+    let (a, b) = (sim.pids_in(0)[0], sim.pids_in(1)[0]);
+    let t0 = sim.now;
+    // `a` beats every 500 ms for an hour: never killed.
+    for _ in 0..7200 {
+        sim.advance(Duration::from_millis(500));
+        let now = sim.now;
+        idle_with_beat(&mut sim, a, t0, now, false);
+        idle_with_beat(&mut sim, b, t0, t0 + Duration::from_secs(1), false);
+        sim.step();
+        if !sim.alive[&b].2.is_empty() {
+            break;
+        }
+    }
+    assert!(sim.alive[&a].2.is_empty(), "a beating worker lives");
+    // `b` beat last at t0 + 1 s: killed just past t0 + 1 s + TIMEOUT.
+    assert_eq!(sim.alive[&b].2, [Signal::SIGKILL]);
+    assert_eq!(sim.unresponsive.len(), 1);
+    assert!(sim.now <= t0 + Duration::from_secs(1) + TIMEOUT + Duration::from_millis(500));
+    sim.exit(b, ExitStatus::Signaled(9));
+    sim.step();
+    assert_eq!(sim.pids_in(1).len(), 1, "slot 1 is served again");
+}
+
+#[test]
+fn the_quiet_deadline_is_exact_and_never_below_two_seconds() {
+    let short = Duration::from_millis(300);
+    let mut sim = Sim::with(SupervisorConfig {
+        timeout: Some(short),
+        ..cfg(1)
+    });
+    sim.step();
+    sim.ready_all();
+    let pid = sim.pids_in(0)[0];
+    let t0 = sim.now;
+    idle_with_beat(&mut sim, pid, t0, t0, false);
+    assert_eq!(sim.sup.next_deadline(), Some(t0 + MIN_QUIET + MS));
+    sim.advance(MIN_QUIET);
+    sim.step();
+    assert!(sim.alive[&pid].2.is_empty(), "not at the limit itself");
+    sim.advance(MS);
+    sim.step();
+    assert_eq!(sim.alive[&pid].2, [Signal::SIGKILL]);
+}
+
+#[test]
+fn a_worker_waiting_in_a_lock_queue_a_master_stall_or_no_timeout_spare_it() {
+    // Queued for a lock (holds nothing): spared however long.
+    let mut sim = Sim::with(SupervisorConfig {
+        timeout: Some(TIMEOUT),
+        ..cfg(1)
+    });
+    sim.step();
+    sim.ready_all();
+    let pid = sim.pids_in(0)[0];
+    let t0 = sim.now;
+    idle_with_beat(&mut sim, pid, t0, t0, true);
+    assert_eq!(sim.sup.next_deadline(), None);
+    sim.advance(Duration::from_secs(600));
+    sim.step();
+    assert!(sim.alive[&pid].2.is_empty(), "a lock waiter holds nothing");
+    // It took the lock and went silent: now it counts.
+    let now = sim.now;
+    idle_with_beat(&mut sim, pid, t0, now, false);
+    let t1 = sim.now;
+    // The master itself was stopped 4 s: silence counts from its resumption.
+    sim.advance(Duration::from_secs(4));
+    sim.sup.stalled(sim.now);
+    sim.step();
+    assert!(sim.alive[&pid].2.is_empty(), "no stale-clock murder");
+    sim.advance(TIMEOUT + MS);
+    sim.step();
+    assert_eq!(sim.alive[&pid].2, [Signal::SIGKILL]);
+    assert!(sim.now.saturating_since(t1) > TIMEOUT);
+
+    // No --timeout: never.
+    let mut sim = Sim::new(1);
+    sim.step();
+    sim.ready_all();
+    let pid = sim.pids_in(0)[0];
+    let now = sim.now;
+    idle_with_beat(&mut sim, pid, now, now, false);
+    sim.advance(Duration::from_secs(3600));
+    sim.step();
+    assert!(sim.alive[&pid].2.is_empty());
 }
 
 #[test]
@@ -660,6 +829,7 @@ fn recycling_starts_the_replacement_first_and_one_slot_at_a_time() {
             Pid::from_raw(p),
             WorkerState::Idle { since: sim.now },
             LIMIT,
+            None,
         );
     }
     sim.step();
@@ -692,7 +862,8 @@ fn recycling_starts_the_replacement_first_and_one_slot_at_a_time() {
 
 #[derive(Debug, Clone)]
 enum Ev {
-    Observe(usize, bool, u64),
+    /// pid index, busy, requests, heartbeat (`Some(holds_nothing)`, now).
+    Observe(usize, bool, u64, Option<bool>),
     Stall,
     Cmd(Command),
     Ready(usize),
@@ -728,7 +899,8 @@ fn event() -> impl Strategy<Value = Ev> {
         3 => (any::<usize>(), status).prop_map(|(i, s)| Ev::Crash(i, s)),
         2 => Just(Ev::ObeySignals),
         3 => (0u64..3_000).prop_map(Ev::Advance),
-        3 => (any::<usize>(), any::<bool>(), 0u64..15).prop_map(|(i, b, r)| Ev::Observe(i, b, r)),
+        3 => (any::<usize>(), any::<bool>(), 0u64..15, proptest::option::of(any::<bool>()))
+            .prop_map(|(i, b, r, hb)| Ev::Observe(i, b, r, hb)),
         1 => Just(Ev::Stall),
         1 => pool_settings().prop_map(Ev::ReloadWith),
     ]
@@ -778,14 +950,12 @@ proptest! {
         for ev in events {
             if sim.exit.is_some() { break; }
             match ev {
-                Ev::Observe(i, is_busy, requests) => if let Some(p) = nth_pid(&sim, i) {
-                    let since = sim.now;
-                    let state = if is_busy { WorkerState::Busy { since } } else { WorkerState::Idle { since } };
-                    sim.sup.observe(Pid::from_raw(p), state, requests);
+                Ev::Observe(i, is_busy, requests, hb) => if let Some(p) = nth_pid(&sim, i) {
+                    sim.observe(p, is_busy, requests, hb);
                 },
                 Ev::Scale(_) => {}
                 Ev::ReloadWith(p) => { sim.sup.reload_with(p, sim.now); }
-                Ev::Stall => sim.sup.stalled(sim.now),
+                Ev::Stall => { sim.sup.stalled(sim.now); sim.stalled_at = sim.now; }
                 Ev::Cmd(c) => { sim.sup.command(c, sim.now); }
                 Ev::Ready(i) => if let Some(p) = nth_pid(&sim, i) { sim.sup.ready(Pid::from_raw(p), sim.now); },
                 Ev::Crash(i, st) => if let Some(p) = nth_pid(&sim, i) { sim.exit(p, st); },
@@ -888,8 +1058,12 @@ fn a_self_sizing_pool_starts_at_min_grows_on_saturation_and_retires_an_idle_top_
     sim.ready_all();
     let all: Vec<i32> = sim.alive.keys().copied().collect();
     for &p in &all {
-        sim.sup
-            .observe(Pid::from_raw(p), WorkerState::Idle { since: sim.now }, 2);
+        sim.sup.observe(
+            Pid::from_raw(p),
+            WorkerState::Idle { since: sim.now },
+            2,
+            None,
+        );
         sim.busy.insert(p, false);
     }
     for _ in 0..40 {
@@ -957,13 +1131,10 @@ proptest! {
             if sim.exit.is_some() { break; }
             match ev {
                 Ev::Scale(backlog) => { sim.scale(backlog); continue; }
-                Ev::Observe(i, is_busy, requests) => if let Some(p) = nth_pid(&sim, i) {
-                    let since = sim.now;
-                    let state = if is_busy { WorkerState::Busy { since } } else { WorkerState::Idle { since } };
-                    sim.sup.observe(Pid::from_raw(p), state, requests);
-                    sim.busy.insert(p, is_busy);
+                Ev::Observe(i, is_busy, requests, hb) => if let Some(p) = nth_pid(&sim, i) {
+                    sim.observe(p, is_busy, requests, hb);
                 },
-                Ev::Stall => sim.sup.stalled(sim.now),
+                Ev::Stall => { sim.sup.stalled(sim.now); sim.stalled_at = sim.now; }
                 Ev::Cmd(c) => { sim.sup.command(c, sim.now); }
                 Ev::Ready(i) => if let Some(p) = nth_pid(&sim, i) { sim.sup.ready(Pid::from_raw(p), sim.now); },
                 Ev::Crash(i, st) => if let Some(p) = nth_pid(&sim, i) { sim.exit(p, st); },

@@ -83,7 +83,6 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
-use std::time::Duration;
 
 use nix::fcntl::{FcntlArg, OFlag};
 use prefork_core::accept::ListenerSet;
@@ -430,15 +429,24 @@ impl MutexAcceptor {
     /// Takes the lock, waiting at most about `tick` (flock and fcntl wait
     /// until a signal or the lock; the holder releases at least every tick).
     /// Ok(false): not taken this time.
-    fn acquire(&mut self, tick: Duration) -> io::Result<bool> {
+    fn acquire(&mut self, ctx: &AcceptContext<'_>) -> io::Result<bool> {
+        let tick = ctx.tick;
+        // flock(2) and fcntl(2) waits have no deadline: a worker queued
+        // there holds nothing, and must not look stopped for its silence
+        // (a stopped waiter never takes the lock: the waiter itself retries
+        // when woken). The holder beats again once it has the lock.
         let taken = match &self.lock {
             WorkerLock::None => return Ok(true),
-            WorkerLock::Flock(_, Some(f)) => match sys::flock(f.as_fd(), libc::LOCK_EX) {
-                Ok(()) => true,
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => false,
-                Err(e) => return Err(e),
-            },
+            WorkerLock::Flock(_, Some(f)) => {
+                ctx.liveness.holds_nothing();
+                match sys::flock(f.as_fd(), libc::LOCK_EX) {
+                    Ok(()) => true,
+                    Err(e) if e.raw_os_error() == Some(libc::EINTR) => false,
+                    Err(e) => return Err(e),
+                }
+            }
             WorkerLock::Fcntl(_, Some(f)) => {
+                ctx.liveness.holds_nothing();
                 let l = whole_file_lock(libc::F_WRLCK);
                 match nix::fcntl::fcntl(f, FcntlArg::F_SETLKW(&l)) {
                     Ok(_) => true,
@@ -457,6 +465,7 @@ impl MutexAcceptor {
             }
         };
         if taken {
+            ctx.liveness.beat();
             if let Some(a) = self.audit_cell() {
                 a.acquisitions.fetch_add(1, Ordering::Relaxed);
                 let prev = a.holder.swap(u64::from(self.pid), Ordering::AcqRel);
@@ -524,7 +533,7 @@ impl WorkerAcceptor for MutexAcceptor {
         if matches!(self.lock, WorkerLock::None) {
             return self.set.accept(ctx);
         }
-        match self.acquire(ctx.tick) {
+        match self.acquire(ctx) {
             Ok(true) => {}
             Ok(false) => return Ok(Accepted::Idle),
             Err(e) => {
@@ -548,6 +557,7 @@ impl WorkerAcceptor for MutexAcceptor {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     /// Why each worker must open the lock file after fork: a flock on a
     /// description shared through fork (or dup) excludes nothing, while a
