@@ -84,6 +84,9 @@ enum Fault {
     /// after_fork never returns in workers of a reload (generation 2 on):
     /// a worker stuck at boot (RELIABILITY C5).
     BootHangOnReload,
+    /// after_fork takes 200 ms in workers of a reload: a slow boot, to see
+    /// a reload go in batches.
+    BootSlowOnReload,
 }
 
 /// How workers report busy/idle (hidden: for measuring the cost only).
@@ -248,6 +251,13 @@ struct Cli {
     #[arg(long, value_name = "SECS", default_value = "60", value_parser = parse_secs)]
     boot_timeout: Duration,
 
+    /// Slots a reload (HUP) replaces at a time: each slot's new worker is
+    /// forked only while fewer than workers + N run, so memory peaks at
+    /// that and boots do not pile up; `all` forks every new worker at once.
+    /// Default: a quarter of the pool, at least 1.
+    #[arg(long, value_name = "N|all", value_parser = parse_batch)]
+    reload_batch: Option<usize>,
+
     /// Seconds a client has to send a whole request head (the http app; the
     /// fdpass master enforces it for every app with framing, and answers
     /// the app's timeout response, the http app's 408). On a kept-alive
@@ -360,6 +370,17 @@ fn parse_status_socket(s: &str) -> Result<PathBuf, String> {
     }
 }
 
+/// `--reload-batch`: a count of at least 1, or `all`.
+fn parse_batch(s: &str) -> Result<usize, String> {
+    if s == "all" {
+        return Ok(usize::MAX);
+    }
+    match s.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("{s:?} is not a count of at least 1, or \"all\"")),
+    }
+}
+
 fn parse_secs(s: &str) -> Result<Duration, String> {
     let v: f64 = s
         .trim_end_matches('s')
@@ -445,6 +466,10 @@ impl App for Served {
                 std::thread::sleep(Duration::from_secs(3600));
             },
             Some(Fault::BootHangOnReload) => {}
+            Some(Fault::BootSlowOnReload) if w.generation > 1 => {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Some(Fault::BootSlowOnReload) => {}
             None => {}
         }
         match &mut self.app {
@@ -651,7 +676,7 @@ fn http_limits(cli: &Cli) -> apps::HttpLimits {
 
 /// Settings a reload cannot change (sockets, identity, files, strategy),
 /// by flag name.
-fn fixed_settings(cli: &Cli) -> [(&'static str, String); 17] {
+fn fixed_settings(cli: &Cli) -> [(&'static str, String); 18] {
     [
         ("bind", format!("{:?}", cli.bind)),
         ("strategy", format!("{:?}", cli.strategy)),
@@ -668,6 +693,7 @@ fn fixed_settings(cli: &Cli) -> [(&'static str, String); 17] {
         ("lock-always", format!("{:?}", cli.lock_always)),
         ("log-format", format!("{:?}", cli.log_format)),
         ("boot-timeout", format!("{:?}", cli.boot_timeout)),
+        ("reload-batch", format!("{:?}", cli.reload_batch)),
         ("max-connections", format!("{:?}", cli.max_connections)),
         ("dispatch", format!("{:?}", cli.dispatch)),
     ]
@@ -824,6 +850,7 @@ fn main() -> ExitCode {
         pid_file: cli.pid_file.clone(),
         timeout: pool.pool.timeout,
         boot_timeout: Some(cli.boot_timeout),
+        reload_batch: cli.reload_batch,
         max_requests: pool.max_requests,
         max_requests_jitter: pool.max_requests_jitter,
         keepalive_timeout: pool.keepalive_timeout,

@@ -46,6 +46,7 @@ fn run(args: &[&str]) -> (Option<i32>, String) {
 #[case::unknown_group(&["--user", "root", "--group", "no-such-group-prefork"], "--group: no such group \"no-such-group-prefork\"")]
 #[case::group_without_user(&["--group", "root"], "--user <USER>")]
 #[case::no_boot_timeout(&["--boot-timeout", "0"], "\"0\" must be more than 0")]
+#[case::no_reload_batch(&["--reload-batch", "0"], "\"0\" is not a count of at least 1, or \"all\"")]
 #[case::bad_size(&["--max-body", "lots"], "\"lots\" is not a size such as 64k or 1m")]
 #[case::buffer_over_body(&["--max-body", "64k", "--max-body-buffer", "1m"], "--max-body-buffer (1048576) is larger than --max-body (65536)")]
 #[case::no_connections(&["--strategy", "fdpass", "--max-connections", "0"], "'--max-connections <N>': 0 is not in 1..=1000000")]

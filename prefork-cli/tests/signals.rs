@@ -872,3 +872,70 @@ fn a_stopped_idle_worker_is_killed_at_the_timeout_and_nothing_is_lost(#[case] st
     assert!(wait_until(T, || !process_alive(victim)));
     assert!(s.wait_workers(2, T), "replaced: {}", s.log());
 }
+
+/// A reload replaces at most `--reload-batch` slots at a time: with 4
+/// workers, a batch of 1, and every new worker taking 200 ms to boot, the
+/// master never has more than 5 children (unreaped ones count), the reload takes
+/// at least the four boots one after another, and requests sent all along
+/// are all answered.
+#[apply(every_strategy)]
+fn a_reload_replaces_one_batch_at_a_time_and_loses_nothing(strategy: &str) {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let s = start(
+        strategy,
+        &[
+            "--workers",
+            "4",
+            "--reload-batch",
+            "1",
+            "--fault",
+            "boot-slow-on-reload",
+        ],
+    );
+    assert!(s.wait_workers(4, T));
+    let old = s.workers();
+    let master = s.pid();
+    let done = Arc::new(AtomicBool::new(false));
+    let most = Arc::new(AtomicUsize::new(0));
+    let sampler = {
+        let (done, most) = (Arc::clone(&done), Arc::clone(&most));
+        std::thread::spawn(move || {
+            while !done.load(Ordering::Relaxed) {
+                let n = prefork_testkit::children_at_once(master);
+                most.fetch_max(n, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        })
+    };
+    let load = {
+        let addr = s.addr().to_string();
+        std::thread::spawn(move || burst_path(&addr, "/", 2, 150))
+    };
+    let hup = Instant::now();
+    s.signal(Signal::SIGHUP);
+    assert!(
+        wait_until(T, || {
+            let now = s.workers();
+            now.len() == 4 && now.iter().all(|p| !old.contains(p))
+        }),
+        "{}",
+        s.log()
+    );
+    let took = hup.elapsed();
+    let (answers, failed) = load.join().expect("load");
+    done.store(true, Ordering::Relaxed);
+    sampler.join().expect("sampler");
+    assert_eq!(failed, 0, "{}", s.log());
+    assert_eq!(answers.len(), 300);
+    assert_eq!(
+        most.load(Ordering::Relaxed),
+        5,
+        "4 workers + a batch of 1: {}",
+        s.log()
+    );
+    assert!(
+        took >= Duration::from_millis(800),
+        "four 200 ms boots one after another took only {took:?}"
+    );
+}

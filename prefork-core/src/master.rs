@@ -64,6 +64,8 @@ pub struct MasterConfig {
     pub timeout: Option<Duration>,
     /// Kill a worker not ready this long after its fork (a boot failure).
     pub boot_timeout: Option<Duration>,
+    /// Slots a reload replaces at a time (`None`: a quarter of the pool).
+    pub reload_batch: Option<usize>,
     /// Recycle a worker after this many connections.
     pub max_requests: Option<u64>,
     /// Add 0..=this to each worker's limit, so workers do not recycle together.
@@ -98,6 +100,7 @@ impl Default for MasterConfig {
             pid_file: None,
             timeout: None,
             boot_timeout: Some(Duration::from_secs(60)),
+            reload_batch: None,
             max_requests: None,
             max_requests_jitter: 0,
             keepalive_timeout: Duration::from_secs(5),
@@ -314,6 +317,7 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
             timeout: cfg.timeout,
             boot_timeout: cfg.boot_timeout,
             scale: cfg.scale,
+            reload_batch: cfg.reload_batch,
             ..SupervisorConfig::default()
         });
         Ok(Master {

@@ -66,6 +66,12 @@ pub struct SupervisorConfig {
     /// Size the pool between `min` and `max` from the busy/idle stream
     /// (`--workers MIN:MAX`); `None` keeps `workers`. The pool starts at `min`.
     pub scale: Option<ScaleConfig>,
+    /// How many slots a reload (or a recycle) replaces at a time: a slot's
+    /// replacement is forked only while fewer than `target + batch` workers
+    /// live, so memory peaks at that and boots do not dogpile
+    /// (`--reload-batch`); `None`: a quarter of the target, at least 1.
+    /// An empty slot (a crash, a grown pool) is filled whatever the batch.
+    pub reload_batch: Option<usize>,
 }
 
 impl Default for SupervisorConfig {
@@ -80,6 +86,7 @@ impl Default for SupervisorConfig {
             abort_grace: Duration::from_secs(1),
             boot_timeout: None,
             scale: None,
+            reload_batch: None,
         }
     }
 }
@@ -790,6 +797,7 @@ impl Supervisor {
                 self.kill_unresponsive(now, &mut out);
                 self.kill_stuck_at_boot(now, &mut out);
                 self.mark_one_for_recycling();
+                self.stop_outdated_boots(now, &mut out);
                 self.spawn_missing(now, &mut out);
                 self.retire_surplus(now, &mut out);
                 if self.workers.is_empty()
@@ -863,7 +871,40 @@ impl Supervisor {
         next
     }
 
+    /// Replacements at a time (see [`SupervisorConfig::reload_batch`]).
+    pub fn reload_batch(&self) -> usize {
+        self.cfg
+            .reload_batch
+            .unwrap_or(self.target.div_ceil(4))
+            .max(1)
+    }
+
+    /// A worker of an older generation still booting only boots to be
+    /// replaced (a reload came before it was ready): it is told to leave at
+    /// once, so that it does not hold a place of the reload batch.
+    fn stop_outdated_boots(&mut self, now: MonoTime, out: &mut Vec<Action>) {
+        let gen = self.generation;
+        for w in self
+            .workers
+            .iter_mut()
+            .filter(|w| w.generation < gen && w.ready_at.is_none() && w.stop.is_none())
+        {
+            w.stop = Some((Signal::SIGQUIT, now));
+            out.push(Action::Signal {
+                pid: w.pid,
+                slot: w.slot,
+                signal: Signal::SIGQUIT,
+                reason: StopReason::Replaced,
+            });
+        }
+    }
+
     fn spawn_missing(&mut self, now: MonoTime, out: &mut Vec<Action>) {
+        // Workers alive or being forked: a replacement (a slot still held
+        // by an older or recycling worker) waits while this is at the cap.
+        let cap = self.target.saturating_add(self.reload_batch());
+        let mut live = self.workers.len() + self.slots.iter().filter(|s| s.spawning).count();
+        let mut replacements = Vec::new();
         for s in 0..self.target {
             if self.has_current(s) {
                 // Once the current worker is ready, the others in its slot
@@ -892,17 +933,33 @@ impl Supervisor {
                 }
                 continue;
             }
-            let generation = self.generation;
-            let slot = self.slot_mut(s);
+            let slot = self.slot(s);
             if slot.boot_failed || slot.spawning || now < slot.next_spawn_at {
                 continue;
             }
-            slot.spawning = true;
-            out.push(Action::Spawn {
-                slot: s,
-                generation,
-            });
+            if self.workers.iter().any(|w| w.slot == s) {
+                replacements.push(s);
+            } else {
+                // An empty slot is filled whatever the batch.
+                live += 1;
+                self.spawn(s, out);
+            }
         }
+        for s in replacements {
+            if live >= cap {
+                break;
+            }
+            live += 1;
+            self.spawn(s, out);
+        }
+    }
+
+    fn spawn(&mut self, slot: usize, out: &mut Vec<Action>) {
+        self.slot_mut(slot).spawning = true;
+        out.push(Action::Spawn {
+            slot,
+            generation: self.generation,
+        });
     }
 
     /// SIGABRT (last words) to every worker busy on one connection longer

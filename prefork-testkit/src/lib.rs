@@ -18,5 +18,7 @@ pub mod slow;
 pub mod step;
 
 pub use client::{http_get, read_line_from, HttpReply};
-pub use procs::{children_of, is_sleeping_in_nanosleep, process_alive, zombie_children};
+pub use procs::{
+    children_at_once, children_of, is_sleeping_in_nanosleep, process_alive, zombie_children,
+};
 pub use server::{wait_until, Server, ServerBuilder};

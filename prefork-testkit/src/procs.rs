@@ -45,6 +45,24 @@ pub fn children_of(ppid: i32) -> Vec<i32> {
         .collect()
 }
 
+/// How many children `ppid` had at one instant, zombies included (a
+/// worker the master has not reaped is still one of its workers). One
+/// /proc scan is not a snapshot: a child reaped and another forked during
+/// the scan can both be seen. So two scans are made, and only the pids seen
+/// in both count: each of them existed from its first sighting to its
+/// second, so all of them at once at the end of the first scan.
+pub fn children_at_once(ppid: i32) -> usize {
+    let scan = || -> Vec<i32> {
+        all_stats()
+            .filter(|s| s.ppid == ppid)
+            .map(|s| s.pid)
+            .collect()
+    };
+    let first = scan();
+    let second = scan();
+    first.iter().filter(|p| second.contains(p)).count()
+}
+
 /// Zombie children of `ppid` (exited, not reaped).
 pub fn zombie_children(ppid: i32) -> Vec<i32> {
     all_stats()

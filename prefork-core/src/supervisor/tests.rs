@@ -19,6 +19,7 @@ fn cfg(workers: usize) -> SupervisorConfig {
         abort_grace: Duration::from_secs(1),
         boot_timeout: None,
         scale: None,
+        reload_batch: None,
     }
 }
 
@@ -86,6 +87,17 @@ impl Sim {
                         "spawn of slot {slot} beyond target"
                     );
                     assert_eq!(generation, self.sup.generation());
+                    // A replacement (its slot still held) only below the
+                    // reload batch's cap.
+                    if self.alive.values().any(|(s, ..)| *s == slot) {
+                        assert!(
+                            self.alive.len() < self.sup.target() + self.sup.reload_batch(),
+                            "replacement of slot {slot} with {} alive, target {}, batch {}",
+                            self.alive.len(),
+                            self.sup.target(),
+                            self.sup.reload_batch()
+                        );
+                    }
                     let pid = self.next_pid;
                     self.next_pid += 1;
                     self.sup
@@ -410,7 +422,10 @@ fn a_reload_can_turn_a_fixed_pool_into_one_that_sizes_itself_and_back() {
 
 #[test]
 fn reload_starts_each_new_worker_before_its_old_one_is_asked_to_leave() {
-    let mut sim = Sim::new(2);
+    let mut sim = Sim::with(SupervisorConfig {
+        reload_batch: Some(2),
+        ..cfg(2)
+    });
     sim.step();
     sim.ready_all();
     let old: Vec<i32> = sim.alive.keys().copied().collect();
@@ -441,6 +456,77 @@ fn reload_starts_each_new_worker_before_its_old_one_is_asked_to_leave() {
         .expect("old");
     assert_eq!(sim.alive[&old0].2, vec![Signal::SIGQUIT]);
     assert!(sim.alive[&old1].2.is_empty());
+}
+
+#[test]
+fn a_reload_replaces_at_most_a_batch_of_slots_at_a_time() {
+    // 8 workers: the default batch is a quarter, 2.
+    let mut sim = Sim::new(8);
+    sim.step();
+    sim.ready_all();
+    assert_eq!(sim.sup.reload_batch(), 2);
+    let old: Vec<i32> = sim.alive.keys().copied().collect();
+    sim.sup.command(Command::Reload, sim.now);
+    let mut max_alive = 0;
+    for _ in 0..20 {
+        sim.step();
+        max_alive = max_alive.max(sim.alive.len());
+        sim.ready_all();
+        sim.step();
+        sim.obey_signals();
+    }
+    assert_eq!(
+        max_alive, 10,
+        "at most 8 + 2 at once, and the batch is used"
+    );
+    assert_eq!(sim.alive.len(), 8);
+    assert!(sim.alive.keys().all(|p| !old.contains(p)), "all replaced");
+    // An explicit batch of 1, and a crash of another slot meanwhile: the
+    // empty slot is filled at once, whatever the batch.
+    let mut sim = Sim::with(SupervisorConfig {
+        reload_batch: Some(1),
+        ..cfg(3)
+    });
+    sim.step();
+    sim.ready_all();
+    sim.sup.command(Command::Reload, sim.now);
+    sim.step();
+    assert_eq!(sim.alive.len(), 4, "one replacement");
+    let crashed = *sim.pids_in(2).first().expect("slot 2");
+    sim.exit(crashed, ExitStatus::Signaled(9));
+    sim.step();
+    assert_eq!(sim.alive.len(), 4, "slot 2 refilled at once");
+    assert_eq!(sim.pids_in(2).len(), 1);
+}
+
+#[test]
+fn a_second_reload_stops_the_first_ones_workers_still_booting() {
+    let mut sim = Sim::with(SupervisorConfig {
+        reload_batch: Some(1),
+        ..cfg(1)
+    });
+    sim.step();
+    sim.ready_all();
+    let gen1 = sim.pids_in(0)[0];
+    sim.sup.command(Command::Reload, sim.now);
+    sim.step();
+    let gen2 = *sim.pids_in(0).iter().find(|&&p| p != gen1).expect("gen 2");
+    // gen 2 is still booting when the next reload comes: it would only
+    // boot to be replaced, and it holds the batch.
+    sim.sup.command(Command::Reload, sim.now);
+    sim.step();
+    assert_eq!(sim.alive[&gen2].2, [Signal::SIGQUIT]);
+    assert!(sim.alive[&gen1].2.is_empty(), "the serving one stays");
+    sim.obey_signals();
+    sim.step();
+    let gen3 = *sim
+        .pids_in(0)
+        .iter()
+        .find(|&&p| p != gen1)
+        .expect("gen 3 forked once gen 2 left");
+    sim.sup.ready(Pid::from_raw(gen3), sim.now);
+    sim.step();
+    assert_eq!(sim.alive[&gen1].2, [Signal::SIGQUIT]);
 }
 
 #[test]
