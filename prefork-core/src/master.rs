@@ -723,6 +723,7 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
                 continue; // a child that was not a worker (an app's subprocess)
             };
             let slot = r.slot;
+            self.note_if_vacant(slot);
             let up = r.uptime.as_secs_f64();
             if r.boot_failed {
                 tracing::error!("worker={slot} pid={pid} failed to boot ({how}); slot {slot} will not be respawned until reload (HUP)");
@@ -766,6 +767,7 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
                 Ok(Spawned::Child(setup)) => return Ok(Some(Flow::Child(setup))),
                 Err(e) => {
                     let delay = self.sup.spawn_failed(slot, now);
+                    self.note_if_vacant(slot);
                     tracing::error!(
                         "spawning worker {slot} failed: {e}; retrying in {:.1}s",
                         delay.as_secs_f64()
@@ -825,6 +827,18 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
         self.rng % n.max(1)
     }
 
+    /// Tells a strategy with sockets of its own that `slot` has no worker
+    /// left, so that it steers new connections elsewhere until the slot is
+    /// refilled.
+    fn note_if_vacant(&mut self, slot: usize) {
+        if self.sup.pids().any(|(_, s)| s == slot) {
+            return;
+        }
+        if let Some(own) = self.strategy.own_sockets() {
+            own.slot_vacant(slot);
+        }
+    }
+
     fn spawn_worker(&mut self, slot: usize, generation: u64) -> Result<Spawned> {
         self.strategy.prepare_slot(slot)?;
         let cell = self.pool.allocate_cell().ok_or_else(|| {
@@ -833,8 +847,15 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
                 std::io::Error::other("the scoreboard is full"),
             )
         })?;
-        let (status_rd, status_wr) =
-            status::channel().map_err(|e| Error::sys(format!("pipe2() for worker {slot}"), e))?;
+        let (status_rd, status_wr) = match status::channel() {
+            Ok(ends) => ends,
+            Err(e) => {
+                // At the descriptor limit: the cell must not leak with each
+                // retry, or the scoreboard fills up.
+                self.pool.release_cell(cell);
+                return Err(Error::sys(format!("pipe2() for worker {slot}"), e));
+            }
+        };
         let forked = match sys::fork() {
             Ok(f) => f,
             Err(e) => {

@@ -251,6 +251,12 @@ pub trait OwnSockets {
     /// (`true`, after USR2 started it), or no longer does (`false`: it
     /// exited, this master is the only one again).
     fn handed_over(&mut self, _active: bool) {}
+
+    /// Slot `slot` has no worker now (its worker was reaped, or forking its
+    /// replacement failed), and is not retired: its socket should get no
+    /// new connection until [`AcceptStrategy::prepare_slot`] is called for
+    /// it again (a crash loop, fork failing, a slot that failed to boot).
+    fn slot_vacant(&mut self, _slot: usize) {}
 }
 
 /// The worker side of an accept strategy.

@@ -173,6 +173,80 @@ pub struct Fdpass {
     stopping: bool,
     /// Connections workers handed back to be parked.
     pub(crate) kept: u64,
+    /// Descriptors kept free for connections handed back: see
+    /// [`Reserve`].
+    pub(crate) reserve: Reserve,
+}
+
+/// Descriptors held in reserve for connections handed back (`K`).
+///
+/// A descriptor passed with SCM_RIGHTS is installed when the master reads
+/// the message; at the descriptor limit the kernel cannot, sets MSG_CTRUNC
+/// and closes it: the client's kept-alive connection would be lost. So the
+/// master holds a few spare descriptors (of /dev/null). Near its limit
+/// (accept hit EMFILE, or an accepted descriptor's number came within a
+/// margin of the limit), it closes one before each read of a channel, so
+/// the next handed-back connection has a place, and it accepts nothing
+/// while the reserve is not full again: freed descriptors go to the
+/// reserve first. Each worker holds at most one connection, so a reserve
+/// of one per channel (plus two) covers every hand-back in flight. Far from
+/// the limit it costs nothing per message.
+#[derive(Debug, Default)]
+pub(crate) struct Reserve {
+    spare: Vec<OwnedFd>,
+    /// Near the limit until then.
+    tight_until: Option<MonoTime>,
+    /// RLIMIT_NOFILE (soft), read at most once a second.
+    limit: u64,
+    limit_read_at: Option<MonoTime>,
+}
+
+impl Reserve {
+    fn tight(&self) -> bool {
+        self.tight_until.is_some_and(|t| MonoTime::now() < t)
+    }
+
+    pub(crate) fn mark_tight(&mut self) {
+        self.tight_until = Some(MonoTime::now() + std::time::Duration::from_secs(1));
+    }
+
+    /// Fills the reserve up to `target`; true when it is full.
+    fn refill(&mut self, target: usize) -> bool {
+        self.spare.truncate(target);
+        while self.spare.len() < target {
+            match std::fs::File::open("/dev/null") {
+                Ok(f) => self.spare.push(OwnedFd::from(f)),
+                Err(_) => return false,
+            }
+        }
+        true
+    }
+
+    /// Rereads the descriptor limit (it can be changed from outside, with
+    /// prlimit(1)) at most once a second.
+    fn read_limit(&mut self, now: MonoTime) {
+        if self
+            .limit_read_at
+            .is_some_and(|t| now.saturating_since(t) < std::time::Duration::from_secs(1))
+        {
+            return;
+        }
+        self.limit_read_at = Some(now);
+        if let Ok((soft, _)) =
+            nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        {
+            self.limit = soft;
+        }
+    }
+
+    /// An accepted descriptor numbered `fd`: descriptors are allocated
+    /// lowest first, so every number below it is in use.
+    fn accepted(&mut self, fd: RawFd, margin: usize) {
+        let used = u64::try_from(fd).unwrap_or(0) + 1;
+        if self.limit > 0 && used + 2 * margin as u64 >= self.limit {
+            self.mark_tight();
+        }
+    }
 }
 
 impl Fdpass {
@@ -190,6 +264,11 @@ impl Fdpass {
             front_cfg: (cfg.dispatch == Dispatch::WhenReady).then_some(cfg),
             ..Fdpass::default()
         }
+    }
+
+    /// Spare descriptors to hold: one per channel, plus two.
+    fn reserve_target(&self) -> usize {
+        self.slots.iter().flatten().count() + self.old.len() + 2
     }
 
     pub(crate) fn accept_paused(&self) -> bool {
@@ -301,6 +380,14 @@ impl Fdpass {
         if self.accept_paused() {
             return;
         }
+        // Descriptors freed since go to the reserve first.
+        let target = self.reserve_target();
+        if self.reserve.spare.len() < target && !self.reserve.refill(target) {
+            self.reserve.mark_tight();
+            self.accept_paused_until =
+                Some(MonoTime::now() + std::time::Duration::from_millis(100));
+            return;
+        }
         while self.room() {
             let mut got = None;
             for (i, (l, unix)) in self.listeners.iter().enumerate() {
@@ -309,6 +396,7 @@ impl Fdpass {
                 }
                 match l.accept() {
                     Ok((sock, _)) => {
+                        self.reserve.accepted(sock.as_raw_fd(), target);
                         got = Some(Conn::accepted(
                             sock,
                             u16::try_from(i).unwrap_or(u16::MAX),
@@ -325,6 +413,7 @@ impl Fdpass {
                             || e.raw_os_error() == Some(libc::ENFILE) =>
                     {
                         tracing::warn!("fdpass: accept failed: {e}; pausing accept for 100 ms");
+                        self.reserve.mark_tight();
                         self.accept_paused_until =
                             Some(MonoTime::now() + std::time::Duration::from_millis(100));
                         return;
@@ -386,6 +475,10 @@ impl Fdpass {
     /// Reads one message from a channel; returns a connection its worker
     /// handed back.
     fn read_one_message(&mut self, which: Which) -> Option<Conn> {
+        if self.reserve.tight() {
+            // A place for the descriptor the message may carry.
+            drop(self.reserve.spare.pop());
+        }
         let ch = match which {
             Which::Slot(i) => self.slots.get_mut(i).and_then(Option::as_mut),
             Which::Old(i) => self.old.get_mut(i),
@@ -637,6 +730,11 @@ impl MasterIo for Fdpass {
     }
 
     fn turn(&mut self, app: &dyn Framing) {
+        self.reserve.read_limit(MonoTime::now());
+        let target = self.reserve_target();
+        if self.reserve.spare.len() < target {
+            self.reserve.refill(target);
+        }
         self.front_active =
             self.front.is_some() && app.frame(&[]) != prefork_core::Frame::Complete(0);
         if let Some(front) = &mut self.front {

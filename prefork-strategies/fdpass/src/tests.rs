@@ -422,3 +422,49 @@ fn a_worker_at_its_descriptor_limit_hands_the_connection_back() {
     c.read_exact(&mut buf).expect("the request is intact");
     assert_eq!(&buf, b"ping");
 }
+
+/// A kept-alive connection handed back (`K`) while the master is at its
+/// descriptor limit finds a place in the master's reserve: received and
+/// held, not closed as a truncated message (the client's connection would
+/// be lost).
+#[test]
+fn a_connection_handed_back_at_the_descriptor_limit_is_not_lost() {
+    use crate::protocol::Kept;
+    use std::io::Read;
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut m = Fdpass::new();
+    m.prepare(no_listeners()).expect("prepare");
+    m.prepare_slot(0).expect("slot");
+    let worker_end = m.slots[0]
+        .as_mut()
+        .and_then(|c| c.worker.take())
+        .expect("end");
+    m.turn(&Plain); // fills the reserve
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let mut client = TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
+    let (conn, _) = l.accept().expect("accept");
+    let msg = Kept {
+        requests: 1,
+        listener: 0,
+        unix: false,
+        ahead: b"",
+    }
+    .encode();
+    sys::send_with_fds(worker_end.as_fd(), &msg, &[conn.as_raw_fd()]).expect("K");
+    drop(conn); // the worker's copy
+    let ch = m.slots[0].as_ref().expect("ch").master.as_raw_fd();
+    let at_limit = AtLimit::new();
+    m.reserve.mark_tight(); // as accept's EMFILE does
+    m.ready(ch, &Plain);
+    drop(at_limit);
+    assert_eq!(m.kept, 1, "the connection was received");
+    client
+        .set_read_timeout(Some(std::time::Duration::from_millis(50)))
+        .expect("timeout");
+    let mut b = [0u8; 1];
+    let r = client.read(&mut b);
+    assert!(
+        matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "the client's connection is still open: {r:?}"
+    );
+}

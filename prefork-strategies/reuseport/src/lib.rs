@@ -20,6 +20,10 @@
 //!   a group's sockets in the order they started listening, which is slot
 //!   order. When the pool shrinks (TTOU, WINCH), `live` shrinks **before**
 //!   the retiring worker is told to stop, so its socket gets nothing new.
+//!   A slot left with no worker (its worker reaped and the replacement not
+//!   forked: a crash loop's back-off, fork(2) failing) is steered around
+//!   until it is refilled, so its queue does not fill with connections no
+//!   one takes; the program then picks among the serving slots by index.
 //! * The retiring worker then **drains** its queue: it keeps accepting until
 //!   nothing has arrived for [`DRAIN_LINGER`] (which covers handshakes still
 //!   in flight), serves what it got, and exits. The socket stays open and
@@ -114,8 +118,12 @@ pub struct Reuseport {
     addrs: Vec<SocketAddr>,
     /// Per slot: one socket per address, kept open while the master runs.
     slots: Vec<Vec<Listener>>,
-    /// Slots 0..live receive new connections.
+    /// Slots 0..live receive new connections, but vacant ones.
     live: usize,
+    /// Slots below `live` with no worker now (reaped, and its replacement
+    /// not forked: a crash loop's back-off, fork failing): steered around,
+    /// so that their queues do not fill with connections no one takes.
+    vacant: std::collections::BTreeSet<usize>,
     opts: BindOptions,
     /// Slot sockets an old master handed over (binary upgrade), taken by
     /// the slots they belong to.
@@ -167,16 +175,25 @@ impl Reuseport {
         }
     }
 
-    /// Points every group's BPF program at slots 0..live.
+    /// The slots that get new connections: 0..live, but vacant ones.
+    fn serving(&self) -> Vec<u32> {
+        (0..self.live)
+            .filter(|s| !self.vacant.contains(s))
+            .map(|s| s as u32)
+            .collect()
+    }
+
+    /// Points every group's BPF program at the serving slots.
     fn steer(&self) -> Result<()> {
-        if self.live == 0 || self.steering_handed_over {
-            // No worker: connections wait in the queues. Or a new master
-            // steers the groups now.
+        let serving = self.serving();
+        if serving.is_empty() || self.steering_handed_over {
+            // No worker: connections wait in the queues (for the next
+            // worker) where they are. Or a new master steers the groups now.
             return Ok(());
         }
         for (i, sa) in self.addrs.iter().enumerate() {
             if let Some(sock) = self.slots.first().and_then(|s| s.get(i)) {
-                sys::attach_steering(sock.as_fd(), self.live as u32)
+                sys::attach_steering(sock.as_fd(), &serving)
                     .map_err(|e| strategy_err(format!("SO_ATTACH_REUSEPORT_CBPF on {sa}: {e}")))?;
             }
         }
@@ -227,6 +244,14 @@ impl OwnSockets for Reuseport {
         self.steering_handed_over = active;
         if !active {
             // The new master's program may still be on the groups.
+            if let Err(e) = self.steer() {
+                tracing::error!("{e}");
+            }
+        }
+    }
+
+    fn slot_vacant(&mut self, slot: usize) {
+        if slot < self.live && self.vacant.insert(slot) {
             if let Err(e) = self.steer() {
                 tracing::error!("{e}");
             }
@@ -352,8 +377,11 @@ impl AcceptStrategy for Reuseport {
                 .collect::<Result<Vec<_>>>()?;
             self.slots.push(sockets);
         }
+        let refilled = self.vacant.remove(&slot);
         if slot >= self.live {
             self.live = slot + 1;
+            self.steer()?;
+        } else if refilled {
             self.steer()?;
         }
         Ok(())
@@ -362,6 +390,7 @@ impl AcceptStrategy for Reuseport {
     fn slot_retired(&mut self, slot: usize) {
         if slot < self.live {
             self.live = slot;
+            self.vacant.retain(|&s| s < slot);
             if let Err(e) = self.steer() {
                 tracing::error!("{e}");
             }
@@ -562,7 +591,7 @@ mod tests {
             s.listen(128).expect("listen");
             group.push(s);
         }
-        sys::attach_steering(group[0].as_fd(), 2).expect("attach");
+        sys::attach_steering(group[0].as_fd(), &[0, 1]).expect("attach");
         let clients: Vec<TcpStream> = (0..40)
             .map(|_| TcpStream::connect(sa).expect("connect"))
             .collect();
@@ -577,6 +606,48 @@ mod tests {
         assert_eq!(per_socket[0] + per_socket[1], 40, "{per_socket:?}");
         assert!(
             per_socket[0] > 0 && per_socket[1] > 0,
+            "random spread: {per_socket:?}"
+        );
+        drop(clients);
+    }
+
+    #[test]
+    fn steering_around_a_vacant_slot_skips_its_socket_only() {
+        // Four sockets; slot 1 is vacant: 0, 2 and 3 get everything.
+        let first = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
+        first.set_reuse_port(true).expect("reuseport");
+        first
+            .bind(&SockAddr::from(
+                "127.0.0.1:0".parse::<SocketAddr>().expect("addr"),
+            ))
+            .expect("bind");
+        first.listen(256).expect("listen");
+        let sa = first.local_addr().expect("addr").as_socket().expect("inet");
+        let mut group = vec![first];
+        for _ in 0..3 {
+            let s = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
+            s.set_reuse_port(true).expect("reuseport");
+            s.bind(&SockAddr::from(sa)).expect("bind");
+            s.listen(256).expect("listen");
+            group.push(s);
+        }
+        assert_eq!(sys::steering_program(&[0, 2, 3]).len(), 2 * 3 + 3);
+        assert_eq!(sys::steering_program(&[0, 1, 2]).len(), 3, "contiguous");
+        sys::attach_steering(group[0].as_fd(), &[0, 2, 3]).expect("attach");
+        let clients: Vec<TcpStream> = (0..90)
+            .map(|_| TcpStream::connect(sa).expect("connect"))
+            .collect();
+        let mut per_socket = [0usize; 4];
+        for (i, s) in group.iter().enumerate() {
+            s.set_nonblocking(true).expect("nonblocking");
+            while s.accept().is_ok() {
+                per_socket[i] += 1;
+            }
+        }
+        assert_eq!(per_socket[1], 0, "{per_socket:?}");
+        assert_eq!(per_socket.iter().sum::<usize>(), 90, "{per_socket:?}");
+        assert!(
+            per_socket[0] > 0 && per_socket[2] > 0 && per_socket[3] > 0,
             "random spread: {per_socket:?}"
         );
         drop(clients);
