@@ -71,30 +71,46 @@ fn l18_at_most_one_worker_inside_the_locked_section(#[case] strategy: &str) {
     assert!(count_before(&line, "acquisitions") >= 3000, "{line}");
 }
 
-/// L17: SIGKILL the lock holder every 100 ms under load: the kernel (flock,
-/// fcntl, SEM_UNDO) or the robust mutex protocol (EOWNERDEAD) releases the
-/// lock, another worker takes over, nothing is lost.
+/// L17: SIGKILL the lock holder (found stopped in poll(2) over the two
+/// listeners, which only the holder does; the others wait on the lock)
+/// every 100 ms under load: the kernel (flock, fcntl, SEM_UNDO) or the
+/// robust mutex protocol (EOWNERDEAD) releases the lock, another worker
+/// takes over. Nothing is lost and answers never stop for more than 100 ms
+/// (the longest accept gap). For the SysV semaphore, 100 holders are killed,
+/// and the master's one semaphore is gone after it stops.
 #[rstest]
-#[case::flock("mutex-flock")]
-#[case::fcntl("mutex-fcntl")]
-#[case::sysvsem("mutex-sysvsem")]
-#[case::pthread("mutex-pthread")]
-fn l17_killing_the_lock_holder_loses_nothing(#[case] strategy: &str) {
+#[case::flock("mutex-flock", 3)]
+#[case::fcntl("mutex-fcntl", 3)]
+#[case::sysvsem("mutex-sysvsem", 16)]
+#[case::pthread("mutex-pthread", 3)]
+fn l17_killing_the_lock_holder_loses_nothing(#[case] strategy: &str, #[case] secs: u64) {
     let mut s = start(strategy, &["--workers", "4", "--bind", "127.0.0.1:0"]);
+    let master = s.pid();
     let r = run_fault(
         &s,
         strategy,
         Fault::KillLockHolder,
         4,
         400.0,
-        Duration::from_secs(3),
+        Duration::from_secs(secs),
+        None,
     )
     .expect("fault run");
     eprintln!("{r:?}");
-    assert!(r.injections >= 5, "the holder was found and killed: {r:?}");
-    assert_eq!(r.lost, 0, "{r:?}");
-    assert_eq!(r.zombies, 0, "{r:?}");
-    assert!(r.p99_us < 100_000, "accept stalled: {r:?}");
+    let least = if secs > 10 { 100 } else { 5 };
+    assert!(
+        r.injections >= least,
+        "the holder was found and killed: {r:?}"
+    );
+    if let Err(e) = r.verdict() {
+        panic!("{e}: {r:?}");
+    }
+    assert!(prefork_testkit::process_alive(master), "the master lives");
+    let sem = s
+        .log()
+        .lines()
+        .find_map(|l| l.split("SysV semaphore id ").nth(1).map(str::to_string))
+        .and_then(|id| id.trim().parse::<i64>().ok());
     assert_eq!(s.stop(T).and_then(|st| st.code()), Some(0));
     let line = audit(&s);
     assert!(line.contains("at most 1 worker inside"), "{line}");
@@ -102,6 +118,20 @@ fn l17_killing_the_lock_holder_loses_nothing(#[case] strategy: &str) {
         count_before(&line, "taken over") >= 1,
         "killed holders were taken over: {line}"
     );
+    if let Some(id) = sem {
+        let table = std::fs::read_to_string("/proc/sysvipc/sem").unwrap_or_default();
+        let left = table
+            .lines()
+            .skip(1)
+            .any(|l| l.split_whitespace().nth(1) == Some(&id.to_string()));
+        assert!(
+            !left,
+            "semaphore {id} left after {} holder kills",
+            r.injections
+        );
+    } else {
+        assert_ne!(strategy, "mutex-sysvsem", "the semaphore id is logged");
+    }
 }
 
 /// The semaphore of the sysvsem lock is removed even when the master is

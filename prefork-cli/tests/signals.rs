@@ -511,6 +511,14 @@ fn crash_loop_at_boot_backs_off_exponentially() {
     );
     let deaths = s.log_count("before it was ready");
     assert!((5..=8).contains(&deaths), "{deaths} forks: {}", s.log());
+    // The master's CPU over the loop (about 3 s, forks included): at most
+    // 5 % (15 ticks of 10 ms).
+    let stat = prefork_testkit::procs::stat(s.pid()).expect("master stat");
+    let cpu = stat.utime + stat.stime;
+    assert!(
+        cpu <= 15,
+        "the master used {cpu} ticks during the crash loop"
+    );
     // Regression: the worker's SIGABRT handler (last words of a frozen
     // worker) once swallowed the app's own abort() as "exit code 134". Only
     // the master's SIGABRT is the frozen-kill; any other keeps its meaning.
@@ -658,10 +666,12 @@ fn l13_a_storm_of_1000_signals_leaves_the_master_healthy(strategy: &str) {
     ];
     // A fixed pseudo-random order (an LCG), paced at one per millisecond.
     let mut x: u32 = 12_345;
+    let mut ttins = 0;
     let t0 = Instant::now();
     for i in 0..1000u32 {
         x = x.wrapping_mul(1_103_515_245).wrapping_add(12_345);
         let sig = KINDS[(x >> 16) as usize % KINDS.len()];
+        ttins += usize::from(sig == Signal::SIGTTIN);
         kill(Pid::from_raw(s.pid()), sig).expect("the master is alive during the storm");
         let due = t0 + Duration::from_millis(u64::from(i));
         if let Some(d) = due.checked_duration_since(Instant::now()) {
@@ -696,6 +706,32 @@ fn l13_a_storm_of_1000_signals_leaves_the_master_healthy(strategy: &str) {
         "descriptors before {before:?}, after {:?}",
         master_fds(s.pid())
     );
+    if strategy == "reuseport" {
+        // Every listening socket counted: at most one per slot the storm
+        // could have made (the 2 first, one more per TTIN), and every one
+        // on the port is the master's (none leaked into a worker or left
+        // behind by one).
+        let on_port: HashSet<String> = prefork_testkit::procs::tcp_listeners(s.port())
+            .iter()
+            .map(|r| format!("socket:[{}]", r.inode))
+            .collect();
+        // Distinct sockets (slot 0's is also the master's bound listener,
+        // under a second descriptor).
+        let held = master_fds(s.pid())
+            .into_iter()
+            .filter(|f| on_port.contains(f))
+            .collect::<HashSet<_>>()
+            .len();
+        assert!(
+            (2..=2 + ttins).contains(&held),
+            "{held} listening sockets after {ttins} TTIN"
+        );
+        assert_eq!(
+            on_port.len(),
+            held,
+            "every listening socket on the port is the master's"
+        );
+    }
     assert!(process_alive(s.pid()));
 }
 

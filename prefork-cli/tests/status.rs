@@ -95,6 +95,33 @@ fn a_master_stopped_for_4s_kills_no_worker(strategy: &str) {
     assert_eq!(before, after, "no worker replaced");
 }
 
+/// L9, the stale view itself: a 4.5 s request starts, the master is
+/// stopped for 4 s, then continued. On resuming, the master sees a worker
+/// busy for 4 s against a 2 s timeout; its view of that time went stale
+/// while it could not look, so the worker gets a fresh timeout from the
+/// resumption and finishes 0.5 s later. Without the grace it would be
+/// killed at once and the request lost (checked: this test fails on a
+/// build whose `Supervisor::stalled` does nothing).
+#[apply(every_strategy)]
+fn a_request_outliving_the_timeout_across_a_master_stop_is_not_killed(strategy: &str) {
+    let s = start(strategy, &["--workers", "2", "--timeout", "2"]);
+    let addr = s.addr().to_string();
+    let slow = std::thread::spawn(move || http_get(&addr, "/sleep/4500", T));
+    assert!(s.wait_worker_sleeping(T));
+    kill(Pid::from_raw(s.pid()), Signal::SIGSTOP).expect("stop");
+    // The fault itself lasts 4 s (this is not a wait for an event).
+    std::thread::sleep(Duration::from_secs(4));
+    kill(Pid::from_raw(s.pid()), Signal::SIGCONT).expect("cont");
+    let r = slow.join().expect("client").expect("answered");
+    assert_eq!(r.status, 200, "{}", s.log());
+    assert!(
+        s.log().contains("master was stopped or starved"),
+        "{}",
+        s.log()
+    );
+    assert!(!s.log().contains("killing"), "{}", s.log());
+}
+
 /// --max-requests: workers are recycled (replacement first), none lost.
 #[apply(every_strategy)]
 fn max_requests_recycles_workers_under_2000_connections_with_none_lost(strategy: &str) {

@@ -797,7 +797,7 @@ impl Supervisor {
                 self.kill_unresponsive(now, &mut out);
                 self.kill_stuck_at_boot(now, &mut out);
                 self.mark_one_for_recycling();
-                self.stop_outdated_boots(now, &mut out);
+                self.stop_superseded(now, &mut out);
                 self.spawn_missing(now, &mut out);
                 self.retire_surplus(now, &mut out);
                 if self.workers.is_empty()
@@ -879,16 +879,31 @@ impl Supervisor {
             .max(1)
     }
 
-    /// A worker of an older generation still booting only boots to be
-    /// replaced (a reload came before it was ready): it is told to leave at
-    /// once, so that it does not hold a place of the reload batch.
-    fn stop_outdated_boots(&mut self, now: MonoTime, out: &mut Vec<Action>) {
+    /// Workers of an older generation that no longer serve a purpose are
+    /// told to leave at once, so that they do not hold places of the reload
+    /// batch (and, with it, the reload itself):
+    /// * one still booting only boots to be replaced (a reload came before
+    ///   it was ready);
+    /// * one that is ready while a newer ready worker serves its slot is
+    ///   superseded (reloads came faster than the slot was replaced: the
+    ///   newest ready one serves until the current one is ready).
+    fn stop_superseded(&mut self, now: MonoTime, out: &mut Vec<Action>) {
         let gen = self.generation;
-        for w in self
+        let newest_ready: Vec<(usize, u64)> = self
             .workers
-            .iter_mut()
-            .filter(|w| w.generation < gen && w.ready_at.is_none() && w.stop.is_none())
-        {
+            .iter()
+            .filter(|w| w.ready_at.is_some() && w.stop.is_none())
+            .map(|w| (w.slot, w.generation))
+            .collect();
+        let superseded = |w: &Worker| {
+            w.ready_at.is_some()
+                && newest_ready
+                    .iter()
+                    .any(|&(slot, g)| slot == w.slot && g > w.generation)
+        };
+        for w in self.workers.iter_mut().filter(|w| {
+            w.generation < gen && w.stop.is_none() && (w.ready_at.is_none() || superseded(w))
+        }) {
             w.stop = Some((Signal::SIGQUIT, now));
             out.push(Action::Signal {
                 pid: w.pid,

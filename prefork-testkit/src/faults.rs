@@ -20,13 +20,14 @@ use crate::server::Server;
 pub enum Fault {
     /// L1: SIGKILL a random *idle* worker every 100 ms.
     KillIdle,
-    /// L2: SIGKILL a random worker, idle or busy, every 100 ms.
+    /// L2: SIGKILL a random worker, idle or busy, every 100 ms (each kill
+    /// classified: only a busy worker's may cost a connection).
     KillAny,
     /// L4: HUP the master every second.
     Hup,
     /// L7: TTIN/TTOU every 200 ms, between 1 and 4 workers.
     TtinTtou,
-    /// L3: SIGKILL every worker at once, every second.
+    /// L3: SIGKILL every worker at once, every 300 ms.
     KillAll,
     /// L17: SIGKILL the holder of the mutex strategy's lock every 100 ms
     /// (the one worker waiting in poll(2) over the listeners, or in
@@ -78,7 +79,8 @@ impl Fault {
         match self {
             Fault::KillIdle | Fault::KillAny | Fault::KillLockHolder => Duration::from_millis(100),
             Fault::TtinTtou => Duration::from_millis(200),
-            Fault::Hup | Fault::KillAll => Duration::from_secs(1),
+            Fault::KillAll => Duration::from_millis(300),
+            Fault::Hup => Duration::from_secs(1),
         }
     }
 }
@@ -87,7 +89,7 @@ impl Fault {
 #[derive(Debug, Clone, Serialize)]
 pub struct FaultResult {
     /// The fault.
-    pub fault: &'static str,
+    pub fault: Fault,
     /// Its fault-matrix row.
     pub row: &'static str,
     /// Server label.
@@ -100,15 +102,92 @@ pub struct FaultResult {
     pub lost_by_kind: std::collections::BTreeMap<String, u64>,
     /// Injections made (kills, signals).
     pub injections: u64,
-    /// Longest time from a kill until the pool was full again, ms.
+    /// Workers killed while they held a connection (L2, L3: each may cost
+    /// that one connection; a killed idle worker may cost none).
+    pub busy_kills: u64,
+    /// Longest time from a kill until the pool was whole again, ms: N
+    /// workers the master counts as ready (read from its status socket),
+    /// or, without one, N live workers.
     pub max_recovery_ms: Option<f64>,
     /// p99 latency of the probes, µs.
     pub p99_us: u64,
-    /// Longest probe latency, µs (bounds how long accept stalled).
+    /// Longest probe latency, µs.
     pub max_us: u64,
+    /// Longest time between two consecutive answers, µs: how long accepting
+    /// stalled (at the probe rate answers come every few ms; a stall holds
+    /// back every probe started during it). Unlike the longest latency, one
+    /// slow probe alone does not make it.
+    pub max_gap_us: u64,
     /// Zombie children the master left unreaped: 0 when an instant with none
     /// came within 2 s of the run's end, else those present then.
     pub zombies: usize,
+}
+
+impl FaultResult {
+    /// The row's pass figure (RELIABILITY), checked: `Err` says what was
+    /// missed. The tests and `prefork-bench --faults` both judge by it.
+    pub fn verdict(&self) -> Result<(), String> {
+        let mut missed = Vec::new();
+        if self.zombies != 0 {
+            missed.push(format!("{} zombies", self.zombies));
+        }
+        if self.injections == 0 {
+            missed.push("no injection".to_string());
+        }
+        let recovery = |limit: f64, missed: &mut Vec<String>| match self.max_recovery_ms {
+            Some(ms) if ms <= limit => {}
+            Some(ms) => missed.push(format!("back in {ms:.0} ms > {limit:.0} ms")),
+            None => missed.push("recovery not measured".to_string()),
+        };
+        match self.fault {
+            Fault::KillIdle => {
+                if self.lost != 0 {
+                    missed.push(format!("{} lost", self.lost));
+                }
+                recovery(200.0, &mut missed);
+            }
+            Fault::KillAny => {
+                if self.lost > self.busy_kills {
+                    missed.push(format!(
+                        "{} lost > {} busy workers killed",
+                        self.lost, self.busy_kills
+                    ));
+                }
+            }
+            Fault::KillAll => {
+                if self.lost > self.busy_kills {
+                    missed.push(format!(
+                        "{} lost > {} busy workers killed",
+                        self.lost, self.busy_kills
+                    ));
+                }
+                recovery(500.0, &mut missed);
+            }
+            Fault::Hup | Fault::TtinTtou => {
+                if self.lost != 0 {
+                    missed.push(format!("{} lost", self.lost));
+                }
+            }
+            Fault::KillLockHolder => {
+                if self.lost != 0 {
+                    missed.push(format!("{} lost", self.lost));
+                }
+                if self.max_gap_us > 100_000 {
+                    missed.push(format!("accept gap {} µs > 100 ms", self.max_gap_us));
+                }
+            }
+        }
+        if missed.is_empty() {
+            Ok(())
+        } else {
+            Err(format!(
+                "{} {}: {}",
+                self.row,
+                self.server,
+                missed.join("; ")
+            ))
+        }
+    }
 }
 
 /// The syscalls a worker waits in when it holds no connection: accept;
@@ -126,37 +205,51 @@ fn idle_syscalls() -> Vec<i64> {
     v
 }
 
-/// SIGSTOPs a worker and leaves it stopped only if it is idle: waiting in
+/// SIGSTOPs a worker and says whether it is idle: waiting in
 /// accept/poll/recvmsg *and* holding no socket the master does not hold
 /// (listeners are inherited from the master; a connection is the worker's
 /// alone). The second check matters: a stop can land just as accept(2)
 /// returns a connection, while /proc/PID/syscall still names accept4.
 /// Under the mutex strategy with one listener, a worker stopped in accept
-/// is the lock holder (it accepts only with the lock held). A worker that
-/// is not idle is continued, and `false` returned.
-pub fn stop_if_idle(master: i32, pid: i32) -> bool {
+/// is the lock holder (it accepts only with the lock held). `None` when it
+/// could not be stopped (gone). The worker is left stopped.
+fn stop_and_classify(master: i32, pid: i32) -> Option<bool> {
     let p = Pid::from_raw(pid);
-    if kill(p, Signal::SIGSTOP).is_err() {
-        return false;
-    }
+    kill(p, Signal::SIGSTOP).ok()?;
     let stopped = crate::server::wait_until(Duration::from_millis(200), || {
         procs::stat(pid).is_some_and(|s| s.state == 'T')
     });
+    if !stopped {
+        let _ = kill(p, Signal::SIGCONT);
+        return None;
+    }
     let waiting_in = idle_syscalls();
-    let idle = stopped && procs::current_syscall(pid).is_some_and(|n| waiting_in.contains(&n)) && {
+    let idle = procs::current_syscall(pid).is_some_and(|n| waiting_in.contains(&n)) && {
         // A connection is a stream socket only this worker holds; the
-        // master's listeners are shared, an fdpass channel is SEQPACKET.
+        // master's listeners are shared, an fdpass channel is SEQPACKET
+        // (and only then can a handed connection wait in it unread).
         let masters = procs::socket_inodes(master);
         let channels = procs::seqpacket_inodes();
-        procs::socket_inodes(pid)
-            .iter()
+        let own = procs::socket_inodes(pid);
+        own.iter()
             .all(|s| masters.contains(s) || channels.contains(s))
-            && !procs::has_queued_seqpacket(pid)
+            && !(own.iter().any(|s| channels.contains(s)) && procs::has_queued_seqpacket(pid))
     };
-    if !idle {
-        let _ = kill(p, Signal::SIGCONT);
+    Some(idle)
+}
+
+/// SIGSTOPs a worker and leaves it stopped only if it is idle (see
+/// [`stop_and_classify`]); a worker that is not is continued, and `false`
+/// returned.
+pub fn stop_if_idle(master: i32, pid: i32) -> bool {
+    match stop_and_classify(master, pid) {
+        Some(true) => true,
+        Some(false) => {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGCONT);
+            false
+        }
+        None => false,
     }
-    idle
 }
 
 /// SIGKILLs a worker only if [`stop_if_idle`] finds it idle.
@@ -168,6 +261,17 @@ fn kill_if_idle(master: i32, pid: i32) -> bool {
     let _ = kill(p, Signal::SIGKILL);
     let _ = kill(p, Signal::SIGCONT);
     true
+}
+
+/// SIGKILLs a worker whatever it does; returns whether it was busy (held
+/// a connection), so that the kill's allowance of one lost connection is
+/// counted only for those (L2).
+fn kill_classified(master: i32, pid: i32) -> Option<bool> {
+    let idle = stop_and_classify(master, pid)?;
+    let p = Pid::from_raw(pid);
+    let _ = kill(p, Signal::SIGKILL);
+    let _ = kill(p, Signal::SIGCONT);
+    Some(!idle)
 }
 
 /// A small xorshift generator: the faults need no cryptography, only
@@ -185,6 +289,9 @@ impl Rng {
 
 /// Runs `fault` against `server` (already started with `workers` workers)
 /// for `duration`, probing at `rate` connections per second.
+///
+/// With `status` (the server's `--status` socket), recovery means N workers
+/// the master counts as ready; without, N live workers.
 pub fn run_fault(
     server: &Server,
     label: &str,
@@ -192,6 +299,7 @@ pub fn run_fault(
     workers: usize,
     rate: f64,
     duration: Duration,
+    status: Option<&std::path::Path>,
 ) -> std::io::Result<FaultResult> {
     let targets: Vec<Target> = server
         .addrs()
@@ -213,11 +321,19 @@ pub fn run_fault(
     let done = Arc::new(AtomicBool::new(false));
     let injector = {
         let done = Arc::clone(&done);
-        std::thread::spawn(move || inject(master, fault, workers, &done))
+        let status = status.map(std::path::Path::to_path_buf);
+        std::thread::spawn(move || {
+            let whole = Whole {
+                master,
+                n: workers,
+                status,
+            };
+            inject(&whole, fault, &done)
+        })
     };
     let report = load::run(&cfg, &Arc::new(Progress::default()));
     done.store(true, Ordering::Relaxed);
-    let (injections, max_recovery) = injector
+    let (injections, max_recovery, busy_kills) = injector
         .join()
         .map_err(|_| std::io::Error::other("injector panicked"))?;
     let report = report?;
@@ -234,6 +350,14 @@ pub fn run_fault(
     } else {
         procs::zombie_children(master).len()
     };
+    let mut answered: Vec<u64> = report
+        .outcomes
+        .iter()
+        .filter(|o| o.outcome == Outcome::Ok)
+        .map(|o| o.at_us + o.latency_us)
+        .collect();
+    answered.sort_unstable();
+    let max_gap_us = answered.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
     let mut by_kind = std::collections::BTreeMap::new();
     for o in report.outcomes.iter().filter(|o| o.outcome != Outcome::Ok) {
         *by_kind
@@ -241,24 +365,73 @@ pub fn run_fault(
             .or_insert(0) += 1;
     }
     Ok(FaultResult {
-        fault: fault.name(),
+        fault,
         row: fault.matrix_row(),
         server: label.to_string(),
         probes: report.outcomes.len() as u64,
         lost: report.errors.total(),
         lost_by_kind: by_kind,
         injections,
+        busy_kills,
         max_recovery_ms: max_recovery.map(|d| d.as_secs_f64() * 1e3),
         p99_us: report.latency.value_at_quantile(0.99),
         max_us: report.latency.max(),
+        max_gap_us,
         zombies,
     })
 }
 
-/// The injector loop; returns the injections made and the longest recovery.
-fn inject(master: i32, fault: Fault, workers: usize, done: &AtomicBool) -> (u64, Option<Duration>) {
+/// What "the pool is whole again" means for a run.
+struct Whole {
+    master: i32,
+    n: usize,
+    status: Option<std::path::PathBuf>,
+}
+
+impl Whole {
+    /// True when none of `killed` is left and N workers are ready (by the
+    /// master's status socket) or, without one, alive.
+    fn is_whole(&self, killed: &[i32]) -> bool {
+        let Some(path) = &self.status else {
+            let pool = procs::children_of(self.master);
+            return pool.len() >= self.n && killed.iter().all(|k| !pool.contains(k));
+        };
+        let Some(doc) = crate::server::read_status(path) else {
+            return false;
+        };
+        let Some(ws) = doc["workers"].as_array() else {
+            return false;
+        };
+        let pid = |w: &serde_json::Value| w["pid"].as_i64().unwrap_or(0) as i32;
+        let ready = ws
+            .iter()
+            .filter(|w| !matches!(w["state"].as_str(), Some("booting" | "stopping")))
+            .count();
+        ready >= self.n && ws.iter().all(|w| !killed.contains(&pid(w)))
+    }
+
+    /// Waits (≤ 1 s) until the `killed` workers are gone and the pool is
+    /// whole, and records how long that took from the kill.
+    fn note_recovery(&self, killed: &[i32], max: &mut Option<Duration>) {
+        let t0 = Instant::now();
+        let back = crate::server::wait_until(Duration::from_secs(1), || self.is_whole(killed));
+        let took = if back {
+            t0.elapsed()
+        } else {
+            Duration::from_secs(1)
+        };
+        *max = Some(max.map_or(took, |m| m.max(took)));
+    }
+}
+
+/// The injector loop; returns the injections made, the longest recovery
+/// and the busy workers killed.
+fn inject(whole: &Whole, fault: Fault, done: &AtomicBool) -> (u64, Option<Duration>, u64) {
+    let master = whole.master;
+    let workers = whole.n;
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ u64::from(master.unsigned_abs()));
     let mut count = 0u64;
+    let mut busy_kills = 0u64;
     let mut max_recovery: Option<Duration> = None;
     let mut size = workers;
     let mut growing = true;
@@ -269,7 +442,7 @@ fn inject(master: i32, fault: Fault, workers: usize, done: &AtomicBool) -> (u64,
             std::thread::sleep((next - now).min(Duration::from_millis(10)));
             continue;
         }
-        next += fault.interval();
+        next = (next + fault.interval()).max(Instant::now());
         let pool = procs::children_of(master);
         match fault {
             Fault::KillIdle => {
@@ -280,29 +453,38 @@ fn inject(master: i32, fault: Fault, workers: usize, done: &AtomicBool) -> (u64,
                     .find(|&w| kill_if_idle(master, w));
                 if let Some(w) = victim {
                     count += 1;
-                    note_recovery(master, &[w], pool.len(), &mut max_recovery);
+                    whole.note_recovery(&[w], &mut max_recovery);
                 }
             }
             Fault::KillLockHolder => {
                 if let Some(&w) = pool.iter().find(|&&w| kill_if_idle(master, w)) {
                     count += 1;
-                    note_recovery(master, &[w], pool.len(), &mut max_recovery);
+                    whole.note_recovery(&[w], &mut max_recovery);
                 }
             }
             Fault::KillAny => {
                 if !pool.is_empty() {
                     let w = pool[rng.pick(pool.len())];
-                    let _ = kill(Pid::from_raw(w), Signal::SIGKILL);
-                    count += 1;
-                    note_recovery(master, &[w], pool.len(), &mut max_recovery);
+                    if let Some(busy) = kill_classified(master, w) {
+                        count += 1;
+                        busy_kills += u64::from(busy);
+                        whole.note_recovery(&[w], &mut max_recovery);
+                    }
                 }
             }
             Fault::KillAll => {
+                // Every worker stopped first, so that none is replaced
+                // before the last is killed; then classified and killed.
                 for &w in &pool {
-                    let _ = kill(Pid::from_raw(w), Signal::SIGKILL);
+                    let _ = kill(Pid::from_raw(w), Signal::SIGSTOP);
+                }
+                for &w in &pool {
+                    if let Some(busy) = kill_classified(master, w) {
+                        busy_kills += u64::from(busy);
+                    }
                 }
                 count += 1;
-                note_recovery(master, &pool, pool.len(), &mut max_recovery);
+                whole.note_recovery(&pool, &mut max_recovery);
             }
             Fault::Hup => {
                 let _ = kill(Pid::from_raw(master), Signal::SIGHUP);
@@ -339,21 +521,5 @@ fn inject(master: i32, fault: Fault, workers: usize, done: &AtomicBool) -> (u64,
         });
         size = target;
     }
-    (count, max_recovery)
-}
-
-/// Waits (≤ 1 s) until the `killed` workers are gone and the pool is back
-/// at `n` live workers, and records how long that took from the kill.
-fn note_recovery(master: i32, killed: &[i32], n: usize, max: &mut Option<Duration>) {
-    let t0 = Instant::now();
-    let back = crate::server::wait_until(Duration::from_secs(1), || {
-        let pool = procs::children_of(master);
-        pool.len() >= n && killed.iter().all(|k| !pool.contains(k))
-    });
-    let took = if back {
-        t0.elapsed()
-    } else {
-        Duration::from_secs(1)
-    };
-    *max = Some(max.map_or(took, |m| m.max(took)));
+    (count, max_recovery, busy_kills)
 }

@@ -27,6 +27,17 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     }
 }
 
+/// The document a master's status socket (`--status unix:PATH`) answers
+/// with, parsed; `None` when it cannot be read.
+pub fn read_status(path: &std::path::Path) -> Option<serde_json::Value> {
+    use std::io::Read;
+    let mut s = std::os::unix::net::UnixStream::connect(path).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
 /// How to start a server.
 #[derive(Debug, Clone)]
 pub struct ServerBuilder {

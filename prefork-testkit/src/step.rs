@@ -7,8 +7,6 @@
 //! request, so the result holds both timelines: worker count and latency.
 
 use std::collections::btree_map::Entry;
-use std::io::Read;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -173,13 +171,7 @@ pub struct StepResult {
     pub latency_timeline: Vec<LatencyPoint>,
 }
 
-fn read_status(path: &Path) -> Option<serde_json::Value> {
-    let mut s = UnixStream::connect(path).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    serde_json::from_str(&text).ok()
-}
+use crate::server::read_status;
 
 /// Reads the status socket every [`SAMPLE_EVERY`] until stopped.
 struct Sampler {

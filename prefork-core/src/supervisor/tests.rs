@@ -152,6 +152,20 @@ impl Sim {
 
     fn check_invariants(&self) {
         let gen = self.sup.generation();
+        // At most one older-generation worker serves a slot (the newest
+        // ready one): superseded ones were told to leave.
+        let view = self.sup.view();
+        for v in &view {
+            let serving_old = view
+                .iter()
+                .filter(|o| o.slot == v.slot && o.generation < gen && o.ready && !o.stopping)
+                .count();
+            assert!(
+                serving_old <= 1,
+                "slot {}: {serving_old} older workers serve",
+                v.slot
+            );
+        }
         for s in 0..self.sup.target() {
             let current = self
                 .sup
@@ -527,6 +541,43 @@ fn a_second_reload_stops_the_first_ones_workers_still_booting() {
     sim.sup.ready(Pid::from_raw(gen3), sim.now);
     sim.step();
     assert_eq!(sim.alive[&gen1].2, [Signal::SIGQUIT]);
+}
+
+#[test]
+fn a_worker_ready_after_its_generation_passed_supersedes_the_older_one() {
+    // Slot 0's gen-2 worker reports ready in the very turn a second reload
+    // made gen 3 current: two ready workers of old generations in one slot.
+    // The older one has nothing left to do and leaves; otherwise it would
+    // hold a place of the batch, and with enough slots like it, the reload
+    // could never fork the current workers.
+    let mut sim = Sim::with(SupervisorConfig {
+        reload_batch: Some(1),
+        ..cfg(1)
+    });
+    sim.step();
+    sim.ready_all();
+    let gen1 = sim.pids_in(0)[0];
+    sim.sup.command(Command::Reload, sim.now);
+    sim.step();
+    let gen2 = *sim.pids_in(0).iter().find(|&&p| p != gen1).expect("gen 2");
+    sim.sup.command(Command::Reload, sim.now);
+    sim.sup.ready(Pid::from_raw(gen2), sim.now);
+    sim.step();
+    assert_eq!(sim.alive[&gen1].2, [Signal::SIGQUIT], "superseded");
+    assert!(
+        sim.alive[&gen2].2.is_empty(),
+        "the newest ready one serves on"
+    );
+    sim.obey_signals();
+    sim.step();
+    let gen3 = *sim
+        .pids_in(0)
+        .iter()
+        .find(|&&p| p != gen2)
+        .expect("gen 3 forked within the batch");
+    sim.sup.ready(Pid::from_raw(gen3), sim.now);
+    sim.step();
+    assert_eq!(sim.alive[&gen2].2, [Signal::SIGQUIT]);
 }
 
 #[test]

@@ -266,9 +266,16 @@ impl Fdpass {
         }
     }
 
-    /// Spare descriptors to hold: one per channel, plus two.
+    /// Spare descriptors to hold: one per open channel (a worker that may
+    /// hand a connection back), plus two.
     fn reserve_target(&self) -> usize {
-        self.slots.iter().flatten().count() + self.old.len() + 2
+        self.slots
+            .iter()
+            .flatten()
+            .chain(self.old.iter())
+            .filter(|c| !c.eof)
+            .count()
+            + 2
     }
 
     pub(crate) fn accept_paused(&self) -> bool {
@@ -732,8 +739,8 @@ impl MasterIo for Fdpass {
     fn turn(&mut self, app: &dyn Framing) {
         self.reserve.read_limit(MonoTime::now());
         let target = self.reserve_target();
-        if self.reserve.spare.len() < target {
-            self.reserve.refill(target);
+        if self.reserve.spare.len() != target {
+            self.reserve.refill(target); // grows, or shrinks with the pool
         }
         self.front_active =
             self.front.is_some() && app.frame(&[]) != prefork_core::Frame::Complete(0);

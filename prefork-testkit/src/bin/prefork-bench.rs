@@ -453,6 +453,45 @@ fn write_json(path: &std::path::Path, value: &impl serde::Serialize) -> Result<(
     )
 }
 
+/// The servers a fault runs against: every prefork strategy; the lock
+/// holder's kill only under mutex, once per lock kind, with two listeners
+/// (so that the lock is taken).
+fn fault_servers(fault: Fault, servers: &[ServerSpec]) -> Vec<(ServerSpec, usize)> {
+    let mut out = Vec::new();
+    for spec in servers {
+        let ServerSpec::Prefork {
+            label,
+            bin,
+            strategy,
+            extra,
+        } = spec
+        else {
+            continue;
+        };
+        if fault != Fault::KillLockHolder {
+            out.push((spec.clone(), 1));
+            continue;
+        }
+        if strategy != "mutex" || extra.iter().any(|a| a == "--lock") {
+            continue;
+        }
+        for kind in ["flock", "fcntl", "sysvsem", "pthread"] {
+            let mut extra = extra.clone();
+            extra.extend(["--lock".to_string(), kind.to_string()]);
+            out.push((
+                ServerSpec::Prefork {
+                    label: format!("{label}-{kind}"),
+                    bin: bin.clone(),
+                    strategy: strategy.clone(),
+                    extra,
+                },
+                2,
+            ));
+        }
+    }
+    out
+}
+
 fn fault_runs(cli: &Cli, dir: &std::path::Path) -> Result<(), String> {
     let servers: Vec<ServerSpec> = servers(cli, dir)?
         .into_iter()
@@ -470,8 +509,29 @@ fn fault_runs(cli: &Cli, dir: &std::path::Path) -> Result<(), String> {
     let duration = Duration::from_secs_f64(if cli.short { 3.0 } else { cli.fault_duration });
     let mut rows = Vec::new();
     for &f in &faults {
-        for spec in &servers {
-            let server = spec.start(cli.workers, 1, dir).map_err(|e| e.to_string())?;
+        for (n, (spec, listeners)) in fault_servers(f, &servers).into_iter().enumerate() {
+            // Recovery is judged by the master's own view of ready workers.
+            let status = dir.join(format!("status-{}-{n}.sock", f.name()));
+            let spec = match spec {
+                ServerSpec::Prefork {
+                    label,
+                    bin,
+                    strategy,
+                    mut extra,
+                } => {
+                    extra.extend(["--status".into(), format!("unix:{}", status.display())]);
+                    ServerSpec::Prefork {
+                        label,
+                        bin,
+                        strategy,
+                        extra,
+                    }
+                }
+                other => other,
+            };
+            let server = spec
+                .start(cli.workers, listeners, dir)
+                .map_err(|e| e.to_string())?;
             let r = faults::run_fault(
                 &server,
                 &spec.label(),
@@ -479,11 +539,20 @@ fn fault_runs(cli: &Cli, dir: &std::path::Path) -> Result<(), String> {
                 cli.workers,
                 cli.fault_rate,
                 duration,
+                Some(&status),
             )
             .map_err(|e| e.to_string())?;
             eprintln!(
-                "{} {} {}: {} probes, {} lost",
-                r.row, r.fault, r.server, r.probes, r.lost
+                "{} {} {}: {} probes, {} lost, {}",
+                r.row,
+                r.fault.name(),
+                r.server,
+                r.probes,
+                r.lost,
+                match r.verdict() {
+                    Ok(()) => "pass".to_string(),
+                    Err(e) => format!("MISSED: {e}"),
+                }
             );
             rows.push(r);
             drop(server);
@@ -495,18 +564,20 @@ fn fault_runs(cli: &Cli, dir: &std::path::Path) -> Result<(), String> {
         cli.fault_rate,
         duration.as_secs_f64()
     );
-    println!("| row | fault | server | probes | lost | lost by kind | injections | max recovery ms | p99 µs | max µs | zombies |");
-    println!("|---|---|---|--:|--:|---|--:|--:|--:|--:|--:|");
+    println!("| row | fault | server | probes | lost | lost by kind | injections | busy killed | max recovery ms | p99 µs | max µs | max gap µs | zombies | pass |");
+    println!("|---|---|---|--:|--:|---|--:|--:|--:|--:|--:|--:|--:|---|");
+    let mut missed = Vec::new();
     for r in &rows {
         let kinds: Vec<String> = r
             .lost_by_kind
             .iter()
             .map(|(k, v)| format!("{k} {v}"))
             .collect();
+        let verdict = r.verdict();
         println!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             r.row,
-            r.fault,
+            r.fault.name(),
             r.server,
             r.probes,
             r.lost,
@@ -516,14 +587,24 @@ fn fault_runs(cli: &Cli, dir: &std::path::Path) -> Result<(), String> {
                 kinds.join(", ")
             },
             r.injections,
+            r.busy_kills,
             r.max_recovery_ms.map_or("-".into(), |m| format!("{m:.0}")),
             r.p99_us,
             r.max_us,
-            r.zombies
+            r.max_gap_us,
+            r.zombies,
+            if verdict.is_ok() { "yes" } else { "**no**" }
         );
+        if let Err(e) = verdict {
+            missed.push(e);
+        }
     }
     if let Some(p) = &cli.json {
         write_json(p, &rows)?;
     }
-    Ok(())
+    if missed.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("missed the fault matrix: {}", missed.join(" | ")))
+    }
 }
