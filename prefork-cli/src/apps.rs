@@ -92,6 +92,13 @@ pub struct Http {
     /// together, so one that finishes each head just under the deadline
     /// cannot hold a worker for `keepalive_requests` deadlines.
     head_time: Duration,
+    /// `--app static`: the directory to load at preload, and its limit.
+    root: Option<(std::path::PathBuf, u64)>,
+    /// The files, loaded by the master: every worker serves these pages.
+    site: Option<crate::site::Site>,
+    /// Memory grown on purpose by `GET /grow/MB` (a worker that leaks, for
+    /// the `--max-memory` tests): private pages, touched.
+    grown: Vec<Vec<u8>>,
 }
 
 /// What a request head says, parsed once.
@@ -102,10 +109,15 @@ struct Head {
     /// HTTP/1.1 (else 1.0).
     http11: bool,
     head_method: bool,
+    /// GET or HEAD (what `--app static` serves).
+    get_or_head: bool,
     route: Route,
     /// The client asks the connection to stay open (RFC 9112 §9.3).
     persist: bool,
     body: Body,
+    /// What `--app static` reads: the target and the conditional and
+    /// range headers.
+    site: crate::site::Request,
 }
 
 /// The request body, as the head announces it.
@@ -142,8 +154,22 @@ fn parse_head(buf: &[u8]) -> Result<Head, Refusal> {
     let (mut close, mut keep_alive) = (false, false);
     let mut length: Option<u64> = None;
     let mut transfer: Option<bool> = None; // Some(chunked is the final coding)
+    let mut site = crate::site::Request {
+        head_method: req.method == Some("HEAD"),
+        target: req.path.unwrap_or("/").to_string(),
+        ..crate::site::Request::default()
+    };
+    let text = |v: &[u8]| String::from_utf8_lossy(v).into_owned();
     for h in req.headers.iter() {
-        if h.name.eq_ignore_ascii_case("connection") {
+        if h.name.eq_ignore_ascii_case("if-none-match") {
+            site.if_none_match = Some(text(h.value));
+        } else if h.name.eq_ignore_ascii_case("if-modified-since") {
+            site.if_modified_since = Some(text(h.value));
+        } else if h.name.eq_ignore_ascii_case("range") {
+            site.range = Some(text(h.value));
+        } else if h.name.eq_ignore_ascii_case("if-range") {
+            site.if_range = Some(text(h.value));
+        } else if h.name.eq_ignore_ascii_case("connection") {
             // A list of tokens, possibly over several header lines.
             for token in h.value.split(|&b| b == b',') {
                 let token = token.trim_ascii();
@@ -182,9 +208,11 @@ fn parse_head(buf: &[u8]) -> Result<Head, Refusal> {
         len,
         http11,
         head_method: req.method == Some("HEAD"),
+        get_or_head: matches!(req.method, Some("GET" | "HEAD")),
         route: route(req.path.unwrap_or("/")),
         persist: if http11 { !close } else { keep_alive && !close },
         body,
+        site,
     })
 }
 
@@ -197,7 +225,17 @@ impl Http {
             ok_close: Vec::new(),
             ok_keep: Vec::new(),
             head_time: Duration::ZERO,
+            root: None,
+            site: None,
+            grown: Vec::new(),
         }
+    }
+
+    /// `--app static`: serve the files under `root` (at most `max_bytes`),
+    /// loaded at preload.
+    pub fn serving(mut self, root: std::path::PathBuf, max_bytes: u64) -> Http {
+        self.root = Some((root, max_bytes));
+        self
     }
 
     /// New limits (a reload, before the new workers are forked).
@@ -391,21 +429,46 @@ fn linger(conn: &mut Connection) {
 enum Route {
     Hello,
     Sleep(u64),
+    /// `/grow/MB`: the worker keeps MB more private memory (for tests of
+    /// `--max-memory`).
+    Grow(u64),
     BadSleep,
 }
 
 fn route(path: &str) -> Route {
+    if let Some(mb) = path.strip_prefix("/grow/") {
+        return mb.parse().map(Route::Grow).unwrap_or(Route::BadSleep);
+    }
     match path.strip_prefix("/sleep/") {
         None => Route::Hello,
         Some(ms) => ms.parse().map(Route::Sleep).unwrap_or(Route::BadSleep),
     }
 }
 
+/// Most `/grow/MB` keeps in one worker, in all.
+const MAX_GROWN_MB: usize = 1024;
+
 fn is_timeout(e: &io::Error) -> bool {
     matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut)
 }
 
 impl App for Http {
+    fn preload(&mut self) -> Result<(), BoxError> {
+        if let Some((root, max)) = &self.root {
+            let t0 = std::time::Instant::now();
+            let site = crate::site::Site::load(root, *max)?;
+            tracing::info!(
+                "static: {} files, {} bytes under {} loaded in {:.0} ms",
+                site.len(),
+                site.bytes(),
+                root.display(),
+                t0.elapsed().as_secs_f64() * 1e3
+            );
+            self.site = Some(site);
+        }
+        Ok(())
+    }
+
     fn after_fork(&mut self, w: &WorkerInfo) -> Result<(), BoxError> {
         self.worker = format!("{}/{}", w.slot, w.pid);
         self.ok_close = self.response("200 OK", BODY, false);
@@ -456,6 +519,28 @@ impl App for Http {
             Err(status) => return self.error(conn, status),
         };
         let keep = head.persist && conn.requests_before() + 1 < self.limits.keepalive_requests;
+        if self.site.is_none() && head.route == Route::BadSleep {
+            return self.error(conn, "400 Bad Request");
+        }
+        if self.site.is_some() {
+            self.serve_file(conn, &head, keep)?;
+        } else {
+            self.serve_route(conn, &head, keep)?;
+        }
+        if !keep {
+            if !rest.is_empty() || !head.http11 {
+                linger(conn); // unread input would turn the close into RST
+            }
+            return Ok(Next::Close);
+        }
+        conn.unread(&rest);
+        Ok(Next::KeepAlive)
+    }
+}
+
+impl Http {
+    /// The built-in routes: hello, `/sleep/MS`, `/grow/MB`.
+    fn serve_route(&mut self, conn: &mut Connection, head: &Head, keep: bool) -> io::Result<()> {
         match head.route {
             Route::Hello if head.head_method => {
                 conn.write_all(&self.response_head("200 OK", BODY.len(), keep))?
@@ -467,17 +552,117 @@ impl App for Http {
                 let body = format!("slept {}ms\n", d.as_millis());
                 conn.write_all(&self.response("200 OK", body.as_bytes(), keep))?;
             }
-            Route::BadSleep => return self.error(conn, "400 Bad Request"),
-        }
-        if !keep {
-            if !rest.is_empty() || !head.http11 {
-                linger(conn); // unread input would turn the close into RST
+            Route::Grow(mb) => {
+                let mb = (mb as usize).min(MAX_GROWN_MB.saturating_sub(self.grown.len()));
+                for _ in 0..mb {
+                    // Written, so that the pages are this worker's own.
+                    self.grown.push(vec![0x5a; 1 << 20]);
+                }
+                let body = format!("grown to {} MB\n", self.grown.len());
+                conn.write_all(&self.response("200 OK", body.as_bytes(), keep))?;
             }
-            return Ok(Next::Close);
+            Route::BadSleep => {
+                conn.write_all(&self.response("400 Bad Request", b"400 Bad Request\n", keep))?
+            }
         }
-        conn.unread(&rest);
-        Ok(Next::KeepAlive)
+        Ok(())
     }
+
+    /// `--app static`: the file the target names, by the rules of
+    /// [`crate::site::Site::answer`]; the body goes out with the head in
+    /// one writev(2), straight from the master's pages.
+    fn serve_file(&self, conn: &mut Connection, head: &Head, keep: bool) -> io::Result<()> {
+        use crate::site::Reply;
+        let Some(site) = &self.site else {
+            return Ok(());
+        };
+        let connection = if keep { "keep-alive" } else { "close" };
+        let worker = &self.worker;
+        if !head.get_or_head {
+            let body = b"405 Method Not Allowed\n";
+            let h = format!("HTTP/1.1 405 Method Not Allowed\r\nAllow: GET, HEAD\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: {connection}\r\nX-Worker: {worker}\r\n\r\n", body.len());
+            return write_parts(conn, h.as_bytes(), body);
+        }
+        let (status, entry, range, extra): (
+            &str,
+            Option<&crate::site::Entry>,
+            Option<(u64, u64)>,
+            String,
+        ) = match site.answer(&head.site) {
+            Reply::Full(e) => ("200 OK", Some(e), None, String::new()),
+            Reply::Partial(e, a, b) => (
+                "206 Partial Content",
+                Some(e),
+                Some((a, b)),
+                format!("Content-Range: bytes {a}-{b}/{}\r\n", e.body.len()),
+            ),
+            Reply::NotModified(e) => {
+                let h = format!("HTTP/1.1 304 Not Modified\r\nETag: {}\r\nConnection: {connection}\r\nX-Worker: {worker}\r\n\r\n", e.etag);
+                return write_parts(conn, h.as_bytes(), b"");
+            }
+            Reply::NotSatisfiable(e) => {
+                let body = b"416 Range Not Satisfiable\n";
+                let h = format!("HTTP/1.1 416 Range Not Satisfiable\r\nContent-Range: bytes */{}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: {connection}\r\nX-Worker: {worker}\r\n\r\n", e.body.len(), body.len());
+                return write_parts(
+                    conn,
+                    h.as_bytes(),
+                    if head.head_method { b"" } else { body },
+                );
+            }
+            Reply::Redirect(to) => {
+                let h = format!("HTTP/1.1 301 Moved Permanently\r\nLocation: {to}\r\nContent-Length: 0\r\nConnection: {connection}\r\nX-Worker: {worker}\r\n\r\n");
+                return write_parts(conn, h.as_bytes(), b"");
+            }
+            Reply::NotFound => ("404 Not Found", None, None, String::new()),
+            Reply::BadRequest => ("400 Bad Request", None, None, String::new()),
+        };
+        match entry {
+            Some(e) => {
+                let body = match range {
+                    Some((a, b)) => &e.body[a as usize..=b as usize],
+                    None => &e.body[..],
+                };
+                let h = format!(
+                    "HTTP/1.1 {status}\r\n{}{extra}Content-Length: {}\r\nConnection: {connection}\r\nX-Worker: {worker}\r\n\r\n",
+                    e.headers,
+                    body.len()
+                );
+                write_parts(
+                    conn,
+                    h.as_bytes(),
+                    if head.head_method { b"" } else { body },
+                )
+            }
+            None => {
+                let body = format!("{status}\n");
+                let h = format!("HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: {connection}\r\nX-Worker: {worker}\r\n\r\n", body.len());
+                write_parts(
+                    conn,
+                    h.as_bytes(),
+                    if head.head_method {
+                        b""
+                    } else {
+                        body.as_bytes()
+                    },
+                )
+            }
+        }
+    }
+}
+
+/// Writes `head` then `body` with writev(2), until all is written.
+fn write_parts(conn: &mut Connection, head: &[u8], body: &[u8]) -> io::Result<()> {
+    let mut parts = [io::IoSlice::new(head), io::IoSlice::new(body)];
+    let mut bufs: &mut [io::IoSlice<'_>] = &mut parts;
+    while !bufs.is_empty() {
+        match conn.write_vectored(bufs) {
+            Ok(0) => return Err(ErrorKind::WriteZero.into()),
+            Ok(n) => io::IoSlice::advance_slices(&mut bufs, n),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

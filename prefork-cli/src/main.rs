@@ -10,6 +10,7 @@
 
 mod apps;
 mod config;
+mod site;
 mod status;
 
 use std::ffi::OsString;
@@ -68,6 +69,9 @@ enum AppName {
     Echo,
     /// HTTP/1.1: fixed body, X-Worker header, /sleep/MS.
     Http,
+    /// HTTP/1.1: the files under --root, loaded into memory by the master
+    /// once and shared by every worker.
+    Static,
 }
 
 /// Faults the test suite injects into workers (hidden flag).
@@ -215,6 +219,23 @@ struct Cli {
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     max_requests: Option<u64>,
 
+    /// Recycle a worker whose private memory (USS: its own pages, not the
+    /// ones it shares with the master and its siblings) grows past SIZE
+    /// (e.g. 256m); its replacement starts first, one slot at a time. Each
+    /// worker's memory is read every --memory-check seconds.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size_arg)]
+    max_memory: Option<u64>,
+
+    /// How often each worker's memory is read for --max-memory.
+    #[arg(long, value_name = "SECS", default_value = "5", value_parser = parse_secs, requires = "max_memory")]
+    memory_check: Duration,
+
+    /// Recycle a worker SECS after it started, less up to a tenth of that at
+    /// random (so that workers do not all recycle together); its
+    /// replacement starts first, one slot at a time.
+    #[arg(long, value_name = "SECS", value_parser = parse_secs)]
+    max_age: Option<Duration>,
+
     /// Add a random 0..=J to each worker's --max-requests, so that workers
     /// do not all recycle together.
     #[arg(long, value_name = "J", default_value_t = 0, requires = "max_requests")]
@@ -273,6 +294,16 @@ struct Cli {
     /// http app: requests served on one kept-alive connection at most.
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
     keepalive_requests: u32,
+
+    /// static app: serve the files under this directory (loaded at start;
+    /// a binary upgrade, USR2, loads them again).
+    #[arg(long, value_name = "DIR")]
+    root: Option<PathBuf>,
+
+    /// static app: the most the files under --root may take in all; more
+    /// is an error at start (e.g. 512m, 2g).
+    #[arg(long, value_name = "SIZE", default_value = "1g", value_parser = parse_size_arg)]
+    static_max: u64,
 
     /// http app: the largest request body read (and discarded); a larger
     /// one gets 413 (e.g. 1m, 64k, 1048576).
@@ -447,7 +478,7 @@ fn exhaust_descriptors_for(d: Duration) -> Result<(), BoxError> {
 enum Builtin {
     Hello(apps::Hello),
     Echo(apps::Echo),
-    Http(apps::Http),
+    Http(Box<apps::Http>),
 }
 
 /// A built-in app, with an optional injected fault.
@@ -457,6 +488,13 @@ struct Served {
 }
 
 impl App for Served {
+    fn preload(&mut self) -> Result<(), BoxError> {
+        match &mut self.app {
+            Builtin::Http(a) => a.preload(),
+            Builtin::Hello(_) | Builtin::Echo(_) => Ok(()),
+        }
+    }
+
     fn after_fork(&mut self, w: &WorkerInfo) -> Result<(), BoxError> {
         match self.fault {
             Some(Fault::BootCrash) => std::process::abort(),
@@ -623,6 +661,16 @@ fn check(cli: &Cli) -> Result<(), String> {
             cli.max_body_buffer, cli.max_body
         ));
     }
+    match (cli.app, &cli.root) {
+        (AppName::Static, None) => return Err("--app static needs --root DIR".into()),
+        (AppName::Static, Some(root)) if !root.is_dir() => {
+            return Err(format!("--root {}: not a directory", root.display()))
+        }
+        (app, Some(_)) if app != AppName::Static => {
+            return Err("--root applies only to --app static".into())
+        }
+        _ => {}
+    }
     if cli.app == AppName::Hello && cli.defer_accept.unwrap_or(0) > 0 {
         return Err("--defer-accept: the hello app speaks first and its clients send nothing, so every connection would wait that long to be accepted".into());
     }
@@ -676,7 +724,7 @@ fn http_limits(cli: &Cli) -> apps::HttpLimits {
 
 /// Settings a reload cannot change (sockets, identity, files, strategy),
 /// by flag name.
-fn fixed_settings(cli: &Cli) -> [(&'static str, String); 18] {
+fn fixed_settings(cli: &Cli) -> [(&'static str, String); 23] {
     [
         ("bind", format!("{:?}", cli.bind)),
         ("strategy", format!("{:?}", cli.strategy)),
@@ -694,6 +742,11 @@ fn fixed_settings(cli: &Cli) -> [(&'static str, String); 18] {
         ("log-format", format!("{:?}", cli.log_format)),
         ("boot-timeout", format!("{:?}", cli.boot_timeout)),
         ("reload-batch", format!("{:?}", cli.reload_batch)),
+        ("root", format!("{:?}", cli.root)),
+        ("static-max", format!("{:?}", cli.static_max)),
+        ("max-memory", format!("{:?}", cli.max_memory)),
+        ("memory-check", format!("{:?}", cli.memory_check)),
+        ("max-age", format!("{:?}", cli.max_age)),
         ("max-connections", format!("{:?}", cli.max_connections)),
         ("dispatch", format!("{:?}", cli.dispatch)),
     ]
@@ -838,9 +891,13 @@ fn main() -> ExitCode {
             backlog: cli.backlog,
             unix_mode: cli.unix_mode,
             // The client speaks first in HTTP; with the others it may not.
-            defer_accept: cli
-                .defer_accept
-                .unwrap_or(if cli.app == AppName::Http { 1 } else { 0 }),
+            defer_accept: cli.defer_accept.unwrap_or(
+                if matches!(cli.app, AppName::Http | AppName::Static) {
+                    1
+                } else {
+                    0
+                },
+            ),
             ..BindOptions::default()
         },
         socket_activation: true,
@@ -851,6 +908,9 @@ fn main() -> ExitCode {
         timeout: pool.pool.timeout,
         boot_timeout: Some(cli.boot_timeout),
         reload_batch: cli.reload_batch,
+        max_memory: cli.max_memory,
+        memory_check: cli.memory_check,
+        max_age: cli.max_age,
         max_requests: pool.max_requests,
         max_requests_jitter: pool.max_requests_jitter,
         keepalive_timeout: pool.keepalive_timeout,
@@ -869,7 +929,13 @@ fn main() -> ExitCode {
         AppName::Echo => Builtin::Echo(apps::Echo {
             idle_timeout: Duration::from_secs(60),
         }),
-        AppName::Http => Builtin::Http(apps::Http::new(http_limits(&cli))),
+        AppName::Http => Builtin::Http(Box::new(apps::Http::new(http_limits(&cli)))),
+        AppName::Static => {
+            let root = cli.root.clone().unwrap_or_default();
+            Builtin::Http(Box::new(
+                apps::Http::new(http_limits(&cli)).serving(root, cli.static_max),
+            ))
+        }
     };
     let app = Served {
         app,

@@ -90,8 +90,7 @@ fn starve(s: &Server, failure: &str, secs: u64) -> (usize, u64) {
 }
 
 fn skip(why: &str) {
-    println!("SKIPPED: {why}");
-    eprintln!("SKIPPED: {why}");
+    prefork_testkit::skipped("fork_failing_is_backed_off_and_the_pool_recovers", why);
 }
 
 /// fork(2) fails (pids.max of the master's cgroup reached): the master

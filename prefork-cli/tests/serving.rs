@@ -214,7 +214,10 @@ fn two_thousand_connections_to_four_workers_all_answered_by_every_worker(strateg
 #[apply(every_strategy)]
 fn ipv6_loopback_is_served_when_available(strategy: &str) {
     if std::net::TcpListener::bind("[::1]:0").is_err() {
-        eprintln!("skipping: no IPv6 loopback on this machine");
+        prefork_testkit::skipped(
+            "ipv6_loopback_is_served_when_available",
+            "no IPv6 loopback on this machine",
+        );
         return;
     }
     let s = prefork()

@@ -744,7 +744,10 @@ fn l13_a_storm_of_1000_signals_leaves_the_master_healthy(strategy: &str) {
 #[test]
 fn s6_a_symlink_planted_at_the_log_path_is_not_followed_on_usr1() {
     if !nix::unistd::geteuid().is_root() {
-        println!("SKIPPED: s6 needs root (a root master with --user)");
+        prefork_testkit::skipped(
+            "s6_a_symlink_planted_at_the_log_path_is_not_followed_on_usr1",
+            "needs root (a root master with --user)",
+        );
         return;
     }
     use std::os::unix::fs::MetadataExt;

@@ -232,7 +232,10 @@ fn status_shows_a_sleeping_worker_as_busy(strategy: &str) {
 #[test]
 fn status_socket_refuses_another_uid() {
     if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipping: needs root to run a client as another uid");
+        prefork_testkit::skipped(
+            "status_socket_refuses_another_uid",
+            "needs root to run a client as another uid",
+        );
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");
@@ -297,7 +300,10 @@ fn log_hour(line: &str) -> Option<u32> {
 #[test]
 fn a_wall_clock_jump_kills_nothing() {
     if !std::path::Path::new(LIBFAKETIME).exists() {
-        eprintln!("skipping: libfaketime is not installed (scripts/test.sh installs it)");
+        prefork_testkit::skipped(
+            "a_wall_clock_jump_kills_nothing",
+            "libfaketime is not installed (scripts/test.sh installs it)",
+        );
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");

@@ -110,6 +110,7 @@ pub mod error;
 pub mod listener;
 pub mod logfile;
 pub mod master;
+pub mod memory;
 pub mod pidfile;
 mod pool;
 pub mod report;

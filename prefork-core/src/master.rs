@@ -64,6 +64,14 @@ pub struct MasterConfig {
     pub timeout: Option<Duration>,
     /// Kill a worker not ready this long after its fork (a boot failure).
     pub boot_timeout: Option<Duration>,
+    /// Recycle a worker whose private memory (USS) grows past this many
+    /// bytes (`--max-memory`), checked every `memory_check`.
+    pub max_memory: Option<u64>,
+    /// How often each worker's memory is read for `max_memory`.
+    pub memory_check: Duration,
+    /// Recycle a worker this long after its fork, less up to a tenth of it
+    /// at random so that workers do not recycle together (`--max-age`).
+    pub max_age: Option<Duration>,
     /// Slots a reload replaces at a time (`None`: a quarter of the pool).
     pub reload_batch: Option<usize>,
     /// Recycle a worker after this many connections.
@@ -100,6 +108,9 @@ impl Default for MasterConfig {
             pid_file: None,
             timeout: None,
             boot_timeout: Some(Duration::from_secs(60)),
+            max_memory: None,
+            memory_check: Duration::from_secs(5),
+            max_age: None,
             reload_batch: None,
             max_requests: None,
             max_requests_jitter: 0,
@@ -183,6 +194,10 @@ pub struct Master<S: AcceptStrategy, A: App> {
     keepalive_timeout: Duration,
     user: Option<crate::user::WorkerUser>,
     max_requests: Option<(u64, u64)>,
+    max_age: Option<Duration>,
+    /// `--max-memory`: the limit (KiB of private memory), how often each
+    /// worker is read, when the next read is due, and whose.
+    memory_watch: Option<MemoryWatch>,
     /// The pool sizes itself: sample it at this time next.
     next_sample: Option<MonoTime>,
     /// When the master last reaped (see [`MAX_SLEEP`]).
@@ -194,6 +209,17 @@ pub struct Master<S: AcceptStrategy, A: App> {
     drain_before_stop: Option<MonoTime>,
     started: MonoTime,
     rng: u64,
+}
+
+/// `--max-memory`: one worker's smaps_rollup read at a time, spread so that
+/// each worker is read about once per `every` (a read walks the worker's
+/// page tables: docs/memory.md has its cost).
+#[derive(Debug)]
+struct MemoryWatch {
+    limit_kib: u64,
+    every: Duration,
+    next_at: MonoTime,
+    cursor: usize,
 }
 
 /// Where a spawn left us.
@@ -337,6 +363,13 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
             keepalive_timeout: cfg.keepalive_timeout,
             user: cfg.user,
             max_requests: cfg.max_requests.map(|n| (n, cfg.max_requests_jitter)),
+            max_age: cfg.max_age,
+            memory_watch: cfg.max_memory.map(|bytes| MemoryWatch {
+                limit_kib: bytes / 1024,
+                every: cfg.memory_check,
+                next_at: MonoTime::now(),
+                cursor: 0,
+            }),
             next_sample: cfg.scale.map(|_| MonoTime::now()),
             last_reap: MonoTime::now(),
             reload: None,
@@ -391,6 +424,7 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
             }
             self.finish_draining();
             self.observe_workers(events.overslept);
+            self.watch_memory();
             if events.status_clients {
                 self.serve_status();
             }
@@ -431,6 +465,9 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
         let mut cap = if watch { OBSERVE_TICK } else { MAX_SLEEP };
         if let Some(t) = self.next_sample {
             cap = cap.min(t.saturating_since(now));
+        }
+        if let Some(w) = &self.memory_watch {
+            cap = cap.min(w.next_at.saturating_since(now));
         }
         if let Some(t) = self.strategy.master_io().and_then(|io| io.next_deadline()) {
             cap = cap.min(t.saturating_since(now));
@@ -508,6 +545,55 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
             self.sup.stalled(MonoTime::now());
         }
         self.pool.observe(&mut self.sup);
+    }
+
+    /// `--max-memory`: when due, reads the next worker's private memory,
+    /// and marks it for recycling (replacement first, one slot at a time)
+    /// when it is over the limit. RSS is not used: it counts the pages a
+    /// worker shares with the master and its siblings.
+    fn watch_memory(&mut self) {
+        let Some(w) = &mut self.memory_watch else {
+            return;
+        };
+        let now = MonoTime::now();
+        if now < w.next_at {
+            return;
+        }
+        let view = self.sup.view();
+        let candidates: Vec<_> = view
+            .iter()
+            .filter(|v| v.ready && !v.stopping && !v.recycling)
+            .collect();
+        let n = candidates.len().max(1);
+        w.next_at = now + w.every / n as u32;
+        let Some(v) = candidates.get(w.cursor % n) else {
+            return;
+        };
+        w.cursor = w.cursor.wrapping_add(1);
+        let Ok(m) = crate::memory::read(v.pid.as_raw()) else {
+            return; // gone meanwhile
+        };
+        tracing::debug!(
+            "worker={} pid={} memory check: private {} KiB, shared {} KiB, PSS {} KiB (--max-memory {} KiB)",
+            v.slot,
+            v.pid,
+            m.private_kib,
+            m.shared_kib,
+            m.pss_kib,
+            w.limit_kib
+        );
+        if m.private_kib > w.limit_kib {
+            tracing::warn!(
+                "worker={} pid={} private memory {} MiB > --max-memory {} MiB (RSS {} MiB, of which {} MiB shared); recycling it",
+                v.slot,
+                v.pid,
+                m.private_kib / 1024,
+                w.limit_kib / 1024,
+                m.rss_kib / 1024,
+                m.shared_kib / 1024
+            );
+            self.sup.recycle(v.pid);
+        }
     }
 
     /// The pool sizing policy's turn, every SAMPLE_INTERVAL: probe the
@@ -762,6 +848,11 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
                         let limit = n + self.random_below(jitter + 1);
                         self.sup.limit_requests(pid, limit);
                     }
+                    if let Some(age) = self.max_age {
+                        let tenth = (age.as_millis() / 10) as u64;
+                        let jitter = Duration::from_millis(self.random_below(tenth + 1));
+                        self.sup.limit_age(pid, now + age.saturating_sub(jitter));
+                    }
                     tracing::debug!("worker={slot} pid={pid} spawned");
                 }
                 Ok(Spawned::Child(setup)) => return Ok(Some(Flow::Child(setup))),
@@ -795,8 +886,8 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
                         "worker={slot} pid={pid} not ready within the boot timeout ({}), killing; slot {slot} counts as failed to boot",
                         fmt_secs(timeout)
                     ),
-                    StopReason::Recycled => tracing::info!(
-                        "worker={slot} pid={pid} reached its request limit; its replacement is ready, stopping it gracefully"
+                    StopReason::Recycled { why } => tracing::info!(
+                        "worker={slot} pid={pid} {why}; its replacement is ready, stopping it gracefully"
                     ),
                     StopReason::Escalated => tracing::warn!("worker={slot} pid={pid} did not stop in time; sending {signal}"),
                     StopReason::Retired => tracing::info!("worker={slot} pid={pid} retiring"),

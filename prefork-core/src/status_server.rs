@@ -69,11 +69,19 @@ impl WorkerStatus {
     }
 }
 
-/// Resident set size of a process, KiB (/proc/PID/statm).
+/// A process's memory for the document: RSS, PSS, private (USS) and
+/// shared, KiB (read when the status is asked for, never on a loop turn).
+fn memory(pid: i32) -> serde_json::Value {
+    match crate::memory::read(pid) {
+        Ok(m) => json!({ "rss_kib": m.rss_kib, "pss_kib": m.pss_kib,
+                         "private_kib": m.private_kib, "shared_kib": m.shared_kib }),
+        Err(_) => serde_json::Value::Null,
+    }
+}
+
+/// RSS alone (kept for readers of the older field).
 fn rss_kib(pid: i32) -> Option<u64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
-    let pages: u64 = text.split_whitespace().nth(1)?.parse().ok()?;
-    Some(pages * 4)
+    crate::memory::read(pid).ok().map(|m| m.rss_kib)
 }
 
 /// The JSON document.
@@ -94,12 +102,16 @@ pub fn document(
     let served: u64 = workers.iter().map(|w| w.requests).sum::<u64>() + retired_requests;
     let doc = json!({
         "master": { "pid": master, "strategy": strategy, "generation": generation,
-                    "uptime_s": uptime.as_secs_f64(), "rss_kib": rss_kib(master as i32) },
-        "workers": workers.iter().map(|w| json!({
-            "slot": w.slot, "pid": w.pid, "generation": w.generation, "state": w.state,
-            "for_s": (w.for_s * 1000.0).round() / 1000.0, "requests": w.requests,
-            "rss_kib": rss_kib(w.pid),
-        })).collect::<Vec<_>>(),
+                    "uptime_s": uptime.as_secs_f64(), "rss_kib": rss_kib(master as i32),
+                    "memory": memory(master as i32) },
+        "workers": workers.iter().map(|w| {
+            let mem = memory(w.pid);
+            json!({
+                "slot": w.slot, "pid": w.pid, "generation": w.generation, "state": w.state,
+                "for_s": (w.for_s * 1000.0).round() / 1000.0, "requests": w.requests,
+                "rss_kib": mem["rss_kib"], "memory": mem,
+            })
+        }).collect::<Vec<_>>(),
         "scale": scale.map(|c| json!({
             "min": c.min, "max": c.max, "spare": c.spare,
             "window_s": c.window.as_secs_f64(), "stall_s": c.stall.as_secs_f64(),

@@ -149,8 +149,12 @@ pub enum StopReason {
         /// The timeout.
         timeout: Duration,
     },
-    /// It served its request limit; its replacement is ready.
-    Recycled,
+    /// It reached a limit (requests, `--max-age`, `--max-memory`); its
+    /// replacement is ready.
+    Recycled {
+        /// Which, for the log ("reached its request limit", ...).
+        why: &'static str,
+    },
     /// Not ready within the boot timeout (counted as a boot failure).
     BootTimeout {
         /// The boot timeout.
@@ -333,6 +337,10 @@ struct Worker {
     /// heartbeat, the later), as last observed; `None` when busy, booting,
     /// waiting in a queue that holds nothing, or without heartbeats.
     quiet_since: Option<MonoTime>,
+    /// Recycle it from then on (`--max-age`, jitter applied by the caller).
+    retire_at: Option<MonoTime>,
+    /// Why it is (to be) recycled, for the log.
+    recycle_why: &'static str,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -676,6 +684,8 @@ impl Supervisor {
             recycling: false,
             boot_timed_out: false,
             quiet_since: None,
+            retire_at: None,
+            recycle_why: "",
         });
     }
 
@@ -684,6 +694,23 @@ impl Supervisor {
     pub fn limit_requests(&mut self, pid: Pid, n: u64) {
         if let Some(w) = self.workers.iter_mut().find(|w| w.pid == pid) {
             w.limit = Some(n);
+        }
+    }
+
+    /// `pid` is to be recycled from `at` on (`--max-age`): gracefully, its
+    /// replacement first, one slot at a time, as for a request limit.
+    pub fn limit_age(&mut self, pid: Pid, at: MonoTime) {
+        if let Some(w) = self.workers.iter_mut().find(|w| w.pid == pid) {
+            w.retire_at = Some(at);
+        }
+    }
+
+    /// `pid` is to be recycled as soon as its turn comes (its memory grew
+    /// past `--max-memory`): as for a request limit.
+    pub fn recycle(&mut self, pid: Pid) {
+        if let Some(w) = self.workers.iter_mut().find(|w| w.pid == pid) {
+            w.limit = Some(0);
+            w.recycle_why = "grew past --max-memory";
         }
     }
 
@@ -796,7 +823,7 @@ impl Supervisor {
                 self.kill_frozen(now, &mut out);
                 self.kill_unresponsive(now, &mut out);
                 self.kill_stuck_at_boot(now, &mut out);
-                self.mark_one_for_recycling();
+                self.mark_one_for_recycling(now);
                 self.stop_superseded(now, &mut out);
                 self.spawn_missing(now, &mut out);
                 self.retire_surplus(now, &mut out);
@@ -858,6 +885,20 @@ impl Supervisor {
                 consider(since.max(self.resumed_at) + t + Duration::from_millis(1));
             } else if let (None, Some(t)) = (w.ready_at, self.cfg.boot_timeout) {
                 consider(w.spawned_at.max(self.resumed_at) + t + Duration::from_millis(1));
+            }
+        }
+        // An age limit to reach (one at a time: while a worker recycles,
+        // its replacement's readiness is the next event).
+        if self.phase == Phase::Running && !self.recycling_one() {
+            let gen = self.generation;
+            for w in self
+                .workers
+                .iter()
+                .filter(|w| w.generation == gen && w.stop.is_none() && w.ready_at.is_some())
+            {
+                if let Some(t) = w.retire_at {
+                    consider(t);
+                }
             }
         }
         if self.phase == Phase::Running {
@@ -939,7 +980,7 @@ impl Supervisor {
                             slot: s,
                             signal: Signal::SIGQUIT,
                             reason: if w.recycling {
-                                StopReason::Recycled
+                                StopReason::Recycled { why: w.recycle_why }
                             } else {
                                 StopReason::Replaced
                             },
@@ -1079,8 +1120,8 @@ impl Supervisor {
     /// past its request limit, unless another one is still waiting for its
     /// replacement to be ready (one that was told to leave no longer counts:
     /// its replacement already serves).
-    fn mark_one_for_recycling(&mut self) {
-        if self.workers.iter().any(|w| w.recycling && w.stop.is_none()) {
+    fn mark_one_for_recycling(&mut self, now: MonoTime) {
+        if self.recycling_one() {
             return;
         }
         let gen = self.generation;
@@ -1088,10 +1129,23 @@ impl Supervisor {
             w.generation == gen
                 && w.stop.is_none()
                 && w.ready_at.is_some()
-                && w.limit.is_some_and(|l| w.requests >= l)
+                && (w.limit.is_some_and(|l| w.requests >= l)
+                    || w.retire_at.is_some_and(|t| now >= t))
         }) {
             w.recycling = true;
+            if w.recycle_why.is_empty() {
+                w.recycle_why = if w.limit.is_some_and(|l| w.requests >= l) {
+                    "reached its request limit"
+                } else {
+                    "reached its maximum age (--max-age)"
+                };
+            }
         }
+    }
+
+    /// A worker is being replaced for its limit and still serves.
+    fn recycling_one(&self) -> bool {
+        self.workers.iter().any(|w| w.recycling && w.stop.is_none())
     }
 
     fn retire_surplus(&mut self, now: MonoTime, out: &mut Vec<Action>) {

@@ -253,7 +253,7 @@ pub fn stop_if_idle(master: i32, pid: i32) -> bool {
 }
 
 /// SIGKILLs a worker only if [`stop_if_idle`] finds it idle.
-fn kill_if_idle(master: i32, pid: i32) -> bool {
+pub(crate) fn kill_if_idle(master: i32, pid: i32) -> bool {
     if !stop_if_idle(master, pid) {
         return false;
     }
@@ -266,7 +266,7 @@ fn kill_if_idle(master: i32, pid: i32) -> bool {
 /// SIGKILLs a worker whatever it does; returns whether it was busy (held
 /// a connection), so that the kill's allowance of one lost connection is
 /// counted only for those (L2).
-fn kill_classified(master: i32, pid: i32) -> Option<bool> {
+pub(crate) fn kill_classified(master: i32, pid: i32) -> Option<bool> {
     let idle = stop_and_classify(master, pid)?;
     let p = Pid::from_raw(pid);
     let _ = kill(p, Signal::SIGKILL);
@@ -276,10 +276,10 @@ fn kill_classified(master: i32, pid: i32) -> Option<bool> {
 
 /// A small xorshift generator: the faults need no cryptography, only
 /// variety, and a seed makes a run repeatable.
-struct Rng(u64);
+pub(crate) struct Rng(pub(crate) u64);
 
 impl Rng {
-    fn pick(&mut self, n: usize) -> usize {
+    pub(crate) fn pick(&mut self, n: usize) -> usize {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;
@@ -382,16 +382,16 @@ pub fn run_fault(
 }
 
 /// What "the pool is whole again" means for a run.
-struct Whole {
-    master: i32,
-    n: usize,
-    status: Option<std::path::PathBuf>,
+pub(crate) struct Whole {
+    pub(crate) master: i32,
+    pub(crate) n: usize,
+    pub(crate) status: Option<std::path::PathBuf>,
 }
 
 impl Whole {
     /// True when none of `killed` is left and N workers are ready (by the
     /// master's status socket) or, without one, alive.
-    fn is_whole(&self, killed: &[i32]) -> bool {
+    pub(crate) fn is_whole(&self, killed: &[i32]) -> bool {
         let Some(path) = &self.status else {
             let pool = procs::children_of(self.master);
             return pool.len() >= self.n && killed.iter().all(|k| !pool.contains(k));
@@ -412,7 +412,7 @@ impl Whole {
 
     /// Waits (≤ 1 s) until the `killed` workers are gone and the pool is
     /// whole, and records how long that took from the kill.
-    fn note_recovery(&self, killed: &[i32], max: &mut Option<Duration>) {
+    pub(crate) fn note_recovery(&self, killed: &[i32], max: &mut Option<Duration>) {
         let t0 = Instant::now();
         let back = crate::server::wait_until(Duration::from_secs(1), || self.is_whole(killed));
         let took = if back {

@@ -63,6 +63,38 @@ pub fn children_at_once(ppid: i32) -> usize {
     first.iter().filter(|p| second.contains(p)).count()
 }
 
+/// Descriptors `pid` has open (entries of /proc/PID/fd).
+pub fn fd_count(pid: i32) -> usize {
+    fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+/// Resident set size of `pid` in KiB (VmRSS of /proc/PID/status).
+pub fn rss_kib(pid: i32) -> Option<u64> {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// PSS and RSS of `pid` in KiB, from /proc/PID/smaps_rollup.
+pub fn pss_rss_kib(pid: i32) -> Option<(u64, u64)> {
+    let text = fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    let field = |name: &str| -> Option<u64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    };
+    Some((field("Pss:")?, field("Rss:")?))
+}
+
 /// Zombie children of `ppid` (exited, not reaped).
 pub fn zombie_children(ppid: i32) -> Vec<i32> {
     all_stats()

@@ -581,6 +581,38 @@ fn a_worker_ready_after_its_generation_passed_supersedes_the_older_one() {
 }
 
 #[test]
+fn an_age_limit_recycles_at_its_time_one_slot_at_a_time() {
+    let mut sim = Sim::new(2);
+    sim.step();
+    sim.ready_all();
+    let (a, b) = (sim.pids_in(0)[0], sim.pids_in(1)[0]);
+    let t0 = sim.now;
+    sim.sup
+        .limit_age(Pid::from_raw(a), t0 + Duration::from_secs(10));
+    sim.sup
+        .limit_age(Pid::from_raw(b), t0 + Duration::from_secs(9));
+    assert_eq!(sim.sup.next_deadline(), Some(t0 + Duration::from_secs(9)));
+    sim.advance(Duration::from_secs(11));
+    sim.step();
+    assert_eq!(sim.alive.len(), 3, "one replacement at a time");
+    let new = *sim
+        .alive
+        .keys()
+        .find(|p| **p != a && **p != b)
+        .expect("replacement");
+    sim.sup.ready(Pid::from_raw(new), sim.now);
+    sim.step();
+    let signalled: Vec<i32> = [a, b]
+        .into_iter()
+        .filter(|p| sim.alive[p].2 == [Signal::SIGQUIT])
+        .collect();
+    assert_eq!(signalled.len(), 1, "the first one leaves once replaced");
+    sim.obey_signals();
+    sim.step();
+    assert_eq!(sim.alive.len(), 3, "then the second one's replacement");
+}
+
+#[test]
 fn reload_whose_new_workers_fail_to_boot_keeps_the_old_ones_serving() {
     let mut sim = Sim::new(1);
     sim.step();

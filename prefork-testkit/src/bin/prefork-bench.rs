@@ -97,6 +97,23 @@ struct Cli {
     /// Short runs: 3 s per fault scenario, 2 s per load run.
     #[arg(long)]
     short: bool,
+    /// The soak instead of load scenarios: SECS of open-loop load at
+    /// --fault-rate with every fault mixed in, every strategy at once; then
+    /// nothing lost beyond one connection per busy worker killed, and each
+    /// master's descriptors and RSS where they started (exit 1 otherwise).
+    #[arg(long, value_name = "SECS")]
+    soak: Option<f64>,
+    /// The memory comparison instead of load scenarios: N independent
+    /// servers each preloading the same data (`--app static`) against one
+    /// master with N workers sharing it: total PSS, summed RSS, start time.
+    #[arg(long)]
+    memory: bool,
+    /// memory: MiB of data to preload.
+    #[arg(long, default_value_t = 200)]
+    memory_data: usize,
+    /// memory: the values of N.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16")]
+    memory_sizes: Vec<usize>,
     /// Write the results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -171,6 +188,12 @@ fn check_usage(cli: &Cli) -> Result<(), String> {
             "--step needs 1 <= --step-min < --step-max <= 1024 and positive factor, sleep, burst, window and stall"
                 .into(),
         );
+    }
+    if cli.soak.is_some_and(|s| s.is_nan() || s <= 0.0) {
+        return Err("--soak needs a positive number of seconds".into());
+    }
+    if cli.soak.is_some() && (cli.step || !cli.faults.is_empty()) {
+        return Err("--soak, --step and --faults are separate runs; give one".into());
     }
     if cli.step && !cli.faults.is_empty() {
         return Err("--step and --faults are separate runs; give one".into());
@@ -308,7 +331,11 @@ fn servers(cli: &Cli, dir: &std::path::Path) -> Result<Vec<ServerSpec>, String> 
 fn run(cli: Cli) -> Result<(), String> {
     let dir = std::env::temp_dir().join(format!("prefork-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-    let result = if cli.step {
+    let result = if cli.memory {
+        memory_runs(&cli, &dir)
+    } else if let Some(secs) = cli.soak {
+        soak_runs(&cli, &dir, secs)
+    } else if cli.step {
         step_runs(&cli, &dir)
     } else if cli.faults.is_empty() {
         compare(&cli, &dir)
@@ -451,6 +478,122 @@ fn write_json(path: &std::path::Path, value: &impl serde::Serialize) -> Result<(
         path,
         serde_json::to_string_pretty(value).map_err(|e| e.to_string())?,
     )
+}
+
+/// The many-processes comparison (docs/memory.md).
+fn memory_runs(cli: &Cli, dir: &std::path::Path) -> Result<(), String> {
+    use prefork_testkit::memory;
+    if cli.memory_sizes.is_empty() || cli.memory_sizes.contains(&0) || cli.memory_data == 0 {
+        return Err("--memory-sizes and --memory-data must be at least 1".into());
+    }
+    let bin = prefork_bin(cli)?;
+    let data = memory::data_dir(dir);
+    memory::make_data(&data, cli.memory_data).map_err(|e| format!("{}: {e}", data.display()))?;
+    let rows = memory::run(&bin, &data, &cli.memory_sizes).map_err(|e| e.to_string())?;
+    print!("{}", memory::markdown(&rows, cli.memory_data));
+    if let Some(p) = &cli.json {
+        write_json(p, &rows)?;
+    }
+    if let Some(p) = &cli.svg {
+        write_file(p, memory::svg(&rows))?;
+    }
+    Ok(())
+}
+
+/// Every prefork strategy soaked at once, each with its own prober and
+/// injector.
+fn soak_runs(cli: &Cli, dir: &std::path::Path, secs: f64) -> Result<(), String> {
+    use prefork_testkit::soak;
+    let servers: Vec<ServerSpec> = servers(cli, dir)?
+        .into_iter()
+        .filter(|s| matches!(s, ServerSpec::Prefork { .. }))
+        .collect();
+    let duration = Duration::from_secs_f64(secs);
+    let runs: Vec<_> = servers
+        .into_iter()
+        .map(|spec| {
+            let label = spec.label();
+            let status = soak::status_path(dir, &label);
+            let spec = match spec {
+                ServerSpec::Prefork {
+                    label,
+                    bin,
+                    strategy,
+                    mut extra,
+                } => {
+                    extra.extend(["--status".into(), format!("unix:{}", status.display())]);
+                    ServerSpec::Prefork {
+                        label,
+                        bin,
+                        strategy,
+                        extra,
+                    }
+                }
+                other => other,
+            };
+            let (workers, rate, dir) = (cli.workers, cli.fault_rate, dir.to_path_buf());
+            std::thread::spawn(move || -> Result<soak::SoakResult, String> {
+                let server = spec.start(workers, 1, &dir).map_err(|e| e.to_string())?;
+                let r = soak::soak(&server, &label, workers, rate, duration, &status)
+                    .map_err(|e| e.to_string())?;
+                eprintln!(
+                    "soak {label}: {} probes, {} lost, {} busy killed",
+                    r.probes, r.lost, r.busy_kills
+                );
+                Ok(r)
+            })
+        })
+        .collect();
+    let mut rows = Vec::new();
+    for r in runs {
+        rows.push(
+            r.join()
+                .map_err(|_| "a soak thread panicked".to_string())??,
+        );
+    }
+    println!(
+        "{} workers each, every strategy at once, probes at {:.0}/s each for {:.0} s, connection per request\n",
+        cli.workers,
+        cli.fault_rate,
+        secs
+    );
+    println!("| server | probes | lost | busy killed | injections | fds before → after | RSS KiB before → after | zombies | p99 µs | pass |");
+    println!("|---|--:|--:|--:|---|---|---|--:|--:|---|");
+    let mut missed = Vec::new();
+    for r in &rows {
+        let inj: Vec<String> = r
+            .injections
+            .iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect();
+        let verdict = r.verdict();
+        println!(
+            "| {} | {} | {} | {} | {} | {} → {} | {} → {} | {} | {} | {} |",
+            r.server,
+            r.probes,
+            r.lost,
+            r.busy_kills,
+            inj.join(", "),
+            r.fds_before,
+            r.fds_after,
+            r.rss_before_kib,
+            r.rss_after_kib,
+            r.zombies,
+            r.p99_us,
+            if verdict.is_ok() { "yes" } else { "**no**" }
+        );
+        if let Err(e) = verdict {
+            missed.push(e);
+        }
+    }
+    if let Some(p) = &cli.json {
+        write_json(p, &rows)?;
+    }
+    if missed.is_empty() {
+        Ok(())
+    } else {
+        Err(missed.join(" | "))
+    }
 }
 
 /// The servers a fault runs against: every prefork strategy; the lock
