@@ -222,12 +222,13 @@ struct Cli {
     /// Recycle a worker whose private memory (USS: its own pages, not the
     /// ones it shares with the master and its siblings) grows past SIZE
     /// (e.g. 256m); its replacement starts first, one slot at a time. Each
-    /// worker's memory is read every --memory-check seconds.
+    /// worker reads its own every --memory-check seconds.
     #[arg(long, value_name = "SIZE", value_parser = parse_size_arg)]
     max_memory: Option<u64>,
 
-    /// How often each worker's memory is read for --max-memory.
-    #[arg(long, value_name = "SECS", default_value = "5", value_parser = parse_secs, requires = "max_memory")]
+    /// How often each worker reads its own memory (for --max-memory and the
+    /// status), while idle.
+    #[arg(long, value_name = "SECS", default_value = "5", value_parser = parse_secs)]
     memory_check: Duration,
 
     /// Recycle a worker SECS after it started, less up to a tenth of that at

@@ -68,28 +68,34 @@ fn mib(v: &Value) -> String {
 pub fn table(doc: &Value) -> String {
     let m = &doc["master"];
     let t = &doc["totals"];
+    let mm = &m["memory"];
     let mut out = format!(
-        "master pid {}  strategy {}  generation {}  up {}  rss {}\n\n",
+        "master pid {}  strategy {}  generation {}  up {}  rss {}  pss {}  private {}\n\n",
         m["pid"],
         m["strategy"].as_str().unwrap_or("?"),
         m["generation"],
         secs(&m["uptime_s"]),
-        mib(&m["rss_kib"])
+        mib(&m["rss_kib"]),
+        mib(&mm["pss_kib"]),
+        mib(&mm["private_kib"])
     );
     out.push_str(&format!(
-        "{:>4}  {:>8}  {:>3}  {:<8}  {:>8}  {:>9}  {:>10}\n",
-        "slot", "pid", "gen", "state", "for", "requests", "rss"
+        "{:>4}  {:>8}  {:>3}  {:<8}  {:>8}  {:>9}  {:>10}  {:>10}  {:>10}\n",
+        "slot", "pid", "gen", "state", "for", "requests", "rss", "pss", "private"
     ));
     for w in doc["workers"].as_array().into_iter().flatten() {
+        let wm = &w["memory"];
         out.push_str(&format!(
-            "{:>4}  {:>8}  {:>3}  {:<8}  {:>8}  {:>9}  {:>10}\n",
+            "{:>4}  {:>8}  {:>3}  {:<8}  {:>8}  {:>9}  {:>10}  {:>10}  {:>10}\n",
             w["slot"].to_string(),
             w["pid"].to_string(),
             w["generation"].to_string(),
             w["state"].as_str().unwrap_or("?"),
             secs(&w["for_s"]),
             w["requests"].to_string(),
-            mib(&w["rss_kib"])
+            mib(&w["rss_kib"]),
+            mib(&wm["pss_kib"]),
+            mib(&wm["private_kib"])
         ));
     }
     out.push_str(&format!(

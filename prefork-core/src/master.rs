@@ -195,9 +195,12 @@ pub struct Master<S: AcceptStrategy, A: App> {
     user: Option<crate::user::WorkerUser>,
     max_requests: Option<(u64, u64)>,
     max_age: Option<Duration>,
-    /// `--max-memory`: the limit (KiB of private memory), how often each
-    /// worker is read, when the next read is due, and whose.
+    /// `--max-memory`: the limit (KiB of private memory) and when the
+    /// workers' readings are looked at next.
     memory_watch: Option<MemoryWatch>,
+    /// How often workers read their own memory (with `--max-memory` or a
+    /// status socket; `None`: never).
+    memory_check: Option<Duration>,
     /// The pool sizes itself: sample it at this time next.
     next_sample: Option<MonoTime>,
     /// When the master last reaped (see [`MAX_SLEEP`]).
@@ -211,15 +214,18 @@ pub struct Master<S: AcceptStrategy, A: App> {
     rng: u64,
 }
 
-/// `--max-memory`: one worker's smaps_rollup read at a time, spread so that
-/// each worker is read about once per `every` (a read walks the worker's
-/// page tables: docs/memory.md has its cost).
+/// `--max-memory`: every `every`, the workers' own readings (in their
+/// scoreboard cells) are compared with the limit. The master makes no
+/// syscall for it: a smaps_rollup read walks the process's page tables
+/// (8 ms for 200 MiB resident, docs/memory.md), so each worker reads its
+/// own, while idle.
 #[derive(Debug)]
 struct MemoryWatch {
     limit_kib: u64,
     every: Duration,
     next_at: MonoTime,
-    cursor: usize,
+    /// Workers already logged as over the limit (until they are gone).
+    warned: Vec<Pid>,
 }
 
 /// Where a spawn left us.
@@ -368,8 +374,10 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
                 limit_kib: bytes / 1024,
                 every: cfg.memory_check,
                 next_at: MonoTime::now(),
-                cursor: 0,
+                warned: Vec::new(),
             }),
+            memory_check: (cfg.max_memory.is_some() || cfg.status_socket.is_some())
+                .then_some(cfg.memory_check),
             next_sample: cfg.scale.map(|_| MonoTime::now()),
             last_reap: MonoTime::now(),
             reload: None,
@@ -547,10 +555,11 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
         self.pool.observe(&mut self.sup);
     }
 
-    /// `--max-memory`: when due, reads the next worker's private memory,
-    /// and marks it for recycling (replacement first, one slot at a time)
-    /// when it is over the limit. RSS is not used: it counts the pages a
-    /// worker shares with the master and its siblings.
+    /// `--max-memory`: when due, looks at every worker's last reading of
+    /// its own memory, and marks one over the limit for recycling
+    /// (replacement first, one slot at a time). Private memory, not RSS,
+    /// which counts the pages a worker shares with the master and its
+    /// siblings.
     fn watch_memory(&mut self) {
         let Some(w) = &mut self.memory_watch else {
             return;
@@ -559,40 +568,40 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
         if now < w.next_at {
             return;
         }
+        w.next_at = now + w.every;
+        let limit = w.limit_kib;
         let view = self.sup.view();
+        w.warned.retain(|p| view.iter().any(|v| v.pid == *p));
         let candidates: Vec<_> = view
-            .iter()
-            .filter(|v| v.ready && !v.stopping && !v.recycling)
+            .into_iter()
+            .filter(|v| v.ready && !v.stopping && !v.recycling && !w.warned.contains(&v.pid))
             .collect();
-        let n = candidates.len().max(1);
-        w.next_at = now + w.every / n as u32;
-        let Some(v) = candidates.get(w.cursor % n) else {
-            return;
-        };
-        w.cursor = w.cursor.wrapping_add(1);
-        let Ok(m) = crate::memory::read(v.pid.as_raw()) else {
-            return; // gone meanwhile
-        };
-        tracing::debug!(
-            "worker={} pid={} memory check: private {} KiB, shared {} KiB, PSS {} KiB (--max-memory {} KiB)",
-            v.slot,
-            v.pid,
-            m.private_kib,
-            m.shared_kib,
-            m.pss_kib,
-            w.limit_kib
-        );
-        if m.private_kib > w.limit_kib {
-            tracing::warn!(
-                "worker={} pid={} private memory {} MiB > --max-memory {} MiB (RSS {} MiB, of which {} MiB shared); recycling it",
+        for v in candidates {
+            let Some(m) = self.pool.memory(v.pid) else {
+                continue; // no reading yet
+            };
+            tracing::debug!(
+                "worker={} pid={} memory check: private {} KiB, shared {} KiB, PSS {} KiB (--max-memory {} KiB)",
                 v.slot,
                 v.pid,
-                m.private_kib / 1024,
-                w.limit_kib / 1024,
-                m.rss_kib / 1024,
-                m.shared_kib / 1024
+                m.private_kib,
+                m.shared_kib,
+                m.pss_kib,
+                limit
             );
-            self.sup.recycle(v.pid);
+            if m.private_kib > limit {
+                tracing::warn!(
+                    "worker={} pid={} private memory {} MiB > --max-memory {} MiB (RSS {} MiB, of which {} MiB shared); recycling it",
+                    v.slot,
+                    v.pid,
+                    m.private_kib / 1024,
+                    limit / 1024,
+                    m.rss_kib / 1024,
+                    m.shared_kib / 1024
+                );
+                self.sup.recycle(v.pid);
+                w.warned.push(v.pid);
+            }
         }
     }
 
@@ -636,7 +645,14 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
             .sup
             .view()
             .into_iter()
-            .map(|v| crate::status_server::WorkerStatus::new(&v, self.pool.state(v.pid), now))
+            .map(|v| {
+                crate::status_server::WorkerStatus::new(
+                    &v,
+                    self.pool.state(v.pid),
+                    self.pool.memory(v.pid),
+                    now,
+                )
+            })
             .collect();
         workers.sort_by_key(|w| (w.slot, w.pid));
         let listeners = self
@@ -987,6 +1003,7 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
                     report: self.pool.report(),
                     user: self.user.clone(),
                     log_file: self.log_file.clone(),
+                    memory_check: self.memory_check,
                 }))
             }
         }

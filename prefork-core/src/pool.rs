@@ -117,6 +117,12 @@ impl Pool {
             .map_or(WorkerState::Booting, |w| w.state)
     }
 
+    /// `pid`'s last reading of its own memory (from its scoreboard cell).
+    pub(crate) fn memory(&self, pid: Pid) -> Option<crate::memory::Memory> {
+        let w = self.workers.get(&pid)?;
+        self.scoreboard.cell(w.cell)?.memory()
+    }
+
     /// Connections served by workers already reaped.
     pub(crate) fn retired_requests(&self) -> u64 {
         self.retired_requests

@@ -63,6 +63,28 @@ impl Cell<'_> {
             .store(1 << 63 | (now.as_nanos() & TIME_MASK), Ordering::Release);
     }
 
+    /// The worker's own memory reading (words 3 to 6: RSS, PSS, private,
+    /// shared, KiB, each stored plus one so that zero means "not yet").
+    pub fn set_memory(&self, m: &crate::memory::Memory) {
+        for (i, v) in [m.rss_kib, m.pss_kib, m.private_kib, m.shared_kib]
+            .into_iter()
+            .enumerate()
+        {
+            self.line.word(3 + i).store(v + 1, Ordering::Relaxed);
+        }
+    }
+
+    /// The worker's last memory reading, if it made one.
+    pub fn memory(&self) -> Option<crate::memory::Memory> {
+        let w = |i: usize| self.line.word(i).load(Ordering::Relaxed).checked_sub(1);
+        Some(crate::memory::Memory {
+            rss_kib: w(3)?,
+            pss_kib: w(4)?,
+            private_kib: w(5)?,
+            shared_kib: w(6)?,
+        })
+    }
+
     /// The last heartbeat.
     pub fn heartbeat(&self) -> Heartbeat {
         let w = self.beat_word().load(Ordering::Acquire);
@@ -233,6 +255,15 @@ mod tests {
         );
         cell(i).beat(later);
         assert!(!cell(i).heartbeat().holds_nothing);
+        assert_eq!(cell(i).memory(), None, "no reading yet");
+        let m = crate::memory::Memory {
+            rss_kib: 0,
+            pss_kib: 7,
+            private_kib: 3,
+            shared_kib: 4,
+        };
+        cell(i).set_memory(&m);
+        assert_eq!(cell(i).memory(), Some(m), "zero is a value, not 'unknown'");
         assert_eq!(
             cell(i).state(),
             WorkerState::KeepAlive { since: t },

@@ -43,11 +43,18 @@ pub struct WorkerStatus {
     pub for_s: f64,
     /// Connections served.
     pub requests: u64,
+    /// The worker's last reading of its own memory.
+    pub memory: Option<crate::memory::Memory>,
 }
 
 impl WorkerStatus {
-    /// From the supervisor's view and the observed state.
-    pub fn new(v: &WorkerView, state: WorkerState, now: MonoTime) -> WorkerStatus {
+    /// From the supervisor's view, the observed state and memory.
+    pub fn new(
+        v: &WorkerView,
+        state: WorkerState,
+        memory: Option<crate::memory::Memory>,
+        now: MonoTime,
+    ) -> WorkerStatus {
         let (name, since) = match (v.stopping, state) {
             (true, _) => ("stopping", None),
             (false, WorkerState::Busy { since }) => ("busy", Some(since)),
@@ -65,23 +72,25 @@ impl WorkerStatus {
                 .saturating_since(since.unwrap_or(v.spawned_at))
                 .as_secs_f64(),
             requests: v.requests,
+            memory,
         }
     }
 }
 
-/// A process's memory for the document: RSS, PSS, private (USS) and
-/// shared, KiB (read when the status is asked for, never on a loop turn).
-fn memory(pid: i32) -> serde_json::Value {
-    match crate::memory::read(pid) {
-        Ok(m) => json!({ "rss_kib": m.rss_kib, "pss_kib": m.pss_kib,
-                         "private_kib": m.private_kib, "shared_kib": m.shared_kib }),
-        Err(_) => serde_json::Value::Null,
-    }
+/// Resident set size now, KiB (/proc/PID/statm: a counter, no page walk).
+fn rss_kib(pid: i32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
+    let pages: u64 = text.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * (crate::sys::page_size() as u64 / 1024))
 }
 
-/// RSS alone (kept for readers of the older field).
-fn rss_kib(pid: i32) -> Option<u64> {
-    crate::memory::read(pid).ok().map(|m| m.rss_kib)
+/// Memory for the document: RSS, PSS, private (USS) and shared, KiB.
+fn memory_json(m: Option<crate::memory::Memory>) -> serde_json::Value {
+    match m {
+        Some(m) => json!({ "rss_kib": m.rss_kib, "pss_kib": m.pss_kib,
+                           "private_kib": m.private_kib, "shared_kib": m.shared_kib }),
+        None => serde_json::Value::Null,
+    }
 }
 
 /// The JSON document.
@@ -100,16 +109,19 @@ pub fn document(
 ) -> String {
     let count = |s: &str| workers.iter().filter(|w| w.state == s).count();
     let served: u64 = workers.iter().map(|w| w.requests).sum::<u64>() + retired_requests;
+    // The master's own reading, made here (one read per status request);
+    // the workers' come from their cells (each worker reads its own).
+    let own = crate::memory::read(master as i32).ok();
     let doc = json!({
         "master": { "pid": master, "strategy": strategy, "generation": generation,
-                    "uptime_s": uptime.as_secs_f64(), "rss_kib": rss_kib(master as i32),
-                    "memory": memory(master as i32) },
+                    "uptime_s": uptime.as_secs_f64(), "rss_kib": own.map(|m| m.rss_kib),
+                    "memory": memory_json(own) },
         "workers": workers.iter().map(|w| {
-            let mem = memory(w.pid);
+            let mem = memory_json(w.memory);
             json!({
                 "slot": w.slot, "pid": w.pid, "generation": w.generation, "state": w.state,
                 "for_s": (w.for_s * 1000.0).round() / 1000.0, "requests": w.requests,
-                "rss_kib": mem["rss_kib"], "memory": mem,
+                "rss_kib": rss_kib(w.pid), "memory": mem,
             })
         }).collect::<Vec<_>>(),
         "scale": scale.map(|c| json!({

@@ -38,6 +38,36 @@ pub(crate) struct WorkerSetup {
     pub user: Option<crate::user::WorkerUser>,
     /// Reopened on USR1 (between connections).
     pub log_file: Option<crate::logfile::LogFile>,
+    /// Read this worker's own memory (smaps_rollup) this often into its
+    /// scoreboard cell, for `--max-memory` and the status: the read walks
+    /// this process's page tables, so the worker pays for it, while idle,
+    /// and the master only loads words.
+    pub memory_check: Option<Duration>,
+}
+
+/// The worker's own memory readings: due at an idle tick; a worker never
+/// idle for three periods reads after a connection.
+struct MemoryClock {
+    every: Duration,
+    next: MonoTime,
+}
+
+impl MemoryClock {
+    fn read_if_due(&mut self, cell: Option<crate::scoreboard::Cell<'_>>, idle: bool) {
+        let now = MonoTime::now();
+        let due = if idle {
+            now >= self.next
+        } else {
+            now >= self.next + self.every * 2
+        };
+        if !due {
+            return;
+        }
+        self.next = now + self.every;
+        if let (Some(c), Ok(m)) = (cell, crate::memory::read(std::process::id() as i32)) {
+            c.set_memory(&m);
+        }
+    }
 }
 
 /// First thing in the child: worker signal dispositions, and death with the
@@ -171,6 +201,15 @@ fn serve<A: App, W: WorkerAcceptor>(
         liveness,
     };
     let mut backoff = Duration::ZERO;
+    let mut memory = setup.memory_check.map(|every| MemoryClock {
+        every,
+        next: MonoTime::now(),
+    });
+    // A first reading before the first connection: the status has one at
+    // once, even for a worker that then stays busy.
+    if let Some(m) = &mut memory {
+        m.read_if_due(cell, true);
+    }
     // One connection: a request, and while the app keeps the connection
     // alive, the next ones, each waited for in place or handed back to the
     // strategy (fdpass's master parks it).
@@ -222,9 +261,15 @@ fn serve<A: App, W: WorkerAcceptor>(
             Ok(Accepted::Connection(conn)) => {
                 backoff = Duration::ZERO;
                 serve_one(conn, &mut acceptor);
+                if let Some(m) = &mut memory {
+                    m.read_if_due(cell, false);
+                }
             }
             Ok(Accepted::Idle) => {
                 liveness.beat();
+                if let Some(m) = &mut memory {
+                    m.read_if_due(cell, true);
+                }
                 if master_gone(setup) {
                     tracing::info!("worker={slot} master is gone; exiting");
                     return 0;

@@ -3,8 +3,11 @@
 # prefork `http` app, with its files in a private directory.
 #
 #   anchors/nginx.sh install          install nginx (Debian package) if missing
-#   anchors/nginx.sh run DIR PORT N   run nginx in the foreground, N workers,
-#                                     on 127.0.0.1:PORT, config and logs in DIR
+#   anchors/nginx.sh run DIR PORT N [ROOT]
+#                                     run nginx in the foreground, N workers,
+#                                     on 127.0.0.1:PORT, config and logs in DIR;
+#                                     with ROOT, it serves the files under ROOT
+#                                     instead of the fixed response
 set -euo pipefail
 
 case "${1:-}" in
@@ -16,8 +19,13 @@ install)
     fi
     ;;
 run)
-    dir=$2 port=$3 workers=$4
+    dir=$2 port=$3 workers=$4 root=${5:-}
     mkdir -p "$dir"
+    location='add_header X-Worker "0/0";
+            default_type text/plain;
+            return 200 "Hello from prefork\n";'
+    [ -n "$root" ] && location="root $root;"
+
     user_line=""
     [ "$(id -u)" = 0 ] && user_line="user root;"
     cat >"$dir/nginx.conf" <<CONF
@@ -39,9 +47,7 @@ http {
     server {
         listen 127.0.0.1:$port backlog=1024 deferred;
         location / {
-            add_header X-Worker "0/0";
-            default_type text/plain;
-            return 200 "Hello from prefork\n";
+            $location
         }
     }
 }
