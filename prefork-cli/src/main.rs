@@ -115,6 +115,14 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Print the manual page (roff): `prefork man > /usr/local/share/man/man1/prefork.1`.
+    Man,
+    /// Print shell completions: `prefork completions bash > /etc/bash_completion.d/prefork`.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -812,8 +820,27 @@ fn main() -> ExitCode {
         }
         Err(ArgsError::Usage(e)) => return fail(e, 2),
     };
-    if let Some(Cmd::Status { socket, json }) = &cli.cmd {
-        return status::run(socket, *json);
+    match &cli.cmd {
+        Some(Cmd::Status { socket, json }) => return status::run(socket, *json),
+        Some(Cmd::Man) => {
+            // From the same clap definitions as --help: never out of date.
+            let man = clap_mangen::Man::new(Cli::command());
+            let mut out = std::io::stdout().lock();
+            return match man.render(&mut out) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(format!("writing the manual page: {e}"), 1),
+            };
+        }
+        Some(Cmd::Completions { shell }) => {
+            clap_complete::generate(
+                *shell,
+                &mut Cli::command(),
+                "prefork",
+                &mut std::io::stdout(),
+            );
+            return ExitCode::SUCCESS;
+        }
+        None => {}
     }
     if cli.list_strategies {
         for s in StrategyName::value_variants() {

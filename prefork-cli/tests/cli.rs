@@ -188,3 +188,61 @@ fn a_hand_over_is_adopted_only_by_its_addressee_and_never_twice() {
         "{err}"
     );
 }
+
+/// `prefork man` prints a manual page made from the same definitions as
+/// `--help` (every flag in it), which man(1) can render; `prefork
+/// completions SHELL` prints a completion script naming the flags.
+#[test]
+fn the_manual_page_and_completions_come_from_the_flags() {
+    let bin = env!("CARGO_BIN_EXE_prefork");
+    let out = std::process::Command::new(bin)
+        .arg("man")
+        .output()
+        .expect("prefork man");
+    assert!(out.status.success());
+    let page = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        page.starts_with(".ie") || page.contains(".TH prefork"),
+        "{page}"
+    );
+    for flag in [
+        "\\-\\-reload\\-batch",
+        "\\-\\-max\\-memory",
+        "\\-\\-strategy",
+    ] {
+        assert!(page.contains(flag), "{flag} in the manual page");
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("prefork.1");
+    std::fs::write(&path, page.as_bytes()).expect("write");
+    if let Ok(rendered) = std::process::Command::new("man")
+        .args(["-l", "-P", "cat"])
+        .arg(&path)
+        .env("MANWIDTH", "100")
+        .output()
+    {
+        if rendered.status.success() {
+            let text = String::from_utf8_lossy(&rendered.stdout);
+            assert!(text.contains("--reload-batch"), "{text}");
+        }
+    }
+    for (shell, needle) in [
+        ("bash", "complete -F"),
+        ("zsh", "#compdef prefork"),
+        ("fish", "complete -c prefork"),
+    ] {
+        let out = std::process::Command::new(bin)
+            .args(["completions", shell])
+            .output()
+            .expect("completions");
+        assert!(out.status.success(), "{shell}");
+        let script = String::from_utf8_lossy(&out.stdout);
+        assert!(script.contains(needle), "{shell}: {script}");
+        assert!(
+            script.contains("--max-memory"),
+            "{shell} completes the flags"
+        );
+    }
+    let (code, err) = run(&["completions", "tcsh"]);
+    assert_eq!(code, Some(2), "{err}");
+}

@@ -25,7 +25,8 @@ struct PidsCgroup {
 }
 
 impl PidsCgroup {
-    fn new() -> Result<PidsCgroup, String> {
+    /// A cgroup of its own for `name` (tests of one process run at once).
+    fn new(name: &str) -> Result<PidsCgroup, String> {
         let v1 = Path::new("/sys/fs/cgroup/pids");
         let root = if v1.join("cgroup.procs").exists() {
             v1.to_path_buf()
@@ -40,7 +41,7 @@ impl PidsCgroup {
                 .map_err(|e| format!("enabling pids: {e}"))?;
             v2.to_path_buf()
         };
-        let dir = root.join(format!("prefork-test-{}", std::process::id()));
+        let dir = root.join(format!("prefork-test-{}-{name}", std::process::id()));
         std::fs::create_dir(&dir).map_err(|e| format!("mkdir {}: {e}", dir.display()))?;
         Ok(PidsCgroup { dir, root })
     }
@@ -101,7 +102,7 @@ fn fork_failing_is_backed_off_and_the_pool_recovers(strategy: &str) {
     if !nix::unistd::geteuid().is_root() {
         return skip("fork exhaustion needs root (a pids cgroup)");
     }
-    let cg = match PidsCgroup::new() {
+    let cg = match PidsCgroup::new(strategy) {
         Ok(cg) => cg,
         Err(e) => return skip(&format!("fork exhaustion: {e}")),
     };

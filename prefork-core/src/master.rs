@@ -212,6 +212,8 @@ pub struct Master<S: AcceptStrategy, A: App> {
     drain_before_stop: Option<MonoTime>,
     started: MonoTime,
     rng: u64,
+    /// The service manager's notify socket (systemd `Type=notify`).
+    notify: crate::notify::Notifier,
 }
 
 /// `--max-memory`: every `every`, the workers' own readings (in their
@@ -384,6 +386,9 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
             drain_before_stop: None,
             started: MonoTime::now(),
             rng: u64::from(pid.as_raw().unsigned_abs()) ^ MonoTime::now().as_nanos() | 1,
+            notify: crate::notify::Notifier::from_env(
+                taken.from.map(|p| p.as_raw().unsigned_abs()),
+            ),
         })
     }
 
@@ -449,6 +454,19 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
                     }
                 }
             }
+            let now = MonoTime::now();
+            if self.notify.enabled() {
+                let ready = self.sup.all_ready() && self.sup.live() > 0;
+                if ready && (!announced || self.notify.is_reloading()) {
+                    let line = self.status_line();
+                    self.notify.ready(&line);
+                }
+                self.notify.turn(now);
+                if self.notify.status_due(now) {
+                    let line = self.status_line();
+                    self.notify.status(now, line);
+                }
+            }
             if !announced && self.sup.all_ready() && self.sup.live() > 0 {
                 announced = true;
                 on_ready(&ReadyInfo {
@@ -476,6 +494,9 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
         }
         if let Some(w) = &self.memory_watch {
             cap = cap.min(w.next_at.saturating_since(now));
+        }
+        if let Some(t) = self.notify.next_deadline() {
+            cap = cap.min(t.saturating_since(now));
         }
         if let Some(t) = self.strategy.master_io().and_then(|io| io.next_deadline()) {
             cap = cap.min(t.saturating_since(now));
@@ -635,6 +656,37 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
     }
 
     /// Answers every waiting status client with the scoreboard as JSON.
+    /// The `STATUS=` line for the service manager: the pool by state and
+    /// what the master holds.
+    fn status_line(&mut self) -> String {
+        let view = self.sup.view();
+        let mut count = [0usize; 3]; // busy, idle, keepalive
+        for v in &view {
+            match self.pool.state(v.pid) {
+                crate::scoreboard::WorkerState::Busy { .. } => count[0] += 1,
+                crate::scoreboard::WorkerState::KeepAlive { .. } => count[2] += 1,
+                crate::scoreboard::WorkerState::Idle { .. } => count[1] += 1,
+                crate::scoreboard::WorkerState::Booting => {}
+            }
+        }
+        let mut line = format!(
+            "{} of {} workers: {} busy, {} idle, {} keepalive",
+            view.len(),
+            self.sup.target(),
+            count[0],
+            count[1],
+            count[2]
+        );
+        if let Some((reading, queued, parked)) = self.strategy.master_io().and_then(|io| io.held())
+        {
+            line.push_str(&format!(
+                "; held {} ({reading} reading, {queued} queued, {parked} parked)",
+                reading + queued + parked
+            ));
+        }
+        line
+    }
+
     fn serve_status(&mut self) {
         let held = self.strategy.master_io().and_then(|io| io.held());
         let Some(server) = &self.status else {
@@ -686,6 +738,7 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
             Signal::SIGQUIT => Command::GracefulStop,
             Signal::SIGTERM | Signal::SIGINT => Command::FastStop,
             Signal::SIGHUP if self.reload.is_some() && !self.sup.is_stopping() => {
+                self.notify.reloading();
                 self.reload_with_new_settings();
                 return;
             }
@@ -703,7 +756,11 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
             }
             _ => return, // SIGCHLD: reaping follows
         };
+        if cmd == Command::Reload && !self.sup.is_stopping() {
+            self.notify.reloading();
+        }
         if matches!(cmd, Command::GracefulStop | Command::FastStop) {
+            self.notify.stopping();
             let graceful = cmd == Command::GracefulStop;
             let in_hand = self.strategy.master_io().map_or(0, |io| {
                 io.stopping(graceful);

@@ -108,6 +108,35 @@ fn signal(master: i32, sig: Signal) {
     let _ = kill(Pid::from_raw(master), sig);
 }
 
+/// The pool's target size, as the master says.
+fn target(status: &Path) -> Option<usize> {
+    read_status(status)?["totals"]["target"]
+        .as_u64()
+        .map(|t| t as usize)
+}
+
+/// Brings the pool's target to `n` one TTIN or TTOU at a time, each
+/// confirmed by the master before the next (signals of one kind coalesce
+/// while pending, so counting the signals sent is not enough).
+fn resize(master: i32, status: &Path, n: usize) -> bool {
+    for _ in 0..64 {
+        let Some(t) = target(status) else {
+            return false;
+        };
+        if t == n {
+            return true;
+        }
+        let (sig, to) = if t < n {
+            (Signal::SIGTTIN, t + 1)
+        } else {
+            (Signal::SIGTTOU, t - 1)
+        };
+        signal(master, sig);
+        wait_until(Duration::from_secs(2), || target(status) == Some(to));
+    }
+    false
+}
+
 /// Soaks `server` (started with `workers` workers and `--status
 /// unix:STATUS`): a warm-up that also grows the pool to its largest size
 /// once (a reuseport slot's socket, made on growth, is kept by design),
@@ -141,18 +170,13 @@ pub fn soak(
         |what: &str| std::io::Error::other(format!("{label}: the pool did not settle {what}"));
     // Warm-up: load, then the largest pool once.
     load::run(&cfg(Duration::from_secs(2)), &Arc::new(Progress::default()))?;
-    for _ in 0..2 {
-        signal(master, Signal::SIGTTIN);
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    if !settle(master, status, workers + 2, Duration::from_secs(10)) {
+    if !resize(master, status, workers + 2)
+        || !settle(master, status, workers + 2, Duration::from_secs(10))
+    {
         return Err(unsettled("after the warm-up's growth"));
     }
-    for _ in 0..2 {
-        signal(master, Signal::SIGTTOU);
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    if !settle(master, status, workers, Duration::from_secs(10)) {
+    if !resize(master, status, workers) || !settle(master, status, workers, Duration::from_secs(10))
+    {
         return Err(unsettled("after the warm-up"));
     }
     let fds_before = procs::fd_count(master);
@@ -263,6 +287,9 @@ fn inject_mixed(whole: &Whole, done: &AtomicBool) -> (BTreeMap<&'static str, u64
                 }
             }
             7 | 8 => {
+                if let Some(t) = whole.status.as_deref().and_then(target) {
+                    size = t;
+                }
                 let grow = size <= n.saturating_sub(1).max(1) || (size < n + 2 && rng.pick(2) == 0);
                 if grow {
                     size += 1;
@@ -277,20 +304,9 @@ fn inject_mixed(whole: &Whole, done: &AtomicBool) -> (BTreeMap<&'static str, u64
             _ => {}
         }
     }
-    // Back to N, one signal at a time (signals of a kind coalesce).
-    while size != n {
-        let (sig, to) = if size < n {
-            (Signal::SIGTTIN, size + 1)
-        } else {
-            (Signal::SIGTTOU, size - 1)
-        };
-        signal(master, sig);
-        wait_until(Duration::from_secs(2), || {
-            read_status(whole.status.as_deref().unwrap_or(Path::new("")))
-                .and_then(|d| d["totals"]["target"].as_u64())
-                == Some(to as u64)
-        });
-        size = to;
+    // Back to N, by the master's own count of its target.
+    if let Some(status) = &whole.status {
+        resize(master, status, n);
     }
     (counts, busy)
 }
