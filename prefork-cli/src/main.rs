@@ -91,6 +91,19 @@ enum Fault {
     /// after_fork takes 200 ms in workers of a reload: a slow boot, to see
     /// a reload go in batches.
     BootSlowOnReload,
+    /// after_fork starts `sh -c 'sleep 0.3 &'` and waits for the shell: the
+    /// sleep is left an orphan, for the master to reap as PID 1 or with
+    /// --subreaper.
+    OrphanAtBoot,
+}
+
+/// What TERM does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum TermStop {
+    /// A fast stop (as INT), as nginx and Unicorn do.
+    Fast,
+    /// A graceful stop (as QUIT): what container managers mean by TERM.
+    Graceful,
 }
 
 /// How workers report busy/idle (hidden: for measuring the cost only).
@@ -280,6 +293,18 @@ struct Cli {
     /// never waits on a stuck worker.
     #[arg(long, value_name = "SECS", default_value = "60", value_parser = parse_secs)]
     boot_timeout: Duration,
+
+    /// What TERM does: `fast` (as INT: workers stop at once, as nginx and
+    /// Unicorn) or `graceful` (as QUIT: requests in flight finish; what a
+    /// container manager means when it sends TERM).
+    #[arg(long, value_enum, value_name = "fast|graceful", default_value_t = TermStop::Fast)]
+    term: TermStop,
+
+    /// Reap every orphan the workers' processes leave behind
+    /// (PR_SET_CHILD_SUBREAPER), as a master running as PID 1 in a
+    /// container does anyway.
+    #[arg(long)]
+    subreaper: bool,
 
     /// Slots a reload (HUP) replaces at a time: each slot's new worker is
     /// forked only while fewer than workers + N run, so memory peaks at
@@ -517,6 +542,11 @@ impl App for Served {
                 std::thread::sleep(Duration::from_millis(200));
             }
             Some(Fault::BootSlowOnReload) => {}
+            Some(Fault::OrphanAtBoot) => {
+                std::process::Command::new("sh")
+                    .args(["-c", "sleep 0.3 &"])
+                    .status()?;
+            }
             None => {}
         }
         match &mut self.app {
@@ -733,7 +763,7 @@ fn http_limits(cli: &Cli) -> apps::HttpLimits {
 
 /// Settings a reload cannot change (sockets, identity, files, strategy),
 /// by flag name.
-fn fixed_settings(cli: &Cli) -> [(&'static str, String); 23] {
+fn fixed_settings(cli: &Cli) -> [(&'static str, String); 25] {
     [
         ("bind", format!("{:?}", cli.bind)),
         ("strategy", format!("{:?}", cli.strategy)),
@@ -756,6 +786,8 @@ fn fixed_settings(cli: &Cli) -> [(&'static str, String); 23] {
         ("max-memory", format!("{:?}", cli.max_memory)),
         ("memory-check", format!("{:?}", cli.memory_check)),
         ("max-age", format!("{:?}", cli.max_age)),
+        ("term", format!("{:?}", cli.term)),
+        ("subreaper", format!("{:?}", cli.subreaper)),
         ("max-connections", format!("{:?}", cli.max_connections)),
         ("dispatch", format!("{:?}", cli.dispatch)),
     ]
@@ -936,6 +968,8 @@ fn main() -> ExitCode {
         timeout: pool.pool.timeout,
         boot_timeout: Some(cli.boot_timeout),
         reload_batch: cli.reload_batch,
+        subreaper: cli.subreaper,
+        term_is_graceful: cli.term == TermStop::Graceful,
         max_memory: cli.max_memory,
         memory_check: cli.memory_check,
         max_age: cli.max_age,

@@ -225,3 +225,111 @@ fn the_shipped_units_pass_systemd_analyze_verify() {
         out.status
     );
 }
+
+/// The master as PID 1 of a PID namespace (`unshare --pid --fork`, as in a
+/// container): the orphans its workers' processes leave behind are
+/// re-parented to it, and it reaps them, not only its workers; TERM stops
+/// it.
+#[test]
+fn as_pid_1_the_master_reaps_every_orphan() {
+    if !nix::unistd::geteuid().is_root() {
+        prefork_testkit::skipped(
+            "as_pid_1_the_master_reaps_every_orphan",
+            "unshare --pid needs root",
+        );
+        return;
+    }
+    let mut s = prefork_testkit::ServerBuilder::new("unshare")
+        .args([
+            "--pid",
+            "--fork",
+            "--kill-child",
+            env!("CARGO_BIN_EXE_prefork"),
+        ])
+        .args([
+            "--bind",
+            "127.0.0.1:0",
+            "--workers",
+            "2",
+            "--fault",
+            "orphan-at-boot",
+            "--log-level",
+            "debug",
+        ])
+        .start()
+        .expect("prefork as PID 1");
+    assert!(s.wait_log("running as PID 1", T), "{}", s.log());
+    // unshare's one child is the master (PID 1 inside).
+    let mut master = 0;
+    assert!(wait_until(T, || {
+        master = prefork_testkit::children_of(s.pid())
+            .first()
+            .copied()
+            .unwrap_or(0);
+        master != 0
+    }));
+    // Two orphans (one per worker's boot) exit after 0.3 s: reaped.
+    assert!(
+        wait_until(T, || s.log_count("not a worker") >= 2),
+        "{}",
+        s.log()
+    );
+    assert!(wait_until(T, || prefork_testkit::zombie_children(master).is_empty()));
+    assert_eq!(http_get(s.addr(), "/", T).expect("served").status, 200);
+    kill(Pid::from_raw(master), Signal::SIGTERM).expect("TERM");
+    assert_eq!(
+        s.wait_exit(T).and_then(|st| st.code()),
+        Some(0),
+        "{}",
+        s.log()
+    );
+}
+
+/// `--subreaper` outside a container: the same orphans come to the master
+/// instead of the host's init, and are reaped.
+#[test]
+fn with_subreaper_the_master_reaps_the_orphans_of_its_workers() {
+    let s = prefork()
+        .args([
+            "--bind",
+            "127.0.0.1:0",
+            "--workers",
+            "2",
+            "--fault",
+            "orphan-at-boot",
+            "--subreaper",
+            "--log-level",
+            "debug",
+        ])
+        .start()
+        .expect("starts");
+    assert!(
+        wait_until(T, || s.log_count("not a worker") >= 2),
+        "{}",
+        s.log()
+    );
+    assert!(wait_until(T, || prefork_testkit::zombie_children(s.pid()).is_empty()));
+}
+
+/// `--term graceful`: TERM lets the request in hand finish, as QUIT does.
+#[test]
+fn term_graceful_lets_the_request_in_hand_finish() {
+    let mut s = prefork()
+        .args([
+            "--bind",
+            "127.0.0.1:0",
+            "--workers",
+            "1",
+            "--term",
+            "graceful",
+        ])
+        .start()
+        .expect("starts");
+    let addr = s.addr().to_string();
+    let slow = std::thread::spawn(move || http_get(&addr, "/sleep/800", T));
+    assert!(s.wait_worker_sleeping(T));
+    s.signal(Signal::SIGTERM);
+    let r = slow.join().expect("client").expect("answered");
+    assert_eq!(r.status, 200);
+    assert_eq!(s.wait_exit(T).and_then(|st| st.code()), Some(0));
+}

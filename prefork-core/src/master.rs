@@ -94,6 +94,13 @@ pub struct MasterConfig {
     /// Detached from the terminal (`--daemon`): without `log_file`, stderr
     /// goes to /dev/null at the same point, before any worker is forked.
     pub detached: bool,
+    /// Become a child subreaper (PR_SET_CHILD_SUBREAPER): processes the
+    /// app's workers leave behind are re-parented to the master, which
+    /// reaps them, as PID 1 in a container does anyway (`--subreaper`).
+    pub subreaper: bool,
+    /// TERM (and INT) stop gracefully, as QUIT does (`--term graceful`:
+    /// container managers send TERM to stop).
+    pub term_is_graceful: bool,
 }
 
 impl Default for MasterConfig {
@@ -108,6 +115,8 @@ impl Default for MasterConfig {
             pid_file: None,
             timeout: None,
             boot_timeout: Some(Duration::from_secs(60)),
+            subreaper: false,
+            term_is_graceful: false,
             max_memory: None,
             memory_check: Duration::from_secs(5),
             max_age: None,
@@ -214,6 +223,8 @@ pub struct Master<S: AcceptStrategy, A: App> {
     rng: u64,
     /// The service manager's notify socket (systemd `Type=notify`).
     notify: crate::notify::Notifier,
+    /// TERM stops gracefully (`--term graceful`).
+    term_is_graceful: bool,
 }
 
 /// `--max-memory`: every `every`, the workers' own readings (in their
@@ -345,6 +356,15 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
         // detached, nowhere: the pipe to the starting command must not
         // reach the workers).
         redirect_stderr(log_file.as_ref(), cfg.detached)?;
+        if cfg.subreaper {
+            nix::sys::prctl::set_child_subreaper(true).map_err(|e| {
+                Error::sys("prctl(PR_SET_CHILD_SUBREAPER)", std::io::Error::from(e))
+            })?;
+            tracing::info!("child subreaper: orphans of the workers' processes are reaped here");
+        }
+        if pid.as_raw() == 1 {
+            tracing::info!("running as PID 1: every orphan is re-parented here and reaped");
+        }
         let sup = Supervisor::new(SupervisorConfig {
             workers: cfg.workers,
             graceful_timeout: cfg.graceful_timeout,
@@ -389,6 +409,7 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
             notify: crate::notify::Notifier::from_env(
                 taken.from.map(|p| p.as_raw().unsigned_abs()),
             ),
+            term_is_graceful: cfg.term_is_graceful,
         })
     }
 
@@ -736,6 +757,7 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
     fn handle_signal(&mut self, sig: Signal) {
         let cmd = match sig {
             Signal::SIGQUIT => Command::GracefulStop,
+            Signal::SIGTERM if self.term_is_graceful => Command::GracefulStop,
             Signal::SIGTERM | Signal::SIGINT => Command::FastStop,
             Signal::SIGHUP if self.reload.is_some() && !self.sup.is_stopping() => {
                 self.notify.reloading();
@@ -879,7 +901,11 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
             }
             self.pool.remove(pid);
             let Some(r) = self.sup.exited(pid, status, MonoTime::now()) else {
-                continue; // a child that was not a worker (an app's subprocess)
+                // Not a worker: an app's subprocess, or (as PID 1, or with
+                // --subreaper) an orphan re-parented to the master. Reaped
+                // all the same: no zombie is left.
+                tracing::debug!("pid={pid} reaped ({how}): not a worker");
+                continue;
             };
             let slot = r.slot;
             self.note_if_vacant(slot);
