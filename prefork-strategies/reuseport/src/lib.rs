@@ -571,49 +571,8 @@ mod tests {
             .all(|l| inode(l) != inode(&new.slots[3][0])));
     }
 
-    #[test]
-    fn steering_program_sends_every_connection_to_the_live_sockets() {
-        // Four sockets in one group; steer to the first two only.
-        let first = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
-        first.set_reuse_port(true).expect("reuseport");
-        first
-            .bind(&SockAddr::from(
-                "127.0.0.1:0".parse::<SocketAddr>().expect("addr"),
-            ))
-            .expect("bind");
-        first.listen(128).expect("listen");
-        let sa = first.local_addr().expect("addr").as_socket().expect("inet");
-        let mut group = vec![first];
-        for _ in 0..3 {
-            let s = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
-            s.set_reuse_port(true).expect("reuseport");
-            s.bind(&SockAddr::from(sa)).expect("bind");
-            s.listen(128).expect("listen");
-            group.push(s);
-        }
-        sys::attach_steering(group[0].as_fd(), &[0, 1]).expect("attach");
-        let clients: Vec<TcpStream> = (0..40)
-            .map(|_| TcpStream::connect(sa).expect("connect"))
-            .collect();
-        let mut per_socket = [0usize; 4];
-        for (i, s) in group.iter().enumerate() {
-            s.set_nonblocking(true).expect("nonblocking");
-            while s.accept().is_ok() {
-                per_socket[i] += 1;
-            }
-        }
-        assert_eq!(per_socket[2] + per_socket[3], 0, "{per_socket:?}");
-        assert_eq!(per_socket[0] + per_socket[1], 40, "{per_socket:?}");
-        assert!(
-            per_socket[0] > 0 && per_socket[1] > 0,
-            "random spread: {per_socket:?}"
-        );
-        drop(clients);
-    }
-
-    #[test]
-    fn steering_around_a_vacant_slot_skips_its_socket_only() {
-        // Four sockets; slot 1 is vacant: 0, 2 and 3 get everything.
+    /// Four listening SO_REUSEPORT sockets in one group on a free port.
+    fn group_of_four() -> (Vec<Socket>, SocketAddr) {
         let first = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
         first.set_reuse_port(true).expect("reuseport");
         first
@@ -631,10 +590,16 @@ mod tests {
             s.listen(256).expect("listen");
             group.push(s);
         }
-        assert_eq!(sys::steering_program(&[0, 2, 3]).len(), 2 * 3 + 3);
-        assert_eq!(sys::steering_program(&[0, 1, 2]).len(), 3, "contiguous");
-        sys::attach_steering(group[0].as_fd(), &[0, 2, 3]).expect("attach");
-        let clients: Vec<TcpStream> = (0..90)
+        (group, sa)
+    }
+
+    /// `n` clients connect; returns them and how many each socket queued.
+    fn connect_and_count(
+        group: &[Socket],
+        sa: SocketAddr,
+        n: usize,
+    ) -> (Vec<TcpStream>, [usize; 4]) {
+        let clients: Vec<TcpStream> = (0..n)
             .map(|_| TcpStream::connect(sa).expect("connect"))
             .collect();
         let mut per_socket = [0usize; 4];
@@ -644,6 +609,32 @@ mod tests {
                 per_socket[i] += 1;
             }
         }
+        (clients, per_socket)
+    }
+
+    #[test]
+    fn steering_program_sends_every_connection_to_the_live_sockets() {
+        // Four sockets in one group; steer to the first two only.
+        let (group, sa) = group_of_four();
+        sys::attach_steering(group[0].as_fd(), &[0, 1]).expect("attach");
+        let (clients, per_socket) = connect_and_count(&group, sa, 40);
+        assert_eq!(per_socket[2] + per_socket[3], 0, "{per_socket:?}");
+        assert_eq!(per_socket[0] + per_socket[1], 40, "{per_socket:?}");
+        assert!(
+            per_socket[0] > 0 && per_socket[1] > 0,
+            "random spread: {per_socket:?}"
+        );
+        drop(clients);
+    }
+
+    #[test]
+    fn steering_around_a_vacant_slot_skips_its_socket_only() {
+        // Four sockets; slot 1 is vacant: 0, 2 and 3 get everything.
+        let (group, sa) = group_of_four();
+        assert_eq!(sys::steering_program(&[0, 2, 3]).len(), 2 * 3 + 3);
+        assert_eq!(sys::steering_program(&[0, 1, 2]).len(), 3, "contiguous");
+        sys::attach_steering(group[0].as_fd(), &[0, 2, 3]).expect("attach");
+        let (clients, per_socket) = connect_and_count(&group, sa, 90);
         assert_eq!(per_socket[1], 0, "{per_socket:?}");
         assert_eq!(per_socket.iter().sum::<usize>(), 90, "{per_socket:?}");
         assert!(

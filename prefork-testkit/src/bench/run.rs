@@ -38,6 +38,27 @@ pub enum ServerSpec {
 }
 
 impl ServerSpec {
+    /// The same server with more flags (a prefork one; others unchanged).
+    pub fn with_args(self, more: impl IntoIterator<Item = String>) -> ServerSpec {
+        match self {
+            ServerSpec::Prefork {
+                label,
+                bin,
+                strategy,
+                mut extra,
+            } => {
+                extra.extend(more);
+                ServerSpec::Prefork {
+                    label,
+                    bin,
+                    strategy,
+                    extra,
+                }
+            }
+            other => other,
+        }
+    }
+
     /// Label in tables.
     pub fn label(&self) -> String {
         match self {

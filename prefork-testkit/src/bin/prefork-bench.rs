@@ -514,23 +514,7 @@ fn soak_runs(cli: &Cli, dir: &std::path::Path, secs: f64) -> Result<(), String> 
         .map(|spec| {
             let label = spec.label();
             let status = soak::status_path(dir, &label);
-            let spec = match spec {
-                ServerSpec::Prefork {
-                    label,
-                    bin,
-                    strategy,
-                    mut extra,
-                } => {
-                    extra.extend(["--status".into(), format!("unix:{}", status.display())]);
-                    ServerSpec::Prefork {
-                        label,
-                        bin,
-                        strategy,
-                        extra,
-                    }
-                }
-                other => other,
-            };
+            let spec = spec.with_args(["--status".into(), format!("unix:{}", status.display())]);
             let (workers, rate, dir) = (cli.workers, cli.fault_rate, dir.to_path_buf());
             std::thread::spawn(move || -> Result<soak::SoakResult, String> {
                 let server = spec.start(workers, 1, &dir).map_err(|e| e.to_string())?;
@@ -655,23 +639,7 @@ fn fault_runs(cli: &Cli, dir: &std::path::Path) -> Result<(), String> {
         for (n, (spec, listeners)) in fault_servers(f, &servers).into_iter().enumerate() {
             // Recovery is judged by the master's own view of ready workers.
             let status = dir.join(format!("status-{}-{n}.sock", f.name()));
-            let spec = match spec {
-                ServerSpec::Prefork {
-                    label,
-                    bin,
-                    strategy,
-                    mut extra,
-                } => {
-                    extra.extend(["--status".into(), format!("unix:{}", status.display())]);
-                    ServerSpec::Prefork {
-                        label,
-                        bin,
-                        strategy,
-                        extra,
-                    }
-                }
-                other => other,
-            };
+            let spec = spec.with_args(["--status".into(), format!("unix:{}", status.display())]);
             let server = spec
                 .start(cli.workers, listeners, dir)
                 .map_err(|e| e.to_string())?;
