@@ -300,6 +300,13 @@ struct Cli {
     #[arg(long, value_enum, value_name = "fast|graceful", default_value_t = TermStop::Fast)]
     term: TermStop,
 
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g.
+    /// 127.0.0.1:9100): the pool by state, requests, worker exits by
+    /// reason, accept queues, held connections, scale events, generation,
+    /// upgrades, and a histogram of request durations.
+    #[arg(long, value_name = "HOST:PORT", value_parser = parse_metrics_addr)]
+    metrics: Option<std::net::SocketAddr>,
+
     /// Reap every orphan the workers' processes leave behind
     /// (PR_SET_CHILD_SUBREAPER), as a master running as PID 1 in a
     /// container does anyway.
@@ -433,6 +440,12 @@ fn parse_status_socket(s: &str) -> Result<PathBuf, String> {
         Some(p) if !p.is_empty() && p.len() < 108 => Ok(PathBuf::from(p)),
         _ => Err(format!("{s:?}: expected unix:/path/to/status.sock")),
     }
+}
+
+/// `--metrics`: an IP address and a port (`127.0.0.1:9100`, `[::1]:9100`).
+fn parse_metrics_addr(s: &str) -> Result<std::net::SocketAddr, String> {
+    s.parse()
+        .map_err(|_| format!("{s:?} is not an address such as 127.0.0.1:9100"))
 }
 
 /// `--reload-batch`: a count of at least 1, or `all`.
@@ -763,7 +776,7 @@ fn http_limits(cli: &Cli) -> apps::HttpLimits {
 
 /// Settings a reload cannot change (sockets, identity, files, strategy),
 /// by flag name.
-fn fixed_settings(cli: &Cli) -> [(&'static str, String); 25] {
+fn fixed_settings(cli: &Cli) -> [(&'static str, String); 26] {
     [
         ("bind", format!("{:?}", cli.bind)),
         ("strategy", format!("{:?}", cli.strategy)),
@@ -788,6 +801,7 @@ fn fixed_settings(cli: &Cli) -> [(&'static str, String); 25] {
         ("max-age", format!("{:?}", cli.max_age)),
         ("term", format!("{:?}", cli.term)),
         ("subreaper", format!("{:?}", cli.subreaper)),
+        ("metrics", format!("{:?}", cli.metrics)),
         ("max-connections", format!("{:?}", cli.max_connections)),
         ("dispatch", format!("{:?}", cli.dispatch)),
     ]
@@ -970,6 +984,7 @@ fn main() -> ExitCode {
         reload_batch: cli.reload_batch,
         subreaper: cli.subreaper,
         term_is_graceful: cli.term == TermStop::Graceful,
+        metrics: cli.metrics,
         max_memory: cli.max_memory,
         memory_check: cli.memory_check,
         max_age: cli.max_age,

@@ -111,6 +111,7 @@ pub mod listener;
 pub mod logfile;
 pub mod master;
 pub mod memory;
+pub mod metrics;
 pub mod notify;
 pub mod pidfile;
 mod pool;

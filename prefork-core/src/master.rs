@@ -101,6 +101,8 @@ pub struct MasterConfig {
     /// TERM (and INT) stop gracefully, as QUIT does (`--term graceful`:
     /// container managers send TERM to stop).
     pub term_is_graceful: bool,
+    /// Serve the Prometheus exposition here (`--metrics`).
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 impl Default for MasterConfig {
@@ -117,6 +119,7 @@ impl Default for MasterConfig {
             boot_timeout: Some(Duration::from_secs(60)),
             subreaper: false,
             term_is_graceful: false,
+            metrics: None,
             max_memory: None,
             memory_check: Duration::from_secs(5),
             max_age: None,
@@ -225,6 +228,22 @@ pub struct Master<S: AcceptStrategy, A: App> {
     notify: crate::notify::Notifier,
     /// TERM stops gracefully (`--term graceful`).
     term_is_graceful: bool,
+    /// `--metrics`: the endpoint, and what only the master counts.
+    metrics: Option<crate::metrics::MetricsServer>,
+    counts: Counts,
+}
+
+/// What the metrics report that only the master sees.
+#[derive(Debug, Default)]
+struct Counts {
+    /// Worker exits by reason.
+    exits: std::collections::BTreeMap<&'static str, u64>,
+    /// Why each signalled worker was told to stop (its exit's reason).
+    stop_reasons: std::collections::HashMap<Pid, &'static str>,
+    /// Scale decisions: grow, shrink.
+    scale: (u64, u64),
+    /// USR2 upgrades started.
+    upgrades: u64,
 }
 
 /// `--max-memory`: every `every`, the workers' own readings (in their
@@ -258,6 +277,8 @@ struct Events {
     strategy: Vec<RawFd>,
     /// A status client is waiting.
     status_clients: bool,
+    /// A metrics client is waiting or sent something.
+    metrics: bool,
     /// How much longer than planned the sleep took (a stopped or starved
     /// master).
     overslept: Duration,
@@ -356,6 +377,18 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
         // detached, nowhere: the pipe to the starting command must not
         // reach the workers).
         redirect_stderr(log_file.as_ref(), cfg.detached)?;
+        let metrics = match cfg.metrics {
+            Some(addr) => {
+                let m = crate::metrics::MetricsServer::bind(addr)
+                    .map_err(|e| Error::sys(format!("--metrics {addr}"), e))?;
+                let at = m
+                    .local_addr()
+                    .map_err(|e| Error::sys(format!("--metrics {addr}"), e))?;
+                tracing::info!("metrics on http://{at}/metrics");
+                Some(m)
+            }
+            None => None,
+        };
         if cfg.subreaper {
             nix::sys::prctl::set_child_subreaper(true).map_err(|e| {
                 Error::sys("prctl(PR_SET_CHILD_SUBREAPER)", std::io::Error::from(e))
@@ -410,6 +443,8 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
                 taken.from.map(|p| p.as_raw().unsigned_abs()),
             ),
             term_is_graceful: cfg.term_is_graceful,
+            metrics,
+            counts: Counts::default(),
         })
     }
 
@@ -461,6 +496,15 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
             self.watch_memory();
             if events.status_clients {
                 self.serve_status();
+            }
+            if events.metrics
+                || self
+                    .metrics
+                    .as_ref()
+                    .and_then(|m| m.next_deadline())
+                    .is_some_and(|t| t <= MonoTime::now())
+            {
+                self.serve_metrics();
             }
             self.size_pool();
             for action in self.sup.actions(MonoTime::now()) {
@@ -519,6 +563,9 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
         if let Some(t) = self.notify.next_deadline() {
             cap = cap.min(t.saturating_since(now));
         }
+        if let Some(t) = self.metrics.as_ref().and_then(|m| m.next_deadline()) {
+            cap = cap.min(t.saturating_since(now));
+        }
         if let Some(t) = self.strategy.master_io().and_then(|io| io.next_deadline()) {
             cap = cap.min(t.saturating_since(now));
         }
@@ -560,6 +607,14 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
                 .iter()
                 .map(|fd| PollFd::new(*fd, PollFlags::POLLIN)),
         );
+        let first_metrics = fds.len();
+        if let Some(m) = &self.metrics {
+            fds.extend(
+                m.fds()
+                    .into_iter()
+                    .map(|fd| PollFd::new(fd, PollFlags::POLLIN)),
+            );
+        }
         if let Ok(n) = nix::poll::poll(&mut fds, poll_timeout(Some(timeout))) {
             if n > 0 {
                 let ready = |p: &PollFd<'_>| p.revents().is_some_and(|r| !r.is_empty());
@@ -571,7 +626,8 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
                     .filter(|(_, p)| ready(p))
                     .map(|((pid, _), _)| *pid)
                     .collect();
-                events.strategy = fds[first_strategy..]
+                events.metrics = fds[first_metrics..].iter().any(ready);
+                events.strategy = fds[first_strategy..first_metrics]
                     .iter()
                     .filter(|p| ready(p))
                     .map(|p| p.as_fd().as_raw_fd())
@@ -672,6 +728,11 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
             }
         }
         if let Some(event) = self.sup.scale(now, backlog, queued) {
+            if event.to > event.from {
+                self.counts.scale.0 += 1;
+            } else {
+                self.counts.scale.1 += 1;
+            }
             tracing::info!("{event}");
         }
     }
@@ -706,6 +767,63 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
             ));
         }
         line
+    }
+
+    /// The master's state for a scrape.
+    fn metrics_snapshot(&mut self) -> crate::metrics::Snapshot {
+        let mut snap = crate::metrics::Snapshot {
+            target: self.sup.target() as u64,
+            generation: self.sup.generation(),
+            upgrades: self.counts.upgrades,
+            scale_events: self.counts.scale,
+            exits: self.counts.exits.clone(),
+            durations: self.pool.durations(),
+            listen_overflows: crate::metrics::host_listen_overflows(),
+            held: self
+                .strategy
+                .master_io()
+                .and_then(|io| io.held())
+                .map(|(r, q, p)| (r as u64, q as u64, p as u64)),
+            ..crate::metrics::Snapshot::default()
+        };
+        let view = self.sup.view();
+        let mut served = self.pool.retired_requests();
+        for v in &view {
+            served += v.requests;
+            let state = if v.stopping {
+                "stopping"
+            } else {
+                match self.pool.state(v.pid) {
+                    crate::scoreboard::WorkerState::Busy { .. } => "busy",
+                    crate::scoreboard::WorkerState::KeepAlive { .. } => "keepalive",
+                    crate::scoreboard::WorkerState::Idle { .. } => "idle",
+                    crate::scoreboard::WorkerState::Booting if v.ready => "idle",
+                    crate::scoreboard::WorkerState::Booting => "booting",
+                }
+            };
+            *snap.workers.entry(state).or_default() += 1;
+        }
+        snap.requests = served;
+        for l in &self.listeners {
+            if let (ListenAddr::Tcp(_), Ok((queued, backlog))) =
+                (l.addr(), sys::tcp_accept_queue(l.as_fd()))
+            {
+                snap.listen_queues.push((
+                    l.addr().to_string(),
+                    u64::from(queued),
+                    u64::from(backlog),
+                ));
+            }
+        }
+        snap
+    }
+
+    fn serve_metrics(&mut self) {
+        let Some(mut server) = self.metrics.take() else {
+            return;
+        };
+        server.turn(|| crate::metrics::render(self.metrics_snapshot()));
+        self.metrics = Some(server);
     }
 
     fn serve_status(&mut self) {
@@ -908,6 +1026,15 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
                 continue;
             };
             let slot = r.slot;
+            let told = self.counts.stop_reasons.remove(&pid);
+            let reason = if r.boot_failed {
+                "boot_failure"
+            } else if r.expected {
+                told.unwrap_or("other")
+            } else {
+                "crash"
+            };
+            *self.counts.exits.entry(reason).or_default() += 1;
             self.note_if_vacant(slot);
             let up = r.uptime.as_secs_f64();
             if r.boot_failed {
@@ -992,6 +1119,19 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
                     StopReason::Retired => tracing::info!("worker={slot} pid={pid} retiring"),
                     StopReason::Replaced => tracing::info!("worker={slot} pid={pid} replaced by a new generation; stopping it gracefully"),
                     StopReason::Shutdown => tracing::debug!("worker={slot} pid={pid} sent {signal}"),
+                }
+                let label = match reason {
+                    StopReason::Frozen { .. } => Some("timeout_kill"),
+                    StopReason::Unresponsive { .. } => Some("unresponsive_kill"),
+                    StopReason::BootTimeout { .. } => Some("boot_failure"),
+                    StopReason::Recycled { .. } => Some("recycle"),
+                    StopReason::Retired => Some("scale_down"),
+                    StopReason::Replaced => Some("reload"),
+                    StopReason::Shutdown => Some("shutdown"),
+                    StopReason::Escalated => None, // keeps the first reason
+                };
+                if let Some(label) = label {
+                    self.counts.stop_reasons.entry(pid).or_insert(label);
                 }
                 // The slot's current worker leaves without a successor in
                 // it: strategies stop giving it work (reuseport steers away,
@@ -1087,6 +1227,7 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
                     user: self.user.clone(),
                     log_file: self.log_file.clone(),
                     memory_check: self.memory_check,
+                    timed: self.metrics.is_some(),
                 }))
             }
         }
@@ -1106,8 +1247,10 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
             alive,
             pool,
             status,
+            metrics,
             ..
         } = self;
+        drop(metrics);
         // Close in the child what belongs to the master: other workers'
         // channels, the self-pipe, the master-alive pipe (the worker has its
         // own copy of the read end), the status socket. The pid file and
@@ -1183,6 +1326,7 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
         let started = self.upgrade.start(self.pid, &handover, files).is_some();
         drop(handover);
         if started {
+            self.counts.upgrades += 1;
             if let Some(own) = own {
                 own.handed_over(true);
             }

@@ -37,6 +37,8 @@ pub(crate) struct Pool {
     report: ReportMode,
     /// Connections served by workers already reaped.
     retired_requests: u64,
+    /// Their request durations.
+    retired_durations: crate::scoreboard::Durations,
     /// Scratch space for reading a status channel.
     msgs: Vec<Option<StatusMessage>>,
 }
@@ -49,6 +51,7 @@ impl Pool {
             scoreboard,
             report,
             retired_requests: 0,
+            retired_durations: crate::scoreboard::Durations::default(),
             msgs: Vec::new(),
         }
     }
@@ -95,7 +98,21 @@ impl Pool {
             _ => w.requests,
         };
         self.retired_requests += served;
+        if let Some(c) = self.scoreboard.cell(w.cell) {
+            self.retired_durations.add(&c.durations());
+        }
         true
+    }
+
+    /// Request durations of every worker, reaped ones included.
+    pub(crate) fn durations(&self) -> crate::scoreboard::Durations {
+        let mut d = self.retired_durations;
+        for w in self.workers.values() {
+            if let Some(c) = self.scoreboard.cell(w.cell) {
+                d.add(&c.durations());
+            }
+        }
+        d
     }
 
     /// Every live worker's pid.

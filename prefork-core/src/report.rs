@@ -20,15 +20,26 @@ pub enum ReportMode {
 /// Where busy/idle go.
 pub(crate) enum Reporter<'a> {
     Off,
-    Scoreboard(Cell<'a>),
+    /// The cell, and whether each request's duration is counted in it
+    /// (for the metrics' histogram).
+    Scoreboard(Cell<'a>, bool),
     Pipe(&'a StatusWriter),
+}
+
+/// A request ended at `now`: its duration, from the busy time the cell
+/// holds, goes into the cell's histogram.
+#[inline]
+fn record(c: &Cell<'_>, now: MonoTime) {
+    if let crate::state::WorkerState::Busy { since } = c.state() {
+        c.record_duration(now.saturating_since(since));
+    }
 }
 
 impl Reporter<'_> {
     #[inline]
     pub(crate) fn busy(&self) {
         match self {
-            Reporter::Scoreboard(c) => c.busy(MonoTime::now()),
+            Reporter::Scoreboard(c, _) => c.busy(MonoTime::now()),
             Reporter::Pipe(w) => w.send(StatusKind::Busy),
             Reporter::Off => {}
         }
@@ -37,7 +48,13 @@ impl Reporter<'_> {
     #[inline]
     pub(crate) fn kept_alive(&self) {
         match self {
-            Reporter::Scoreboard(c) => c.kept_alive(MonoTime::now()),
+            Reporter::Scoreboard(c, timed) => {
+                let now = MonoTime::now();
+                if *timed {
+                    record(c, now);
+                }
+                c.kept_alive(now)
+            }
             Reporter::Pipe(w) => w.send(StatusKind::KeepAlive),
             Reporter::Off => {}
         }
@@ -47,7 +64,7 @@ impl Reporter<'_> {
     /// nothing more served.
     pub(crate) fn released(&self) {
         match self {
-            Reporter::Scoreboard(c) => c.ready(MonoTime::now()),
+            Reporter::Scoreboard(c, _) => c.ready(MonoTime::now()),
             Reporter::Pipe(w) => w.send(StatusKind::Released),
             Reporter::Off => {}
         }
@@ -56,7 +73,13 @@ impl Reporter<'_> {
     #[inline]
     pub(crate) fn idle(&self) {
         match self {
-            Reporter::Scoreboard(c) => c.idle(MonoTime::now()),
+            Reporter::Scoreboard(c, timed) => {
+                let now = MonoTime::now();
+                if *timed {
+                    record(c, now);
+                }
+                c.idle(now)
+            }
             Reporter::Pipe(w) => w.send(StatusKind::Idle),
             Reporter::Off => {}
         }

@@ -22,11 +22,46 @@ const IDLE: u64 = 1;
 const BUSY: u64 = 2;
 const KEEPALIVE: u64 = 3;
 
-/// One worker process's cell: a cache line of the shared map, of which it
-/// uses two words (so two workers never write the same line).
+/// Upper bounds of the request-duration histogram's buckets, µs (the last
+/// bucket, beyond 10 s, has none): Prometheus's default buckets with 1 ms
+/// and 2.5 ms added below.
+pub const DURATION_BOUNDS_US: [u64; 13] = [
+    1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000, 2_500_000,
+    5_000_000, 10_000_000,
+];
+
+/// Request durations, as counted in cells: per bucket (not cumulative) and
+/// the sum.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Durations {
+    /// Requests per bucket of [`DURATION_BOUNDS_US`], then beyond.
+    pub buckets: [u64; 14],
+    /// Sum of the durations, µs.
+    pub sum_us: u64,
+}
+
+impl Durations {
+    /// Adds another's counts.
+    pub fn add(&mut self, other: &Durations) {
+        for (a, b) in self.buckets.iter_mut().zip(other.buckets) {
+            *a += b;
+        }
+        self.sum_us += other.sum_us;
+    }
+
+    /// Requests counted.
+    pub fn count(&self) -> u64 {
+        self.buckets.iter().sum()
+    }
+}
+
+/// One worker process's cell: a cache line of the shared map for its state
+/// (so two workers never write the same line), and two more for its
+/// request-duration histogram, all in a page of its own.
 #[derive(Debug, Clone, Copy)]
 pub struct Cell<'a> {
     line: &'a CacheLine,
+    hist: &'a [CacheLine],
 }
 
 impl Cell<'_> {
@@ -83,6 +118,33 @@ impl Cell<'_> {
             private_kib: w(5)?,
             shared_kib: w(6)?,
         })
+    }
+
+    /// A request took `d` (busy to idle): two atomic adds in this
+    /// worker's own lines, no syscall.
+    #[inline]
+    pub fn record_duration(&self, d: std::time::Duration) {
+        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        let i = DURATION_BOUNDS_US
+            .iter()
+            .position(|&b| us <= b)
+            .unwrap_or(DURATION_BOUNDS_US.len());
+        self.hist_word(i).fetch_add(1, Ordering::Relaxed);
+        self.hist_word(14).fetch_add(us, Ordering::Relaxed);
+    }
+
+    fn hist_word(&self, i: usize) -> &AtomicU64 {
+        self.hist[i / 8].word(i % 8)
+    }
+
+    /// The durations counted so far.
+    pub fn durations(&self) -> Durations {
+        let mut d = Durations::default();
+        for (i, b) in d.buckets.iter_mut().enumerate() {
+            *b = self.hist_word(i).load(Ordering::Relaxed);
+        }
+        d.sum_us = self.hist_word(14).load(Ordering::Relaxed);
+        d
     }
 
     /// The last heartbeat.
@@ -151,6 +213,9 @@ impl Cell<'_> {
 
     fn reset(&self) {
         self.line.clear();
+        for l in self.hist {
+            l.clear();
+        }
     }
 }
 
@@ -212,10 +277,12 @@ impl Scoreboard {
         if i >= self.cells {
             return None;
         }
-        self.map
-            .as_slice_of::<CacheLine>()
-            .get(i * self.stride)
-            .map(|line| Cell { line })
+        let lines = self.map.as_slice_of::<CacheLine>();
+        let at = i * self.stride;
+        Some(Cell {
+            line: lines.get(at)?,
+            hist: lines.get(at + 1..at + 3)?,
+        })
     }
 }
 
@@ -264,6 +331,12 @@ mod tests {
         };
         cell(i).set_memory(&m);
         assert_eq!(cell(i).memory(), Some(m), "zero is a value, not 'unknown'");
+        cell(i).record_duration(std::time::Duration::from_micros(800));
+        cell(i).record_duration(std::time::Duration::from_millis(2));
+        cell(i).record_duration(std::time::Duration::from_secs(60));
+        let d = cell(i).durations();
+        assert_eq!((d.buckets[0], d.buckets[1], d.buckets[13]), (1, 1, 1));
+        assert_eq!((d.count(), d.sum_us), (3, 800 + 2_000 + 60_000_000));
         assert_eq!(
             cell(i).state(),
             WorkerState::KeepAlive { since: t },
@@ -277,6 +350,7 @@ mod tests {
             0,
             "a reused cell starts clean"
         );
+        assert_eq!(sb.cell(j).expect("a cell").durations().count(), 0);
         assert_eq!(std::mem::size_of::<CacheLine>(), 64);
     }
 }

@@ -43,6 +43,8 @@ pub(crate) struct WorkerSetup {
     /// this process's page tables, so the worker pays for it, while idle,
     /// and the master only loads words.
     pub memory_check: Option<Duration>,
+    /// Count each request's duration in the cell (`--metrics`).
+    pub timed: bool,
 }
 
 /// The worker's own memory readings: due at an idle tick; a worker never
@@ -187,7 +189,7 @@ fn serve<A: App, W: WorkerAcceptor>(
         c.ready(MonoTime::now());
     }
     let report = match (setup.report, cell) {
-        (ReportMode::Scoreboard, Some(c)) => Reporter::Scoreboard(c),
+        (ReportMode::Scoreboard, Some(c)) => Reporter::Scoreboard(c, setup.timed),
         (ReportMode::Pipe, _) => Reporter::Pipe(&setup.status),
         _ => Reporter::Off,
     };
