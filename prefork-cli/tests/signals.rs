@@ -978,3 +978,51 @@ fn a_reload_replaces_one_batch_at_a_time_and_loses_nothing(strategy: &str) {
         "four 200 ms boots one after another took only {took:?}"
     );
 }
+
+/// A graceful stop loses nothing already queued: with one worker and ten
+/// clients whose connections completed their handshake (nine of them
+/// waiting in the accept queue), QUIT lets all ten be answered: new SYNs
+/// are dropped instead (a connection attempt after QUIT gets no answer, so
+/// a client retransmits and a balancer retries another host), and the
+/// workers empty the queue before they exit. Before, nine were reset when
+/// the listener closed (blocking, mutex).
+#[apply(every_strategy)]
+fn quit_answers_every_connection_already_queued_and_drops_new_syns(strategy: &str) {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    let mut s = start(strategy, &["--workers", "1"]);
+    let addr: std::net::SocketAddr = s.addr().parse().expect("addr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let clients: Vec<_> = (0..10)
+        .map(|_| {
+            let tx = tx.clone();
+            std::thread::spawn(move || -> Result<String, String> {
+                let mut c = TcpStream::connect(addr).map_err(|e| e.to_string())?;
+                let _ = tx.send(());
+                c.set_read_timeout(Some(T)).map_err(|e| e.to_string())?;
+                c.write_all(b"GET /sleep/100 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+                    .map_err(|e| e.to_string())?;
+                let mut out = String::new();
+                c.read_to_string(&mut out).map_err(|e| e.to_string())?;
+                Ok(out)
+            })
+        })
+        .collect();
+    for _ in 0..10 {
+        rx.recv_timeout(T).expect("every client connected");
+    }
+    assert!(s.wait_worker_sleeping(T));
+    s.signal(Signal::SIGQUIT);
+    assert!(
+        s.wait_log("new connections are dropped at the SYN", T),
+        "{}",
+        s.log()
+    );
+    let late = TcpStream::connect_timeout(&addr, Duration::from_millis(300));
+    assert!(late.is_err(), "a new connection after QUIT is not taken in");
+    for c in clients {
+        let r = c.join().expect("client").expect("answered");
+        assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    }
+    assert_eq!(s.wait_exit(T).and_then(|st| st.code()), Some(0));
+}

@@ -902,6 +902,9 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
         if matches!(cmd, Command::GracefulStop | Command::FastStop) {
             self.notify.stopping();
             let graceful = cmd == Command::GracefulStop;
+            if graceful && !self.sup.is_stopping() {
+                self.refuse_new_connections();
+            }
             let in_hand = self.strategy.master_io().map_or(0, |io| {
                 io.stopping(graceful);
                 io.held().map_or(0, |(reading, queued, _)| reading + queued)
@@ -919,6 +922,37 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
         }
         let what = self.sup.command(cmd, MonoTime::now());
         tracing::info!("{sig}: {what}");
+    }
+
+    /// A graceful stop for good: new connections are dropped at the SYN
+    /// (clients retransmit, balancers retry elsewhere) rather than queued
+    /// and then reset when the listeners close, and the workers are told
+    /// to empty the accept queues before they exit. Not while another
+    /// master shares the sockets (a binary upgrade): it serves them on.
+    fn refuse_new_connections(&mut self) {
+        if self.upgrade.another_master_serves() {
+            return;
+        }
+        let mut fds: Vec<BorrowedFd<'_>> = self
+            .listeners
+            .iter()
+            .filter(|l| matches!(l.addr(), ListenAddr::Tcp(_)))
+            .map(|l| l.as_fd())
+            .collect();
+        if let Some(own) = self.strategy.own_sockets() {
+            fds.extend(own.backlog_fds());
+        }
+        let mut failed = 0;
+        for fd in fds {
+            if sys::drop_new_connections(fd).is_err() {
+                failed += 1;
+            }
+        }
+        if failed > 0 {
+            tracing::warn!("graceful stop: {failed} listener(s) could not refuse new connections");
+        }
+        self.pool.mark_final_stop();
+        tracing::info!("graceful stop: new connections are dropped at the SYN; the accept queues are emptied first");
     }
 
     /// A graceful stop waiting for the master's own requests to be handed

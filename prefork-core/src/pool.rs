@@ -104,6 +104,16 @@ impl Pool {
         true
     }
 
+    /// Tells every worker that the coming stop is final (see
+    /// [`crate::scoreboard::Cell::set_final_stop`]).
+    pub(crate) fn mark_final_stop(&self) {
+        for w in self.workers.values() {
+            if let Some(c) = self.scoreboard.cell(w.cell) {
+                c.set_final_stop();
+            }
+        }
+    }
+
     /// Request durations of every worker, reaped ones included.
     pub(crate) fn durations(&self) -> crate::scoreboard::Durations {
         let mut d = self.retired_durations;

@@ -147,6 +147,17 @@ impl Cell<'_> {
         d
     }
 
+    /// The master stops for good (not a reload): when told to stop, this
+    /// worker empties the shared accept queue before it exits (word 7).
+    pub fn set_final_stop(&self) {
+        self.line.word(7).store(1, Ordering::Release);
+    }
+
+    /// See [`Cell::set_final_stop`].
+    pub fn final_stop(&self) -> bool {
+        self.line.word(7).load(Ordering::Acquire) == 1
+    }
+
     /// The last heartbeat.
     pub fn heartbeat(&self) -> Heartbeat {
         let w = self.beat_word().load(Ordering::Acquire);

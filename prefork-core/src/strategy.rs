@@ -34,6 +34,11 @@ pub struct AcceptContext<'a> {
     /// nothing (a flock(2) queue) says so first, and beats once it holds
     /// something again.
     pub liveness: Liveness<'a>,
+    /// In [`WorkerAcceptor::drain`]: the master stops for good and new
+    /// connections are dropped at the SYN, so a worker of a shared listener
+    /// empties the accept queue before it exits (in a reload the new
+    /// workers take the queue instead).
+    pub final_stop: bool,
 }
 
 /// A worker's heartbeat in its scoreboard cell (nothing when busy/idle go

@@ -197,10 +197,11 @@ fn serve<A: App, W: WorkerAcceptor>(
     // Heartbeats go with the scoreboard: the pipe carries no periodic
     // message (it would wake the master for nothing).
     let liveness = Liveness::new(cell.filter(|_| setup.report == ReportMode::Scoreboard));
-    let ctx = AcceptContext {
+    let mut ctx = AcceptContext {
         master_alive: setup.master_alive.as_fd(),
         tick: setup.tick,
         liveness,
+        final_stop: false,
     };
     let mut backoff = Duration::ZERO;
     let mut memory = setup.memory_check.map(|every| MemoryClock {
@@ -285,7 +286,9 @@ fn serve<A: App, W: WorkerAcceptor>(
             }
         }
     }
-    // Asked to stop: serve what only this worker can take.
+    // Asked to stop: serve what only this worker can take, and in a final
+    // stop what waits in a shared accept queue.
+    ctx.final_stop = cell.is_some_and(|c| c.final_stop());
     while let Ok(Accepted::Connection(conn)) = acceptor.drain(&ctx) {
         serve_one(conn, &mut acceptor);
     }

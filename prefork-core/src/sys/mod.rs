@@ -21,4 +21,4 @@ pub use signals::{
     install_master_handlers, request_worker_quit, reset_signals_for_exec, reset_signals_for_worker,
     set_last_words, take_worker_reopen, unblock_all_signals, worker_quit_requested,
 };
-pub use sockopt::{set_tcp_defer_accept, tcp_accept_queue, tcp_defer_accept};
+pub use sockopt::{drop_new_connections, set_tcp_defer_accept, tcp_accept_queue, tcp_defer_accept};

@@ -1,5 +1,6 @@
-//! Socket options that socket2 does not wrap: TCP_DEFER_ACCEPT, and the
-//! accept queue of a listener read from TCP_INFO.
+//! Socket options that socket2 does not wrap: TCP_DEFER_ACCEPT, the
+//! accept queue of a listener read from TCP_INFO, and a socket filter that
+//! drops every packet (a listener that takes no new connection).
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
@@ -17,6 +18,40 @@ pub fn set_tcp_defer_accept(fd: BorrowedFd<'_>, secs: u32) -> io::Result<()> {
             libc::TCP_DEFER_ACCEPT,
             (&v as *const libc::c_int).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Attaches a classic BPF socket filter that drops every packet
+/// (SO_ATTACH_FILTER, `ret #0`) to a listening TCP socket: new SYNs are
+/// dropped, so clients retransmit them (a balancer retries another host)
+/// instead of queueing connections that would be reset when the listener
+/// closes; connections already in its accept queue stay there to be
+/// accepted. Not undone: only for a master that is stopping.
+pub fn drop_new_connections(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let mut prog = [libc::sock_filter {
+        code: 0x06, // BPF_RET | BPF_K
+        jt: 0,
+        jf: 0,
+        k: 0,
+    }];
+    let fprog = libc::sock_fprog {
+        len: 1,
+        filter: prog.as_mut_ptr(),
+    };
+    // SAFETY: the pointer and length describe `fprog`, whose filter points
+    // at `prog`; both outlive the call, and the kernel copies the program.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_FILTER,
+            (&fprog as *const libc::sock_fprog).cast(),
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
         )
     };
     if rc < 0 {

@@ -124,4 +124,15 @@ impl WorkerAcceptor for BlockingAcceptor {
     fn accept(&mut self, ctx: &AcceptContext<'_>) -> io::Result<Accepted> {
         self.set.accept(ctx)
     }
+
+    /// In a final stop (new connections dropped at the SYN), the shared
+    /// accept queue is emptied before the worker exits: a connection left
+    /// there would be reset when the master closes the listener. `Idle`
+    /// once nothing comes within a tick.
+    fn drain(&mut self, ctx: &AcceptContext<'_>) -> io::Result<Accepted> {
+        if ctx.final_stop {
+            return self.set.accept(ctx);
+        }
+        Ok(Accepted::Idle)
+    }
 }

@@ -512,6 +512,16 @@ impl MutexAcceptor {
 }
 
 impl WorkerAcceptor for MutexAcceptor {
+    /// In a final stop (new connections dropped at the SYN), the shared
+    /// accept queue is emptied before the worker exits, without the lock
+    /// (no herd to fear while everyone leaves).
+    fn drain(&mut self, ctx: &AcceptContext<'_>) -> io::Result<Accepted> {
+        if ctx.final_stop {
+            return self.set.accept(ctx);
+        }
+        Ok(Accepted::Idle)
+    }
+
     fn init(&mut self) -> io::Result<()> {
         // Each worker opens the lock file itself, after fork: its own file
         // description, so its flock excludes the other workers.
