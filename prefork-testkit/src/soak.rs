@@ -108,11 +108,15 @@ fn signal(master: i32, sig: Signal) {
     let _ = kill(Pid::from_raw(master), sig);
 }
 
-/// The pool's target size, as the master says.
+/// The pool's target size, as the master says (asked again for up to 5 s:
+/// on a loaded machine one read may time out).
 fn target(status: &Path) -> Option<usize> {
-    read_status(status)?["totals"]["target"]
-        .as_u64()
-        .map(|t| t as usize)
+    let mut t = None;
+    wait_until(Duration::from_secs(5), || {
+        t = read_status(status).and_then(|d| d["totals"]["target"].as_u64());
+        t.is_some()
+    });
+    t.map(|t| t as usize)
 }
 
 /// Brings the pool's target to `n` one TTIN or TTOU at a time, each
@@ -299,6 +303,12 @@ fn inject_mixed(whole: &Whole, done: &AtomicBool) -> (BTreeMap<&'static str, u64
                     size -= 1;
                     signal(master, Signal::SIGTTOU);
                     *counts.entry("ttou").or_default() += 1;
+                }
+                // Confirmed before anything else: a signal still pending
+                // when the run ends would change the pool after the books
+                // were closed.
+                if let Some(status) = &whole.status {
+                    wait_until(Duration::from_secs(2), || target(status) == Some(size));
                 }
             }
             _ => {}
