@@ -71,22 +71,24 @@ fn the_exposition_follows_the_pool(strategy: &str) {
         "{text}"
     );
     assert_eq!(value(&text, "prefork_requests_total"), Some(11.0), "{text}");
-    // The 60 ms request is above the 50 ms bound, within 100 ms.
+    // The 60 ms request is counted above the 50 ms bound (the ten others
+    // take microseconds, unless the machine stalls).
+    let under_50ms = value(
+        &text,
+        "prefork_request_duration_seconds_bucket{le=\"0.05\"}",
+    )
+    .expect("bucket");
+    assert!((8.0..=10.0).contains(&under_50ms), "{text}");
     assert_eq!(
         value(
             &text,
-            "prefork_request_duration_seconds_bucket{le=\"0.05\"}"
+            "prefork_request_duration_seconds_bucket{le=\"+Inf\"}"
         ),
-        Some(10.0),
-        "{text}"
-    );
-    assert_eq!(
-        value(&text, "prefork_request_duration_seconds_bucket{le=\"0.1\"}"),
         Some(11.0),
         "{text}"
     );
     let sum = value(&text, "prefork_request_duration_seconds_sum").expect("sum");
-    assert!((0.06..1.0).contains(&sum), "{text}");
+    assert!(sum >= 0.06, "{text}");
     // A crash, and a scale-down.
     let victim = s.workers()[0];
     kill(Pid::from_raw(victim), Signal::SIGKILL).expect("kill");
