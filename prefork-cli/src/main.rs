@@ -307,6 +307,24 @@ struct Cli {
     #[arg(long, value_name = "HOST:PORT", value_parser = parse_metrics_addr)]
     metrics: Option<std::net::SocketAddr>,
 
+    /// Answer HAProxy's agent checks at HOST:PORT: `up N%` from the idle
+    /// workers (N = idle × 100 / --agent-scale, at least 1), `drain` during
+    /// --drain, `maint` when WINCH stopped every worker.
+    #[arg(long, value_name = "HOST:PORT", value_parser = parse_metrics_addr)]
+    agent: Option<std::net::SocketAddr>,
+
+    /// Idle workers worth 100 % of the configured weight in the agent's
+    /// answer.
+    #[arg(long, value_name = "N", default_value_t = 16, requires = "agent",
+          value_parser = clap::value_parser!(u64).range(1..=1024))]
+    agent_scale: u64,
+
+    /// Before a graceful stop (QUIT, or TERM with --term graceful), answer
+    /// `drain` to the agent checks for SECS while serving on, so the
+    /// balancer moves new connections away first.
+    #[arg(long, value_name = "SECS", value_parser = parse_secs, requires = "agent")]
+    drain: Option<Duration>,
+
     /// Reap every orphan the workers' processes leave behind
     /// (PR_SET_CHILD_SUBREAPER), as a master running as PID 1 in a
     /// container does anyway.
@@ -776,7 +794,7 @@ fn http_limits(cli: &Cli) -> apps::HttpLimits {
 
 /// Settings a reload cannot change (sockets, identity, files, strategy),
 /// by flag name.
-fn fixed_settings(cli: &Cli) -> [(&'static str, String); 26] {
+fn fixed_settings(cli: &Cli) -> [(&'static str, String); 29] {
     [
         ("bind", format!("{:?}", cli.bind)),
         ("strategy", format!("{:?}", cli.strategy)),
@@ -802,6 +820,9 @@ fn fixed_settings(cli: &Cli) -> [(&'static str, String); 26] {
         ("term", format!("{:?}", cli.term)),
         ("subreaper", format!("{:?}", cli.subreaper)),
         ("metrics", format!("{:?}", cli.metrics)),
+        ("agent", format!("{:?}", cli.agent)),
+        ("agent-scale", format!("{:?}", cli.agent_scale)),
+        ("drain", format!("{:?}", cli.drain)),
         ("max-connections", format!("{:?}", cli.max_connections)),
         ("dispatch", format!("{:?}", cli.dispatch)),
     ]
@@ -985,6 +1006,8 @@ fn main() -> ExitCode {
         subreaper: cli.subreaper,
         term_is_graceful: cli.term == TermStop::Graceful,
         metrics: cli.metrics,
+        agent: cli.agent.map(|a| (a, cli.agent_scale as usize)),
+        drain: cli.drain,
         max_memory: cli.max_memory,
         memory_check: cli.memory_check,
         max_age: cli.max_age,

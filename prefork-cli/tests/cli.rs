@@ -54,6 +54,8 @@ fn run(args: &[&str]) -> (Option<i32>, String) {
 #[case::no_max_age(&["--max-age", "0"], "\"0\" must be more than 0")]
 #[case::no_memory_check(&["--memory-check", "0"], "\"0\" must be more than 0")]
 #[case::bad_metrics(&["--metrics", "localhost"], "\"localhost\" is not an address such as 127.0.0.1:9100")]
+#[case::drain_without_agent(&["--drain", "5"], "--agent <HOST:PORT>")]
+#[case::bad_agent(&["--agent", "somewhere"], "\"somewhere\" is not an address")]
 #[case::bad_term(&["--term", "soft"], "[possible values: fast, graceful]")]
 #[case::no_reload_batch(&["--reload-batch", "0"], "\"0\" is not a count of at least 1, or \"all\"")]
 #[case::bad_size(&["--max-body", "lots"], "\"lots\" is not a size such as 64k or 1m")]

@@ -155,3 +155,81 @@ fn promtool_accepts_a_live_scrape() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// One agent check: the line the master answers.
+fn agent_check(addr: &str) -> String {
+    let mut c = TcpStream::connect(addr).expect("connect to the agent port");
+    c.set_read_timeout(Some(T)).expect("timeout");
+    let _ = c.write_all(b"hello\n"); // HAProxy's agent-send, ignored
+    let mut out = String::new();
+    c.read_to_string(&mut out).expect("read");
+    out
+}
+
+/// `--agent`: `up N%` follows the idle workers (4 idle of scale 4: 100 %;
+/// with two busy: 50 %); WINCH (no worker) answers `maint`; with
+/// `--drain 1`, QUIT answers `drain` for a second while the pool still
+/// serves, then stops gracefully.
+#[apply(every_strategy)]
+fn the_agent_reports_idle_capacity_maint_and_drain(strategy: &str) {
+    let mut s = start(
+        strategy,
+        &[
+            "--workers",
+            "4",
+            "--agent",
+            "127.0.0.1:0",
+            "--agent-scale",
+            "4",
+            "--drain",
+            "1",
+        ],
+    );
+    assert!(s.wait_log("agent checks on ", T), "{}", s.log());
+    let agent = s
+        .log()
+        .lines()
+        .find_map(|l| l.split("agent checks on ").nth(1))
+        .expect("the agent address")
+        .trim()
+        .to_string();
+    assert!(wait_until(T, || agent_check(&agent) == "up 100%\n"));
+    let addr = s.addr().to_string();
+    let slow: Vec<_> = (0..2)
+        .map(|_| {
+            let a = addr.clone();
+            std::thread::spawn(move || http_get(&a, "/sleep/1500", T))
+        })
+        .collect();
+    assert!(
+        wait_until(T, || agent_check(&agent) == "up 50%\n"),
+        "two of four busy"
+    );
+    for t in slow {
+        assert_eq!(t.join().expect("client").expect("answered").status, 200);
+    }
+    s.signal(Signal::SIGWINCH);
+    assert!(wait_until(T, || agent_check(&agent) == "maint\n"));
+    s.signal(Signal::SIGHUP); // the workers come back
+    assert!(wait_until(T, || agent_check(&agent) == "up 100%\n"));
+    let t0 = std::time::Instant::now();
+    s.signal(Signal::SIGQUIT);
+    assert!(wait_until(T, || agent_check(&agent) == "drain\n"));
+    // Still serving while draining.
+    assert_eq!(
+        http_get(s.addr(), "/", T)
+            .expect("served while draining")
+            .status,
+        200
+    );
+    assert_eq!(
+        s.wait_exit(T).and_then(|st| st.code()),
+        Some(0),
+        "{}",
+        s.log()
+    );
+    assert!(
+        t0.elapsed() >= std::time::Duration::from_secs(1),
+        "drained a second first"
+    );
+}

@@ -103,6 +103,7 @@
 #![deny(unsafe_code)]
 
 pub mod accept;
+pub mod agent;
 pub mod app;
 pub mod clock;
 pub mod daemon;

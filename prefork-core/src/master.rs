@@ -103,6 +103,12 @@ pub struct MasterConfig {
     pub term_is_graceful: bool,
     /// Serve the Prometheus exposition here (`--metrics`).
     pub metrics: Option<std::net::SocketAddr>,
+    /// Answer HAProxy's agent checks here (`--agent`), with this many idle
+    /// workers worth 100 % (`--agent-scale`).
+    pub agent: Option<(std::net::SocketAddr, usize)>,
+    /// A graceful stop first reports `drain` to the agent checks this long,
+    /// while serving on (`--drain`).
+    pub drain: Option<Duration>,
 }
 
 impl Default for MasterConfig {
@@ -120,6 +126,8 @@ impl Default for MasterConfig {
             subreaper: false,
             term_is_graceful: false,
             metrics: None,
+            agent: None,
+            drain: None,
             max_memory: None,
             memory_check: Duration::from_secs(5),
             max_age: None,
@@ -231,6 +239,12 @@ pub struct Master<S: AcceptStrategy, A: App> {
     /// `--metrics`: the endpoint, and what only the master counts.
     metrics: Option<crate::metrics::MetricsServer>,
     counts: Counts,
+    /// `--agent`: the endpoint and its scale.
+    agent: Option<(crate::agent::AgentServer, usize)>,
+    /// `--drain`: how long, and, once a graceful stop was asked, until when
+    /// the agent says `drain` before the stop proceeds.
+    drain: Option<Duration>,
+    draining_until: Option<MonoTime>,
 }
 
 /// What the metrics report that only the master sees.
@@ -279,6 +293,8 @@ struct Events {
     status_clients: bool,
     /// A metrics client is waiting or sent something.
     metrics: bool,
+    /// An agent check is waiting.
+    agent: bool,
     /// How much longer than planned the sleep took (a stopped or starved
     /// master).
     overslept: Duration,
@@ -389,6 +405,18 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
             }
             None => None,
         };
+        let agent = match cfg.agent {
+            Some((addr, scale)) => {
+                let a = crate::agent::AgentServer::bind(addr)
+                    .map_err(|e| Error::sys(format!("--agent {addr}"), e))?;
+                let at = a
+                    .local_addr()
+                    .map_err(|e| Error::sys(format!("--agent {addr}"), e))?;
+                tracing::info!("agent checks on {at}");
+                Some((a, scale))
+            }
+            None => None,
+        };
         if cfg.subreaper {
             nix::sys::prctl::set_child_subreaper(true).map_err(|e| {
                 Error::sys("prctl(PR_SET_CHILD_SUBREAPER)", std::io::Error::from(e))
@@ -445,6 +473,9 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
             term_is_graceful: cfg.term_is_graceful,
             metrics,
             counts: Counts::default(),
+            agent,
+            drain: cfg.drain,
+            draining_until: None,
         })
     }
 
@@ -496,6 +527,15 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
             self.watch_memory();
             if events.status_clients {
                 self.serve_status();
+            }
+            if events.agent {
+                self.answer_agent();
+            }
+            if self
+                .draining_until
+                .is_some_and(|t| MonoTime::now() >= t && !self.sup.is_stopping())
+            {
+                self.stop_gracefully("drain over");
             }
             if events.metrics
                 || self
@@ -566,6 +606,9 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
         if let Some(t) = self.metrics.as_ref().and_then(|m| m.next_deadline()) {
             cap = cap.min(t.saturating_since(now));
         }
+        if let Some(t) = self.draining_until.filter(|_| !self.sup.is_stopping()) {
+            cap = cap.min(t.saturating_since(now));
+        }
         if let Some(t) = self.strategy.master_io().and_then(|io| io.next_deadline()) {
             cap = cap.min(t.saturating_since(now));
         }
@@ -615,6 +658,10 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
                     .map(|fd| PollFd::new(fd, PollFlags::POLLIN)),
             );
         }
+        let agent_at = fds.len();
+        if let Some((a, _)) = &self.agent {
+            fds.push(PollFd::new(a.fd(), PollFlags::POLLIN));
+        }
         if let Ok(n) = nix::poll::poll(&mut fds, poll_timeout(Some(timeout))) {
             if n > 0 {
                 let ready = |p: &PollFd<'_>| p.revents().is_some_and(|r| !r.is_empty());
@@ -626,7 +673,8 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
                     .filter(|(_, p)| ready(p))
                     .map(|((pid, _), _)| *pid)
                     .collect();
-                events.metrics = fds[first_metrics..].iter().any(ready);
+                events.metrics = fds[first_metrics..agent_at].iter().any(ready);
+                events.agent = fds.get(agent_at).is_some_and(ready);
                 events.strategy = fds[first_strategy..first_metrics]
                     .iter()
                     .filter(|p| ready(p))
@@ -899,6 +947,22 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
         if cmd == Command::Reload && !self.sup.is_stopping() {
             self.notify.reloading();
         }
+        if cmd == Command::GracefulStop
+            && self.draining_until.is_none()
+            && !self.sup.is_stopping()
+            && self.agent.is_some()
+        {
+            if let Some(d) = self.drain {
+                // The balancer is told first; the pool serves on meanwhile.
+                tracing::info!(
+                    "{sig}: draining for {} (the agent says drain), then stopping gracefully",
+                    fmt_secs(d)
+                );
+                self.draining_until = Some(MonoTime::now() + d);
+                self.notify.stopping();
+                return;
+            }
+        }
         if matches!(cmd, Command::GracefulStop | Command::FastStop) {
             self.notify.stopping();
             let graceful = cmd == Command::GracefulStop;
@@ -922,6 +986,49 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
         }
         let what = self.sup.command(cmd, MonoTime::now());
         tracing::info!("{sig}: {what}");
+    }
+
+    /// The agent's answer: drain while draining (or stopping), maint with
+    /// no worker wanted (WINCH), else the idle capacity.
+    fn answer_agent(&mut self) {
+        let state = if self.draining_until.is_some() || self.sup.is_stopping() {
+            crate::agent::AgentState::Drain
+        } else if self.sup.target() == 0 {
+            crate::agent::AgentState::Maint
+        } else {
+            let idle = self
+                .sup
+                .view()
+                .iter()
+                .filter(|v| {
+                    v.ready
+                        && !v.stopping
+                        && matches!(
+                            self.pool.state(v.pid),
+                            crate::scoreboard::WorkerState::Idle { .. }
+                        )
+                })
+                .count();
+            crate::agent::AgentState::Up { idle }
+        };
+        if let Some((a, scale)) = &self.agent {
+            a.answer(|| crate::agent::line(state, *scale));
+        }
+    }
+
+    /// The graceful stop a drain ends with, as QUIT does.
+    fn stop_gracefully(&mut self, why: &str) {
+        self.refuse_new_connections();
+        let in_hand = self.strategy.master_io().map_or(0, |io| {
+            io.stopping(true);
+            io.held().map_or(0, |(reading, queued, _)| reading + queued)
+        });
+        if in_hand > 0 && self.drain_before_stop.is_none() {
+            self.drain_before_stop = Some(MonoTime::now());
+            return;
+        }
+        let what = self.sup.command(Command::GracefulStop, MonoTime::now());
+        tracing::info!("{why}: {what}");
     }
 
     /// A graceful stop for good: new connections are dropped at the SYN
@@ -1282,9 +1389,10 @@ impl<S: AcceptStrategy, A: App> Master<S, A> {
             pool,
             status,
             metrics,
+            agent,
             ..
         } = self;
-        drop(metrics);
+        drop((metrics, agent));
         // Close in the child what belongs to the master: other workers'
         // channels, the self-pipe, the master-alive pipe (the worker has its
         // own copy of the read end), the status socket. The pid file and
