@@ -54,15 +54,8 @@ impl AgentServer {
     /// Binds `addr` (non-blocking, close-on-exec; SO_REUSEPORT so that a
     /// USR2 master can bind it too).
     pub fn bind(addr: SocketAddr) -> io::Result<AgentServer> {
-        use socket2::{Domain, Socket, Type};
-        let sock = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
-        sock.set_reuse_address(true)?;
-        sock.set_reuse_port(true)?;
-        sock.bind(&addr.into())?;
-        sock.listen(64)?;
-        sock.set_nonblocking(true)?;
         Ok(AgentServer {
-            listener: sock.into(),
+            listener: crate::metrics::side_listener(addr)?,
         })
     }
 

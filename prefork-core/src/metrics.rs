@@ -224,6 +224,20 @@ pub fn render(snapshot: Snapshot) -> String {
     out
 }
 
+/// A listener of the master's own (metrics, agent): non-blocking,
+/// close-on-exec, with SO_REUSEPORT so that a new master started by USR2
+/// binds the same port while the old one still answers.
+pub(crate) fn side_listener(addr: SocketAddr) -> io::Result<TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    sock.set_reuse_address(true)?;
+    sock.set_reuse_port(true)?;
+    sock.bind(&addr.into())?;
+    sock.listen(64)?;
+    sock.set_nonblocking(true)?;
+    Ok(sock.into())
+}
+
 /// TcpExtListenOverflows from /proc/net/netstat.
 pub fn host_listen_overflows() -> Option<u64> {
     let text = std::fs::read_to_string("/proc/net/netstat").ok()?;
@@ -262,14 +276,7 @@ impl MetricsServer {
     /// new master started by USR2 bind the same port while this one still
     /// serves: during an upgrade either answers a scrape.
     pub fn bind(addr: SocketAddr) -> io::Result<MetricsServer> {
-        use socket2::{Domain, Socket, Type};
-        let sock = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
-        sock.set_reuse_address(true)?;
-        sock.set_reuse_port(true)?;
-        sock.bind(&addr.into())?;
-        sock.listen(64)?;
-        sock.set_nonblocking(true)?;
-        let listener: TcpListener = sock.into();
+        let listener = side_listener(addr)?;
         Ok(MetricsServer {
             listener,
             clients: Vec::new(),
