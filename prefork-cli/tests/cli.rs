@@ -54,6 +54,7 @@ fn run(args: &[&str]) -> (Option<i32>, String) {
 #[case::no_max_age(&["--max-age", "0"], "\"0\" must be more than 0")]
 #[case::no_memory_check(&["--memory-check", "0"], "\"0\" must be more than 0")]
 #[case::bad_metrics(&["--metrics", "localhost"], "\"localhost\" is not an address such as 127.0.0.1:9100")]
+#[case::no_agent_scale(&["--agent", "127.0.0.1:0", "--agent-scale", "0"], "0 is not in 1..=1024")]
 #[case::drain_without_agent(&["--drain", "5"], "--agent <HOST:PORT>")]
 #[case::bad_agent(&["--agent", "somewhere"], "\"somewhere\" is not an address")]
 #[case::bad_term(&["--term", "soft"], "[possible values: fast, graceful]")]
