@@ -81,7 +81,7 @@ fn l18_at_most_one_worker_inside_the_locked_section(#[case] strategy: &str) {
 #[rstest]
 #[case::flock("mutex-flock", 3)]
 #[case::fcntl("mutex-fcntl", 3)]
-#[case::sysvsem("mutex-sysvsem", 16)]
+#[case::sysvsem("mutex-sysvsem", 24)]
 #[case::pthread("mutex-pthread", 3)]
 fn l17_killing_the_lock_holder_loses_nothing(#[case] strategy: &str, #[case] secs: u64) {
     let mut s = start(strategy, &["--workers", "4", "--bind", "127.0.0.1:0"]);
