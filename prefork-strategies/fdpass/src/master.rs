@@ -196,14 +196,19 @@ pub(crate) struct Reserve {
     spare: Vec<OwnedFd>,
     /// Near the limit until then.
     tight_until: Option<MonoTime>,
-    /// RLIMIT_NOFILE (soft), read at most once a second.
+    /// RLIMIT_NOFILE (soft), read at each turn.
     limit: u64,
-    limit_read_at: Option<MonoTime>,
+    /// Descriptors in use as of the last accept (its number + 1: every
+    /// lower number was taken).
+    last_fd: u64,
 }
 
 impl Reserve {
-    fn tight(&self) -> bool {
-        self.tight_until.is_some_and(|t| MonoTime::now() < t)
+    /// Near the limit: accept hit EMFILE lately, or the highest descriptor
+    /// accepted is within twice the margin of the limit as read now.
+    fn tight(&self, margin: usize) -> bool {
+        (self.limit > 0 && self.last_fd + 2 * margin as u64 >= self.limit)
+            || self.tight_until.is_some_and(|t| MonoTime::now() < t)
     }
 
     pub(crate) fn mark_tight(&mut self) {
@@ -222,16 +227,10 @@ impl Reserve {
         true
     }
 
-    /// Rereads the descriptor limit (it can be changed from outside, with
-    /// prlimit(1)) at most once a second.
-    fn read_limit(&mut self, now: MonoTime) {
-        if self
-            .limit_read_at
-            .is_some_and(|t| now.saturating_since(t) < std::time::Duration::from_secs(1))
-        {
-            return;
-        }
-        self.limit_read_at = Some(now);
+    /// Rereads the descriptor limit at every turn: it can be lowered from
+    /// outside (prlimit(1)) at any moment, and a hand-back read past it is
+    /// a lost connection. One getrlimit(2) per turn.
+    fn read_limit(&mut self) {
         if let Ok((soft, _)) =
             nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
         {
@@ -242,8 +241,8 @@ impl Reserve {
     /// An accepted descriptor numbered `fd`: descriptors are allocated
     /// lowest first, so every number below it is in use.
     fn accepted(&mut self, fd: RawFd, margin: usize) {
-        let used = u64::try_from(fd).unwrap_or(0) + 1;
-        if self.limit > 0 && used + 2 * margin as u64 >= self.limit {
+        self.last_fd = u64::try_from(fd).unwrap_or(0) + 1;
+        if self.tight(margin) {
             self.mark_tight();
         }
     }
@@ -482,7 +481,7 @@ impl Fdpass {
     /// Reads one message from a channel; returns a connection its worker
     /// handed back.
     fn read_one_message(&mut self, which: Which) -> Option<Conn> {
-        if self.reserve.tight() {
+        if self.reserve.tight(self.reserve_target()) {
             // A place for the descriptor the message may carry.
             drop(self.reserve.spare.pop());
         }
@@ -737,7 +736,7 @@ impl MasterIo for Fdpass {
     }
 
     fn turn(&mut self, app: &dyn Framing) {
-        self.reserve.read_limit(MonoTime::now());
+        self.reserve.read_limit();
         let target = self.reserve_target();
         if self.reserve.spare.len() != target {
             self.reserve.refill(target); // grows, or shrinks with the pool
