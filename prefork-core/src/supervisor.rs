@@ -845,13 +845,7 @@ impl Supervisor {
                 for w in &mut self.workers {
                     let upgrade = fast && matches!(w.stop, Some((Signal::SIGQUIT, _)));
                     if w.stop.is_none() || upgrade {
-                        w.stop = Some((first, now));
-                        out.push(Action::Signal {
-                            pid: w.pid,
-                            slot: w.slot,
-                            signal: first,
-                            reason: StopReason::Shutdown,
-                        });
+                        tell(w, first, StopReason::Shutdown, now, &mut out);
                     }
                 }
                 if self.workers.is_empty() {
@@ -945,13 +939,7 @@ impl Supervisor {
         for w in self.workers.iter_mut().filter(|w| {
             w.generation < gen && w.stop.is_none() && (w.ready_at.is_none() || superseded(w))
         }) {
-            w.stop = Some((Signal::SIGQUIT, now));
-            out.push(Action::Signal {
-                pid: w.pid,
-                slot: w.slot,
-                signal: Signal::SIGQUIT,
-                reason: StopReason::Replaced,
-            });
+            tell(w, Signal::SIGQUIT, StopReason::Replaced, now, out);
         }
     }
 
@@ -974,17 +962,17 @@ impl Supervisor {
                     for w in self.workers.iter_mut().filter(|w| {
                         w.slot == s && (w.generation != gen || w.recycling) && w.stop.is_none()
                     }) {
-                        w.stop = Some((Signal::SIGQUIT, now));
-                        out.push(Action::Signal {
-                            pid: w.pid,
-                            slot: s,
-                            signal: Signal::SIGQUIT,
-                            reason: if w.recycling {
+                        tell(
+                            w,
+                            Signal::SIGQUIT,
+                            if w.recycling {
                                 StopReason::Recycled { why: w.recycle_why }
                             } else {
                                 StopReason::Replaced
                             },
-                        });
+                            now,
+                            out,
+                        );
                     }
                 }
                 continue;
@@ -1029,16 +1017,16 @@ impl Supervisor {
         for w in self.workers.iter_mut().filter(|w| w.stop.is_none()) {
             let Some(since) = w.busy_since else { continue };
             if now.saturating_since(since.max(resumed)) > timeout {
-                w.stop = Some((Signal::SIGABRT, now));
-                out.push(Action::Signal {
-                    pid: w.pid,
-                    slot: w.slot,
-                    signal: Signal::SIGABRT,
-                    reason: StopReason::Frozen {
+                tell(
+                    w,
+                    Signal::SIGABRT,
+                    StopReason::Frozen {
                         busy_for: now.saturating_since(since),
                         timeout,
                     },
-                });
+                    now,
+                    out,
+                );
             }
         }
     }
@@ -1066,16 +1054,16 @@ impl Supervisor {
         {
             let Some(since) = w.quiet_since else { continue };
             if now.saturating_since(since.max(resumed)) > limit {
-                w.stop = Some((Signal::SIGKILL, now));
-                out.push(Action::Signal {
-                    pid: w.pid,
-                    slot: w.slot,
-                    signal: Signal::SIGKILL,
-                    reason: StopReason::Unresponsive {
+                tell(
+                    w,
+                    Signal::SIGKILL,
+                    StopReason::Unresponsive {
                         quiet_for: now.saturating_since(since),
                         limit,
                     },
-                });
+                    now,
+                    out,
+                );
             }
         }
     }
@@ -1096,15 +1084,15 @@ impl Supervisor {
             .filter(|w| w.stop.is_none() && w.ready_at.is_none())
         {
             if now.saturating_since(w.spawned_at.max(resumed)) > timeout {
-                w.stop = Some((Signal::SIGKILL, now));
                 w.boot_timed_out = true;
                 failed.push((w.slot, w.generation));
-                out.push(Action::Signal {
-                    pid: w.pid,
-                    slot: w.slot,
-                    signal: Signal::SIGKILL,
-                    reason: StopReason::BootTimeout { timeout },
-                });
+                tell(
+                    w,
+                    Signal::SIGKILL,
+                    StopReason::BootTimeout { timeout },
+                    now,
+                    out,
+                );
             }
         }
         // A boot failure from now on, not once its exit is seen: the slot
@@ -1155,13 +1143,7 @@ impl Supervisor {
             .iter_mut()
             .filter(|w| w.slot >= target && w.stop.is_none())
         {
-            w.stop = Some((Signal::SIGQUIT, now));
-            out.push(Action::Signal {
-                pid: w.pid,
-                slot: w.slot,
-                signal: Signal::SIGQUIT,
-                reason: StopReason::Retired,
-            });
+            tell(w, Signal::SIGQUIT, StopReason::Retired, now, out);
         }
     }
 
@@ -1178,13 +1160,7 @@ impl Supervisor {
                 Some((Signal::SIGABRT, at)) if now >= at + abort => Signal::SIGKILL,
                 _ => continue,
             };
-            w.stop = Some((next, now));
-            out.push(Action::Signal {
-                pid: w.pid,
-                slot: w.slot,
-                signal: next,
-                reason: StopReason::Escalated,
-            });
+            tell(w, next, StopReason::Escalated, now, out);
         }
     }
 
@@ -1233,3 +1209,16 @@ impl Supervisor {
 
 #[cfg(test)]
 mod tests;
+
+/// Asks worker `w` to stop with `signal` for `reason`: marks it (it is
+/// never told the same twice, and its stop escalates from now) and emits
+/// the action.
+fn tell(w: &mut Worker, signal: Signal, reason: StopReason, now: MonoTime, out: &mut Vec<Action>) {
+    w.stop = Some((signal, now));
+    out.push(Action::Signal {
+        pid: w.pid,
+        slot: w.slot,
+        signal,
+        reason,
+    });
+}

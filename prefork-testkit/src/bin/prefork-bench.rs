@@ -570,14 +570,7 @@ fn soak_runs(cli: &Cli, dir: &std::path::Path, secs: f64) -> Result<(), String> 
             missed.push(e);
         }
     }
-    if let Some(p) = &cli.json {
-        write_json(p, &rows)?;
-    }
-    if missed.is_empty() {
-        Ok(())
-    } else {
-        Err(missed.join(" | "))
-    }
+    judged(cli, &rows, &missed, "the soak")
 }
 
 /// The servers a fault runs against: every prefork strategy; the lock
@@ -710,12 +703,23 @@ fn fault_runs(cli: &Cli, dir: &std::path::Path) -> Result<(), String> {
             missed.push(e);
         }
     }
+    judged(cli, &rows, &missed, "the fault matrix")
+}
+
+/// The end of a judged run (faults, soak): the JSON if asked for, then
+/// an error naming every figure missed (exit 1).
+fn judged(
+    cli: &Cli,
+    rows: &impl serde::Serialize,
+    missed: &[String],
+    what: &str,
+) -> Result<(), String> {
     if let Some(p) = &cli.json {
-        write_json(p, &rows)?;
+        write_json(p, rows)?;
     }
     if missed.is_empty() {
         Ok(())
     } else {
-        Err(format!("missed the fault matrix: {}", missed.join(" | ")))
+        Err(format!("missed {what}: {}", missed.join(" | ")))
     }
 }
