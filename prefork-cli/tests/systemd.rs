@@ -54,14 +54,21 @@ impl Heard {
     /// Waits for a message, after the first `skip` ones, with every one of
     /// `needles`; returns it.
     fn wait(&self, skip: usize, needles: &[&str]) -> Option<String> {
+        self.wait_at(skip, needles).map(|(_, m)| m)
+    }
+
+    /// As [`Heard::wait`], with the message's index, so that what follows
+    /// it is looked for after it (it may already have come).
+    fn wait_at(&self, skip: usize, needles: &[&str]) -> Option<(usize, String)> {
         let mut found = None;
         wait_until(T, || {
             found = self
                 .all()
                 .into_iter()
+                .enumerate()
                 .skip(skip)
-                .map(|(_, m)| m)
-                .find(|m| needles.iter().all(|n| m.contains(n)));
+                .map(|(i, (_, m))| (i, m))
+                .find(|(_, m)| needles.iter().all(|n| m.contains(n)));
             found.is_some()
         });
         found
@@ -134,7 +141,7 @@ fn the_notify_protocol_through_start_watchdog_reload_upgrade_and_quit() {
     let n = heard.all().len();
     let t0 = monotonic_usec();
     s.signal(Signal::SIGHUP);
-    let reloading = heard.wait(n, &["RELOADING=1"]).expect("RELOADING=1");
+    let (at, reloading) = heard.wait_at(n, &["RELOADING=1"]).expect("RELOADING=1");
     let usec: u64 = reloading
         .lines()
         .find_map(|l| l.strip_prefix("MONOTONIC_USEC="))
@@ -144,9 +151,9 @@ fn the_notify_protocol_through_start_watchdog_reload_upgrade_and_quit() {
         usec >= t0 && usec - t0 < 5_000_000,
         "MONOTONIC_USEC {usec} vs {t0}"
     );
-    let after_reload = heard.all().len();
+    // (READY=1 may already have come: it is looked for after RELOADING.)
     heard
-        .wait(after_reload, &["READY=1"])
+        .wait(at + 1, &["READY=1"])
         .expect("READY=1 after the reload");
 
     // USR2: the new master says MAINPID=<its pid> with READY=1, so that
