@@ -167,7 +167,7 @@ fn agent_check(addr: &str) -> String {
 }
 
 /// `--agent`: `up N%` follows the idle workers (4 idle of scale 4: 100 %;
-/// with two busy: 50 %); WINCH (no worker) answers `maint`; with
+/// with requests in two workers: 50 %); WINCH (no worker) answers `maint`; with
 /// `--drain 1`, QUIT answers `drain` for a second while the pool still
 /// serves, then stops gracefully.
 #[apply(every_strategy)]
@@ -201,9 +201,14 @@ fn the_agent_reports_idle_capacity_maint_and_drain(strategy: &str) {
             std::thread::spawn(move || http_get(&a, "/sleep/1500", T))
         })
         .collect();
+    // Two busy (reuseport may queue both on one slot's socket: then one)
+    // of four: 50 % or 75 %, never 100 % while they sleep.
     assert!(
-        wait_until(T, || agent_check(&agent) == "up 50%\n"),
-        "two of four busy"
+        wait_until(T, || matches!(
+            agent_check(&agent).as_str(),
+            "up 50%\n" | "up 75%\n"
+        )),
+        "busy workers lower the weight"
     );
     for t in slow {
         assert_eq!(t.join().expect("client").expect("answered").status, 200);
